@@ -1,0 +1,329 @@
+"""Distill a small draft model from a target: `gsd-serve distill`.
+
+Two resumable phases under --out:
+1. data: the target answers the prompt set (greedy, and optionally sampled); for every generated token
+   the target's top-K next-token distribution is kept (`data/shard-*.pt`).
+2. train: a draft made of a few of the target's own layers (copied as the starting point), with the
+   target's embedding, final norm and output layer, learns the target's distributions (soft cross
+   entropy = KL up to a constant) over a reduced output vocabulary: the tokens the target actually
+   emits, most frequent first. Checkpoints (`ckpt.pt`) every few steps; a rerun resumes.
+The result (`--out/model`) is a standard transformers checkpoint, plus `draft_vocab.json` (the reduced
+output vocabulary the engine uses to make the draft cheap).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models import DRAFT_VOCAB_FILE, load_model, load_tokenizer
+from .prompts import TRAIN_PROMPTS, encode, load_prompts
+
+
+@dataclass
+class DistillConfig:
+    target: str = "smollm2-135m-instruct"
+    out: str = "runs/draft"
+    prompts: str = str(TRAIN_PROMPTS)
+    layers: str = "0,29"            # target layers copied into the draft, in order
+    vocab: int = 8192               # reduced output vocabulary (0: full)
+    max_new_tokens: int = 128
+    gen_batch: int = 32
+    sampled_passes: int = 0         # extra passes over the prompts at temperature 0.8
+    max_prompts: int = 0            # 0: all
+    topk: int = 64                  # teacher distribution entries kept per token
+    steps: int = 1000
+    batch: int = 8
+    lr: float = 5e-4
+    warmup: int = 30
+    seed: int = 0
+    ckpt_every: int = 25
+    time_limit_s: float = 0.0       # stop training (with a checkpoint) after this long; 0: no limit
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 1 or self.gen_batch < 1:
+            raise ValueError("steps, batch and gen_batch must be >= 1")
+        if not 1 <= self.topk <= 1024:
+            raise ValueError("topk must be in [1, 1024]")
+        if self.vocab < 0:
+            raise ValueError("vocab must be >= 0")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        self.layer_list()
+
+    def layer_list(self) -> list[int]:
+        try:
+            layers = [int(x) for x in self.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated layer indices, got '{self.layers}'") from None
+        if not layers:
+            raise ValueError("--layers names no layer")
+        return layers
+
+
+def _progress(done: int, total: int, start: float, extra: str) -> None:
+    elapsed = time.time() - start
+    eta = elapsed / max(done, 1e-9) * (total - done) if done else float("nan")
+    print(f"\r  {done}/{total} [{elapsed:6.0f}s, ETA {eta:6.0f}s] {extra}   ", end="", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- phase 1: target data
+def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
+    out = Path(cfg.out) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_prompts(cfg.prompts)
+    rng = random.Random(cfg.seed)
+    rng.shuffle(records)
+    if cfg.max_prompts:
+        records = records[: cfg.max_prompts]
+    jobs = [(p, r) for p in range(1 + cfg.sampled_passes) for r in records]
+    shards = []
+    batches = [jobs[i: i + cfg.gen_batch] for i in range(0, len(jobs), cfg.gen_batch)]
+    start = time.time()
+    produced = 0
+    print(f"distill: target writes answers to {len(jobs)} prompts -> {out}", file=sys.stderr)
+    for b, batch in enumerate(batches):
+        shard = out / f"shard-{b:05d}.pt"
+        shards.append(shard)
+        if shard.exists():
+            continue
+        sampled = batch[0][0] > 0
+        prompts = [encode(tokenizer, r) for _, r in batch]
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        torch.manual_seed(cfg.seed * 100003 + b)
+        with torch.inference_mode():
+            gen = target.generate(
+                input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens,
+                do_sample=sampled, temperature=0.8 if sampled else None, top_k=0 if sampled else None,
+                top_p=None, output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
+        logits = torch.stack(gen.logits, dim=1)  # [B, steps, V]
+        seqs = gen.sequences[:, width:]
+        items = []
+        for i, p in enumerate(prompts):
+            cont = seqs[i].tolist()
+            n = len(cont)
+            for j, t in enumerate(cont):
+                if t == tokenizer.eos_token_id:
+                    n = j + 1
+                    break
+            top = torch.topk(logits[i, :n].float(), cfg.topk, dim=-1)
+            items.append({"prompt": p, "cont": cont[:n], "top_ids": top.indices.to(torch.int32),
+                          "top_logits": top.values.to(torch.float16)})
+            produced += n
+        torch.save(items, shard)
+        _progress(b + 1, len(batches), start, f"{produced} tokens ({produced / (time.time() - start):.0f}/s)")
+    print(file=sys.stderr)
+    return shards
+
+
+def load_data(shards: list[Path]) -> list[dict]:
+    items = []
+    for s in shards:
+        items.extend(torch.load(s, weights_only=False))
+    return [it for it in items if len(it["cont"]) > 0]
+
+
+def choose_vocab(items: list[dict], size: int, vocab_size: int, always: set[int]) -> torch.Tensor:
+    """The `size` tokens the target emits most often (counting its top-4 alternatives too)."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for it in items:
+        counts.index_add_(0, torch.tensor(it["cont"], dtype=torch.long), torch.ones(len(it["cont"]), dtype=torch.float64))
+        counts.index_add_(0, it["top_ids"][:, :4].reshape(-1).long(), torch.full((it["top_ids"][:, :4].numel(),), 0.25, dtype=torch.float64))
+    for t in always:
+        counts[t] += 1e9
+    if size == 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    return torch.sort(torch.topk(counts, size).indices).values
+
+
+# ---------------------------------------------------------------- phase 2: the draft
+def build_draft(target, layers: list[int]):
+    """A copy of the target with only `layers` (in that order) between its embedding and its head."""
+    import copy
+
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    config.tie_word_embeddings = True
+    draft = type(target)(config)
+    state = {}
+    for name, tensor in target.state_dict().items():
+        if name.startswith("model.layers."):
+            idx = int(name.split(".")[2])
+            if idx in layers:
+                new = layers.index(idx)
+                state[name.replace(f"model.layers.{idx}.", f"model.layers.{new}.", 1)] = tensor.clone()
+        elif name != "lm_head.weight":
+            state[name] = tensor.clone()
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    draft.tie_weights()
+    return draft
+
+
+def make_batches(items: list[dict], batch: int, rng: random.Random):
+    order = list(range(len(items)))
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch + 1, batch):
+            yield [items[j] for j in order[i: i + batch]]
+
+
+def collate(batch: list[dict], full_to_small: torch.Tensor, pad: int):
+    seqs = [it["prompt"] + it["cont"] for it in batch]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    rows, cols, tids, tlog = [], [], [], []
+    for i, (it, s) in enumerate(zip(batch, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        p, n = len(it["prompt"]), len(it["cont"])
+        rows.append(torch.full((n,), i))
+        cols.append(torch.arange(p - 1, p - 1 + n))
+        tids.append(it["top_ids"].long())
+        tlog.append(it["top_logits"].float())
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    tids, tlog = torch.cat(tids), torch.cat(tlog)
+    small = full_to_small[tids]                       # [N, K], -1 where outside the draft vocabulary
+    probs = torch.softmax(tlog, dim=-1) * (small >= 0)
+    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
+    return ids, attn, rows, cols, small.clamp(min=0), probs, tids[:, 0]
+
+
+def distill_loss(draft, head_weight, batch_tensors, output_ids):
+    ids, attn, rows, cols, small, probs, teacher_top1 = batch_tensors
+    hidden = draft.model(input_ids=ids, attention_mask=attn).last_hidden_state[rows, cols]
+    logits = F.linear(hidden, head_weight)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    loss = -(probs * logp.gather(1, small)).sum(-1).mean()
+    agree = (output_ids[logits.argmax(-1)] == teacher_top1).float().mean()
+    return loss, agree
+
+
+def train(cfg: DistillConfig, target, tokenizer, items: list[dict]) -> Path:
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    layers = cfg.layer_list()
+    n_layers = target.config.num_hidden_layers
+    if any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"--layers: the target has layers 0..{n_layers - 1}")
+    always = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
+    output_ids = choose_vocab(items, cfg.vocab, target.config.vocab_size, always)
+    full_to_small = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+    full_to_small[output_ids] = torch.arange(output_ids.numel())
+    draft = build_draft(target, layers)
+    for p in draft.model.embed_tokens.parameters():
+        p.requires_grad_(False)
+    head_weight = draft.get_output_embeddings().weight.detach()[output_ids]
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    rng = random.Random(cfg.seed)
+    held = items[: max(8, len(items) // 50)]
+    train_items = items[len(held):]
+    step, history = 0, []
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        draft.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        step, history = state["step"], state["history"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"distill: resuming at step {step}", file=sys.stderr)
+    batches = make_batches(train_items, cfg.batch, rng)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n_tokens = sum(len(it["cont"]) for it in train_items)
+    print(f"distill: {len(train_items)} answers, {n_tokens} target tokens; draft layers {layers}, "
+          f"output vocabulary {output_ids.numel()}; {cfg.steps} steps", file=sys.stderr)
+    start = time.time()
+    seen = sum(h.get("tokens", 0) for h in history[-1:]) if history else 0
+
+    def save() -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": {k: v for k, v in draft.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k},
+                    "opt": opt.state_dict(), "step": step, "history": history,
+                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+        tmp.replace(ckpt)
+
+    draft.train()
+    ema_loss = ema_agree = None
+    while step < cfg.steps:
+        batch = next(batches)
+        tensors = collate(batch, full_to_small, pad)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, agree = distill_loss(draft, head_weight, tensors, output_ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        seen += tensors[1].shape[0] and int(tensors[2].numel())
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        ema_agree = agree.item() if ema_agree is None else 0.95 * ema_agree + 0.05 * agree.item()
+        elapsed = time.time() - start
+        _progress(step, cfg.steps, start - 0, f"loss {ema_loss:.3f} top1 {ema_agree:.3f} "
+                  f"{seen / max(elapsed, 1e-9):.0f} tok/s")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            draft.eval()
+            with torch.no_grad():
+                h_loss, h_agree = distill_loss(draft, head_weight, collate(held, full_to_small, pad), output_ids)
+            draft.train()
+            history.append({"step": step, "tokens": seen, "train_loss": ema_loss, "train_top1": ema_agree,
+                            "heldout_loss": h_loss.item(), "heldout_top1": h_agree.item(), "seconds": elapsed})
+            save()
+            if cfg.time_limit_s and elapsed > cfg.time_limit_s:
+                print(f"\ndistill: time limit reached at step {step}", file=sys.stderr)
+                break
+    print(file=sys.stderr)
+    draft.eval()
+    model_dir = out / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    draft.config.gsd_distill = {**asdict(cfg), "steps_done": step}
+    draft.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": output_ids.tolist()}))
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    return model_dir
+
+
+def pack_for_repo(model_dir: Path, dest: Path) -> None:
+    """Write the draft without the tensors it shares with the default target, in bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(model_dir / "model.safetensors")
+    shared = [k for k in tensors if "embed_tokens" in k or k == "lm_head.weight"]
+    own = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items() if k not in shared}
+    save_file(own, dest / "model.safetensors", metadata={"format": "pt"})
+    (dest / "shared_with_target.json").write_text(json.dumps({"tensors": ["model.embed_tokens.weight"]}))
+    for f in ("config.json", "generation_config.json", DRAFT_VOCAB_FILE):
+        if (model_dir / f).exists():
+            (dest / f).write_bytes((model_dir / f).read_bytes())
+
+
+def run(cfg: DistillConfig) -> Path:
+    tokenizer = load_tokenizer(cfg.target)
+    tokenizer.padding_side = "left"
+    target = load_model(cfg.target)
+    shards = generate_data(cfg, target, tokenizer)
+    items = load_data(shards)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return train(cfg, target, tokenizer, items)

@@ -1,0 +1,127 @@
+"""The proposer: drafts one round's TokenGraph level by level, one batched draft forward per level."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SpecConfig
+from .graph import TokenGraph
+from .kv_cache import KVCache
+from .runner import ModelRunner
+from .sampling import TokenChooser
+
+
+@dataclass
+class DraftSession:
+    """The draft's state for one sequence.
+
+    The cache holds committed tokens in order (position = sequence index). `pending` are committed tokens
+    that are not in the cache yet: they are fed together with the next root, in the round's first
+    forward, so catching up after a merged path costs no extra forward.
+    """
+
+    runner: ModelRunner
+    cache: KVCache = field(default_factory=KVCache)
+    pending: list[int] = field(default_factory=list)
+    forwards: int = 0
+    tokens_fed: int = 0
+
+    def _forward(self, tokens: torch.Tensor, positions=None, mask=None, last_only=False) -> torch.Tensor:
+        self.forwards += 1
+        self.tokens_fed += tokens.numel()
+        return self.runner.forward(self.cache, tokens, positions, mask, last_only=last_only)
+
+    def propose(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
+                chooser: TokenChooser, max_depth: int | None = None) -> tuple[TokenGraph, list[int]]:
+        """Draft the graph under `root` (the token at sequence index `root_index`).
+
+        Returns the graph and each node's draft-cache slot (-1 for nodes never fed to the draft).
+        """
+        depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
+        graph = TokenGraph(root, config.merge_context, context)
+        slots = [-1]
+        if depth_cap <= 0:
+            return graph, slots
+        feed = torch.tensor(self.pending + [root], dtype=torch.long)
+        if self.cache.length + len(feed) != root_index + 1:
+            raise RuntimeError("draft cache out of step with the sequence")
+        self.pending = []
+        logits = self._forward(feed, last_only=True)
+        slots[0] = root_index
+        shared = root_index  # cache entries every drafted node sees: the committed prefix before the root
+        fed_nodes = [0]
+        anc = torch.ones(1, 1, dtype=torch.bool)  # ancestry among fed graph nodes, in cache order
+        frontier = [0]
+        output_ids = self.runner.output_ids
+        k = config.k
+        for level in range(depth_cap):
+            if chooser.params.greedy:
+                scores = logits
+                probs = torch.softmax(logits, dim=-1)
+            else:
+                scores = chooser.warp(logits)
+                probs = torch.softmax(scores, dim=-1)
+                noise = chooser.noise(root_index + 1 + level)
+                scores = scores + (noise if output_ids is None else noise[output_ids])
+            top_scores, top_ids = torch.topk(scores, min(k, scores.shape[-1]), dim=-1)
+            top_q = probs.gather(1, top_ids)
+            keep = (top_q >= config.sibling_threshold * top_q.max(dim=1, keepdim=True).values) \
+                & torch.isfinite(top_scores)
+            top_tokens = self.runner.to_full_ids(top_ids).tolist()
+            top_q_list = top_q.tolist()
+            keep_list = keep.tolist()
+            created: list[int] = []
+            for row, parent in enumerate(frontier):
+                for j in range(top_ids.shape[1]):
+                    if not keep_list[row][j]:
+                        continue
+                    node, new = graph.add(parent, top_tokens[row][j], top_q_list[row][j],
+                                          config.confidence_threshold)
+                    if new:
+                        created.append(node)
+                        slots.append(-1)
+            if not created or level == depth_cap - 1:
+                break
+            if not any(graph.confident[v] for v in created):
+                break
+            created.sort(key=lambda v: -graph.logprob[v])
+            frontier = created[: config.max_width]
+            # one forward over the whole level: each node sees the prefix and its own ancestor chain
+            fed_index = {v: i for i, v in enumerate(fed_nodes)}
+            parent_rows = anc[[fed_index[graph.parent[v]] for v in frontier]]
+            n, n_fed = len(frontier), len(fed_nodes)
+            mask = torch.ones(n, shared + n_fed + n, dtype=torch.bool)
+            mask[:, shared:shared + n_fed] = parent_rows
+            mask[:, shared + n_fed:] = torch.eye(n, dtype=torch.bool)
+            grown = torch.zeros(n_fed + n, n_fed + n, dtype=torch.bool)
+            grown[:n_fed, :n_fed] = anc
+            grown[n_fed:, :n_fed] = parent_rows
+            grown[n_fed:, n_fed:] = torch.eye(n, dtype=torch.bool)
+            anc = grown
+            for i, v in enumerate(frontier):
+                slots[v] = shared + n_fed + i
+            fed_nodes.extend(frontier)
+            tokens = torch.tensor([graph.tokens[v] for v in frontier], dtype=torch.long)
+            positions = torch.tensor([root_index + graph.depth[v] for v in frontier], dtype=torch.long)
+            logits = self._forward(tokens, positions, mask[None, None])
+        return graph, slots
+
+    def commit(self, graph: TokenGraph, slots: list[int], path_nodes: list[int]) -> None:
+        """Keep the accepted path's draft K/V where it was computed in its own context.
+
+        `path_nodes` are the graph nodes of the accepted path, root first (the bonus token is not among
+        them). Nodes reached through a merge edge were drafted under another parent, and nodes never fed
+        have no K/V: from the first such node on, the tokens go to `pending`.
+        """
+        keep: list[int] = []
+        for i, v in enumerate(path_nodes):
+            if slots[v] < 0 or (i > 0 and graph.parent[v] != path_nodes[i - 1]):
+                break
+            keep.append(slots[v])
+        if keep:
+            self.cache.keep(keep[0], keep)
+        self.pending.extend(graph.tokens[v] for v in path_nodes[len(keep):])
+
+    def rollback_to(self, length: int) -> None:
+        self.cache.truncate(length)

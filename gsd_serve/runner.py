@@ -1,0 +1,60 @@
+"""One forward of a transformers causal LM over new tokens, with explicit positions and tree masks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+
+
+class ModelRunner:
+    """Runs a decoder-only transformers model over a KVCache.
+
+    `output_ids`, when given, restricts the output layer to those token ids (a reduced draft vocabulary):
+    logits come back over that list and callers map positions back with `output_ids[i]`. The output
+    layer is most of a small draft's cost, so this is its main cost lever.
+    """
+
+    def __init__(self, model: torch.nn.Module, output_ids: torch.Tensor | None = None):
+        self.model = model.eval()
+        self.decoder = model.base_model
+        head = model.get_output_embeddings()
+        self.head_weight = head.weight if output_ids is None else head.weight[output_ids].contiguous()
+        self.head_bias = getattr(head, "bias", None)
+        if self.head_bias is not None and output_ids is not None:
+            self.head_bias = self.head_bias[output_ids].contiguous()
+        self.output_ids = output_ids
+        self.vocab_size = int(model.config.vocab_size)
+        self.forwards = 0
+        self.tokens_fed = 0
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [n, V] for `tokens` [n] fed after the cache's contents.
+
+        Without `positions` and `mask` the new tokens are causal and continue the cache. `mask` is the
+        boolean [1, 1, n, cache.length + n] attention mask (True = attend).
+        """
+        start = cache.length
+        n = tokens.numel()
+        if positions is None:
+            positions = torch.arange(start, start + n)
+        hidden = self.decoder(
+            input_ids=tokens.view(1, -1),
+            position_ids=positions.view(1, -1),
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[0]
+        if last_only:
+            hidden = hidden[-1:]
+        self.forwards += 1
+        self.tokens_fed += n
+        return F.linear(hidden, self.head_weight, self.head_bias).float()
+
+    def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.output_ids is None else self.output_ids[ids]

@@ -1,0 +1,97 @@
+"""Token choice: greedy, or sampling from the temperature/top-k/top-p warped distribution.
+
+Sampling uses the Gumbel-max trick with noise that depends only on (seed, absolute token index):
+token i is argmax(warped_logits + g_i). Whatever the method (plain decoding or any speculation), the
+token emitted at index i is the target's choice on the true prefix with the same noise g_i, so every
+method samples exactly the warped target distribution and, for one seed, emits the same tokens as
+plain sampling. The draft may use the same noise to propose (coupled proposals), which raises
+acceptance without touching the output distribution: the draft only decides how many tokens a
+target forward confirms.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 mean no truncation."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0 and self.temperature <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class TokenChooser:
+    """Chooses tokens for rows of logits, each row predicting a known absolute token index."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int):
+        self.params = params
+        self.vocab_size = vocab_size
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self._noise: dict[int, torch.Tensor] = {}
+
+    def noise(self, index: int) -> torch.Tensor:
+        """Gumbel noise for the token at absolute index `index` (cached until `forget_before`)."""
+        g = self._noise.get(index)
+        if g is None:
+            gen = torch.Generator().manual_seed((self.seed * _MIX + index * 1_000_003) % (2**63))
+            u = torch.rand(self.vocab_size, generator=gen, dtype=torch.float64)
+            g = (-torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))).to(torch.float32)
+            self._noise[index] = g
+        return g
+
+    def noise_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.noise(int(i)) for i in indices.tolist()])
+
+    def forget_before(self, index: int) -> None:
+        for key in [k for k in self._noise if k < index]:
+            del self._noise[key]
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature, then top-k, then top-p (the order transformers uses); masked entries are -inf."""
+        p = self.params
+        logits = logits.float() / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+            drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    def choose(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """One token per row of `logits` [n, V]; row r predicts the token at absolute index indices[r]."""
+        if self.params.greedy:
+            return logits.argmax(dim=-1)
+        return (self.warp(logits) + self.noise_rows(indices)).argmax(dim=-1)
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The exact distribution `choose` samples from (for tests and analysis)."""
+        if self.params.greedy:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.softmax(self.warp(logits), dim=-1)

@@ -1,0 +1,73 @@
+"""The command line: real models, real subprocesses, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "gsd_serve", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, **kw)
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("generate", "distill"):
+        assert cmd in r.stdout
+    r = run("generate", "--help")
+    assert r.returncode == 0 and "--merge-context" in r.stdout and "--budget" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "  "], "empty"),
+    (["generate", "--method", "magic", "--prompt", "hi"], "invalid choice"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["generate", "--prompt", "hi", "--k", "0"], "k must be"),
+    (["generate", "--prompt", "hi", "--budget", "1"], "budget"),
+    (["generate", "--prompt", "hi", "--sibling-threshold", "2"], "sibling_threshold"),
+    (["generate", "--method", "chain", "--prompt", "hi", "--k", "3"], "chain"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompts", "/nonexistent/prompts.jsonl"], "no such file"),
+    (["generate", "--prompt", "hi", "--target", "/nonexistent/model"], "nonexistent"),
+    (["generate", "--prompt", "hi", "--draft", "/tmp"], "not a model directory"),
+])
+def test_bad_input_exits_non_zero_with_one_clear_line(args, message):
+    r = run(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines and message in lines[-1], r.stderr
+
+
+def test_bad_prompts_file_line(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    r = run("generate", "--prompts", str(f))
+    assert r.returncode == 2 and ":2:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_json_over_a_prompts_file_carries_fields(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "Say hello.", "id": "a"}\n{"prompt": "Name a color.", "id": "b", "x": 3}\n')
+    r = run("generate", "--prompts", str(f), "--max-new-tokens", "8", "--json", "--method", "gsd")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [row["id"] for row in rows] == ["a", "b"] and rows[1]["x"] == 3
+    for row in rows:
+        assert row["prompt"] and isinstance(row["text"], str) and 1 <= len(row["token_ids"]) <= 8
+        for key in ("target_forwards", "draft_forwards", "draft_tokens", "verified_tokens", "accepted_tokens",
+                    "mean_accept_len", "seconds", "tokens_per_s"):
+            assert key in row["stats"]
+    assert "[2/2" in r.stderr  # progress on multi-prompt runs
+
+
+def test_generate_streams_text_for_one_prompt():
+    r = run("generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--method", "ar")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tok/s" in r.stderr

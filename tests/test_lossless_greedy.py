@@ -1,0 +1,104 @@
+"""Greedy losslessness on the real default pair: every speculative method emits exactly plain decoding."""
+import pytest
+
+from gsd_serve.config import SpecConfig
+from gsd_serve.prompts import encode
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain how a bicycle works to a child.",
+    "List three tips for learning a new language.",
+    "Translate into French: The weather is nice today.",
+    "Tom has 3 apples and buys 5 more. How many apples does he have? Think step by step.",
+    "Summarize: The city council met on Monday to discuss a new park. Residents asked for more trees "
+    "and a playground, and the council agreed to publish a plan next month.",
+    "def fibonacci(n):",
+]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def reference(engine, tokenizer):
+    out = {}
+    for i, p in enumerate(PROMPTS):
+        raw = p.startswith("def ")
+        ids = encode(tokenizer, p, raw=raw)
+        out[i] = (ids, engine.generate(ids, NEW_TOKENS, SpecConfig.for_method("ar")))
+    return out
+
+
+@pytest.mark.parametrize("method", ["chain", "tree", "gsd"])
+def test_speculative_methods_emit_exactly_plain_greedy_decoding(engine, reference, method):
+    spec = SpecConfig.for_method(method)
+    for i, (ids, ref) in reference.items():
+        got = engine.generate(ids, NEW_TOKENS, spec)
+        assert got.token_ids == ref.token_ids, f"{method} differs from ar on prompt {i}: {PROMPTS[i]!r}"
+        assert got.finish_reason == ref.finish_reason
+        s = got.stats
+        assert s.new_tokens == len(got.token_ids)
+        assert s.target_forwards == s.rounds + 1
+        assert sum(n * c for n, c in s.accept_lengths.items()) + 1 == s.new_tokens
+        assert s.accepted_tokens == s.new_tokens - s.target_forwards
+
+
+def test_streaming_yields_the_same_tokens(engine, reference):
+    ids, ref = reference[1]
+    gen = engine.stream(ids, NEW_TOKENS, SpecConfig.for_method("gsd"))
+    chunks = list(gen)
+    assert [t for c in chunks for t in c] == ref.token_ids
+    assert gen.result.token_ids == ref.token_ids
+    assert all(chunks)
+
+
+def test_other_settings_are_lossless_too(engine, reference):
+    ids, ref = reference[2]
+    for spec in [SpecConfig.for_method("gsd", merge_context=0, k=3, budget=8, max_depth=3),
+                 SpecConfig.for_method("gsd", merge_context=2, sibling_threshold=0.0, confidence_threshold=0.0,
+                                       budget=40, max_width=16),
+                 SpecConfig.for_method("tree", k=2, budget=4, max_depth=8)]:
+        assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids, spec
+
+
+def test_eos_ends_generation_for_every_method(engine, tokenizer):
+    ids = encode(tokenizer, "What is the capital of France? Answer in one sentence.")
+    eos = tokenizer.eos_token_id
+    results = {m: engine.generate(ids, 100, SpecConfig.for_method(m)) for m in ["ar", "chain", "tree", "gsd"]}
+    ref = results["ar"]
+    assert ref.finish_reason == "stop" and ref.token_ids[-1] == eos and len(ref.token_ids) < 100
+    assert eos not in ref.token_ids[:-1]
+    for m, r in results.items():
+        assert r.token_ids == ref.token_ids, m
+        assert r.finish_reason == "stop"
+
+
+def test_max_new_tokens_is_exact(engine, reference):
+    ids, ref = reference[0]
+    for n in (1, 2, 5):
+        for m in ("ar", "gsd"):
+            r = engine.generate(ids, n, SpecConfig.for_method(m))
+            assert r.token_ids == ref.token_ids[:n]
+            assert r.finish_reason == ("stop" if r.token_ids[-1] in engine.stop_token_ids else "length")
+
+
+def test_gsd_merges_and_feeds_the_draft_fewer_tokens_than_tree(engine, reference):
+    common = dict(k=4, max_depth=4, max_width=64, budget=16, sibling_threshold=0.1, confidence_threshold=0.1)
+    tree_tokens = gsd_tokens = merges = 0
+    for i in (1, 2, 3):
+        ids, ref = reference[i]
+        t = engine.generate(ids, 32, SpecConfig.for_method("tree", **common))
+        g = engine.generate(ids, 32, SpecConfig.for_method("gsd", merge_context=0, **common))
+        assert g.token_ids == ref.token_ids[:32] == t.token_ids
+        tree_tokens += t.stats.draft_tokens_per_round
+        gsd_tokens += g.stats.draft_tokens_per_round
+        merges += g.stats.merge_edges
+    assert merges > 0
+    assert gsd_tokens < tree_tokens
+
+
+def test_bad_arguments_are_refused(engine, reference):
+    ids, _ = reference[0]
+    with pytest.raises(ValueError):
+        engine.generate([], 8)
+    with pytest.raises(ValueError):
+        engine.generate(ids, 0)
