@@ -81,7 +81,9 @@ class Engine:
 
     def __init__(self, target, draft=None, *, stop_token_ids: set[int] | None = None,
                  draft_output_ids: torch.Tensor | None = None, spec: SpecConfig | None = None):
-        self.target = ModelRunner(target)
+        # a model, or an object with ModelRunner's interface (e.g. a tensor-parallel runner)
+        self.target = target if hasattr(target, "new_cache") and hasattr(target, "forward") \
+            and not isinstance(target, torch.nn.Module) else ModelRunner(target)
         self.draft = ModelRunner(draft, draft_output_ids) if draft is not None else None
         self.stop_token_ids = set(stop_token_ids or ())
         self.spec = spec or SpecConfig()

@@ -27,8 +27,12 @@ class TargetSession:
     """The target's state for one sequence: its cache covers every committed token but the last."""
 
     runner: ModelRunner
-    cache: KVCache = field(default_factory=KVCache)
+    cache: KVCache | None = None
     forwards: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cache is None:
+            self.cache = self.runner.new_cache()
 
     def prefill(self, tokens: list[int], chooser: TokenChooser) -> int:
         """Feed the prompt; returns the first generated token."""
