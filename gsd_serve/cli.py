@@ -81,9 +81,16 @@ def build_engine(args, method: str | None = None):
     from .prompts import stop_token_ids
 
     need_draft = method != "ar"
+    tp = getattr(args, "tensor_parallel_size", 1) or 1
+    if tp != 1:
+        from .tensor_parallel import check_spec_tp_size
+        check_spec_tp_size(args.target, tp)  # refuse a size that does not divide the heads before loading
     target, draft, tokenizer, output_ids = load_pair(args.target, args.draft if need_draft else None)
-    return Engine(target, draft, stop_token_ids=stop_token_ids(tokenizer, target),
-                  draft_output_ids=output_ids), tokenizer
+    stops = stop_token_ids(tokenizer, target)
+    if tp != 1:
+        from .tensor_parallel import make_target_runner
+        target = make_target_runner(args.target, tp, model=target)  # rank 0 shards the loaded target
+    return Engine(target, draft, stop_token_ids=stops, draft_output_ids=output_ids), tokenizer
 
 
 def cmd_generate(args) -> int:
@@ -187,6 +194,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.add_argument("--tensor-parallel-size", type=_positive("--tensor-parallel-size"), default=1,
+                   help="run the target as N tensor-parallel ranks (processes; gloo on CPU, NCCL on GPUs); "
+                        "N must divide the target's attention and KV heads (default target: 1 or 3)")
     _add_model_args(g)
     _add_spec_args(g)
     _add_sampling_args(g)
