@@ -194,6 +194,14 @@ def _watch_parent(parent_pid: int) -> None:
 def _worker_main(rank: int, world: int, source, init_method: str, backend: str, conn, timeout_s: float,
                  parent_pid: int, threads: int) -> None:
     """Rank 1..N-1: load and shard the model, join the group, then execute rank 0's commands."""
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
     torch.set_num_threads(threads)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
@@ -372,7 +380,7 @@ class TensorParallelRunner:
                 logits = self._inner.forward(cache.local, tokens.to(self.device), positions.to(self.device),
                                              None if mask is None else mask.to(self.device), last_only)
             except Exception as exc:
-                raise self._fail(f"forward failed: {exc}") from exc
+                raise self._fail(f"tensor-parallel forward failed (a rank died or failed): {exc}") from exc
             self.forwards += 1
             self.tokens_fed += n
             return logits.cpu()

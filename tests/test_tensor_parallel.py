@@ -141,6 +141,36 @@ def test_tp3_greedy_output_is_token_identical_to_tp1(tp_engine, engine, tokenize
         assert got.finish_reason == ref.finish_reason
 
 
+def make_tiny_qwen2():
+    """A tiny random Qwen2 (biased q/k/v, GQA): the sharding is generic over Llama-like models."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.timeout(90)
+def test_other_llama_like_model_and_a_rank_failing_mid_forward():
+    ref = ModelRunner(make_tiny_qwen2())
+    runner = TensorParallelRunner(make_tiny_qwen2, 2, timeout_s=30)
+    try:
+        c_ref, c_tp = ref.new_cache(), runner.new_cache()
+        with torch.inference_mode():
+            a = ref.forward(c_ref, torch.arange(10))
+        torch.testing.assert_close(runner.forward(c_tp, torch.arange(10)), a, atol=1e-4, rtol=0)
+        # rank 1 fails on a command (a cache it does not have) while rank 0 goes into the next forward:
+        # the all-reduce sees the closed connection at once (no timeout wait) and the rank's error is reported
+        runner._conns[0].send(("truncate", 10 ** 6, 0))
+        with pytest.raises(TensorParallelError, match="rank 1: KeyError"):
+            runner.forward(c_tp, torch.tensor([4]))
+        with pytest.raises(TensorParallelError):
+            runner.forward(c_tp, torch.tensor([4]))
+    finally:
+        runner.close()
+    assert not _tp_children()
+
+
 @pytest.mark.timeout(60)
 def test_a_killed_rank_makes_the_next_call_raise_not_hang(tp_runner):
     # runs last: it breaks the shared runner
