@@ -1,0 +1,266 @@
+"""OpenAI-compatible HTTP (/v1/completions, /v1/chat/completions, /v1/models) and gsd.v1.Router Generate.
+
+Framework-light: handlers take the raw body and return (status, JSON) or an async iterator of SSE lines,
+so the Ray Serve deployment (services/router) is a thin FastAPI adapter around them.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from . import rpc
+from .prompts import PromptError, encode
+from .router import BadRequest, Detokenizer, GenerateParams, RouterCore, RouterError
+from .sampling import SamplingParams
+
+pb = rpc.pb
+
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias")
+
+
+def _int(body: dict, name: str, default=None, lo=None, hi=None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"'{name}' must be an integer", name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise BadRequest(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
+    return v
+
+
+def _float(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise BadRequest(f"'{name}' must be a number", name)
+    if not lo <= v <= hi:
+        raise BadRequest(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+class OpenAIFrontend:
+    def __init__(self, core: RouterCore):
+        self.core = core
+        self.cfg = core.config
+
+    # parsing --------------------------------------------------------------------
+    def _parse_json(self, raw: bytes) -> dict:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    def _common(self, body: dict, chat: bool) -> tuple[int, SamplingParams, bool, bool]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' is required", "model")
+        if model != self.cfg.model_name:
+            raise BadRequest(f"the model '{model}' does not exist; this server serves '{self.cfg.model_name}'",
+                             "model", "model_not_found")
+        for name in UNSUPPORTED:
+            if body.get(name) not in (None, False, [], {}):
+                raise BadRequest(f"'{name}' is not supported", name)
+        if body.get("stop") not in (None, [], ""):
+            raise BadRequest("'stop' sequences are not supported; generation stops at the model's end token", "stop")
+        n = _int(body, "n", 1, 1, 1)
+        del n
+        if body.get("best_of") not in (None, 1):
+            raise BadRequest("'best_of' must be 1", "best_of")
+        max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+            else body.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = self.cfg.default_max_tokens
+        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise BadRequest("'max_tokens' must be an integer", "max_tokens")
+        elif max_tokens < 1:
+            raise BadRequest(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
+        temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _float(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p == 0.0:
+            raise BadRequest("'top_p' must be in (0, 1]", "top_p")
+        top_k = _int(body, "top_k", 0, -1, 100000)
+        seed = _int(body, "seed", None, 0, 2**63 - 1)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be a boolean", "stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise BadRequest("'stream_options' must be an object", "stream_options")
+        include_usage = bool(opts.get("include_usage", False))
+        sampling = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
+        return max_tokens, sampling, stream, include_usage
+
+    def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        tok = self.core.tokenizer
+        try:
+            if chat:
+                msgs = body.get("messages")
+                if not isinstance(msgs, list) or not msgs:
+                    raise BadRequest("'messages' must be a non-empty list", "messages")
+                clean = []
+                for m in msgs:
+                    if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "developer")
+                            and isinstance(m.get("content"), str)):
+                        raise BadRequest("each message needs a role (system, user, assistant) and string content",
+                                         "messages")
+                    clean.append({"role": "system" if m["role"] == "developer" else m["role"],
+                                  "content": m["content"]})
+                if not any(m["content"].strip() for m in clean):
+                    raise BadRequest("the messages are empty", "messages")
+                return encode(tok, {"messages": clean})
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                if not prompt.strip():
+                    raise BadRequest("the prompt is empty", "prompt")
+                return encode(tok, prompt, raw=True)
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in prompt):
+                return list(prompt)
+            if isinstance(prompt, list) and not prompt:
+                raise BadRequest("the prompt is empty", "prompt")
+            raise BadRequest("'prompt' must be a non-empty string or a list of token ids", "prompt")
+        except PromptError as exc:
+            raise BadRequest(str(exc), "prompt") from None
+
+    # responses ------------------------------------------------------------------
+    def _usage(self, run, n_prompt: int) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": len(run.out),
+                "total_tokens": n_prompt + len(run.out),
+                "prompt_tokens_details": {"cached_tokens": run.stats.cached_prompt_tokens}}
+
+    async def handle(self, raw: bytes, chat: bool):
+        """Returns ("json", status, dict) or ("sse", 200, async iterator of str)."""
+        try:
+            body = self._parse_json(raw)
+            max_tokens, sampling, stream, include_usage = self._common(body, chat)
+            ids = self._prompt_ids(body, chat)
+            prefix = "chatcmpl-" if chat else "cmpl-"
+            params = GenerateParams(ids, max_tokens, sampling, prefix + uuid.uuid4().hex)
+            run = self.core.start(params)
+        except RouterError as exc:
+            return "json", exc.http_status, exc.to_openai()
+        if stream:
+            return "sse", 200, self._sse(run, chat, include_usage)
+        try:
+            detok = Detokenizer(self.core.tokenizer)
+            async for chunk in run.chunks():
+                detok.ids.extend(chunk)
+        except RouterError as exc:
+            return "json", exc.http_status, exc.to_openai()
+        text = detok.text()
+        created = int(time.time())
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish,
+                      "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": run.finish, "logprobs": None}
+            obj = "text_completion"
+        return "json", 200, {"id": run.id, "object": obj, "created": created, "model": self.cfg.model_name,
+                             "choices": [choice], "usage": self._usage(run, len(ids)),
+                             "gsd_stats": run.stats.to_dict(len(run.out)), "token_ids": run.out}
+
+    async def _sse(self, run, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        base = {"id": run.id, "object": obj, "created": created, "model": self.cfg.model_name}
+
+        def event(choice: dict | None, **extra) -> str:
+            d = dict(base, choices=[choice] if choice is not None else [], **extra)
+            return f"data: {json.dumps(d)}\n\n"
+
+        def choice(text: str | None, finish=None, role=False) -> dict:
+            if chat:
+                delta = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        detok = Detokenizer(self.core.tokenizer)
+        gen = run.chunks()
+        try:
+            if chat:
+                yield event(choice("", role=True))
+            async for chunk in gen:
+                delta = detok.push(chunk, final=run.finish is not None)
+                if delta:
+                    yield event(choice(delta))
+            tail = detok.push([], final=True)
+            if tail:
+                yield event(choice(tail))
+            yield event(choice(None if chat else "", finish=run.finish), gsd_stats=run.stats.to_dict(len(run.out)))
+            if include_usage:
+                yield event(None, usage=self._usage(run, len(run.prompt)))
+        except RouterError as exc:
+            yield f"data: {json.dumps(exc.to_openai())}\n\n"
+        finally:
+            await gen.aclose()
+        yield "data: [DONE]\n\n"
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "gsd-serve"}]}
+
+    # gRPC gsd.v1.Router ----------------------------------------------------------
+    def _grpc_params(self, req: "pb.GenerateRequest") -> GenerateParams:
+        if req.model and req.model != self.cfg.model_name:
+            raise BadRequest(f"the model '{req.model}' does not exist; this server serves '{self.cfg.model_name}'")
+        tok = self.core.tokenizer
+        given = [bool(req.prompt), bool(req.messages), bool(req.prompt_token_ids)]
+        if sum(given) != 1:
+            raise BadRequest("set exactly one of prompt, messages, prompt_token_ids")
+        try:
+            if req.prompt:
+                if not req.prompt.strip():
+                    raise BadRequest("the prompt is empty")
+                ids = encode(tok, req.prompt, raw=req.raw)
+            elif req.messages:
+                ids = encode(tok, {"messages": [{"role": m.role or "user", "content": m.content}
+                                                for m in req.messages]}, raw=req.raw)
+            else:
+                ids = list(req.prompt_token_ids)
+        except PromptError as exc:
+            raise BadRequest(str(exc)) from None
+        max_tokens = req.max_tokens if req.max_tokens != 0 else self.cfg.default_max_tokens
+        if max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}")
+        try:
+            sampling = rpc.sampling_from_proto(req.sampling)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex)
+
+    async def grpc_generate(self, req: "pb.GenerateRequest") -> "pb.GenerateResponse":
+        run = self.core.start(self._grpc_params(req))
+        out: list[int] = []
+        async for chunk in run.chunks():
+            out.extend(chunk)
+        return pb.GenerateResponse(id=run.id, text=self.core.tokenizer.decode(out, skip_special_tokens=True),
+                                   token_ids=out, finish_reason=run.finish, prompt_tokens=len(run.prompt),
+                                   completion_tokens=len(out), stats=run.stats.to_proto(len(out)))
+
+    async def grpc_generate_stream(self, req: "pb.GenerateRequest") -> AsyncIterator["pb.GenerateChunk"]:
+        run = self.core.start(self._grpc_params(req))
+        detok = Detokenizer(self.core.tokenizer)
+        gen = run.chunks()
+        try:
+            async for chunk in gen:
+                text = detok.push(chunk, final=run.finish is not None)
+                yield pb.GenerateChunk(id=run.id, text=text, token_ids=chunk)
+        finally:
+            await gen.aclose()
+        yield pb.GenerateChunk(id=run.id, text=detok.push([], final=True), finish_reason=run.finish,
+                               stats=run.stats.to_proto(len(run.out)), prompt_tokens=len(run.prompt),
+                               completion_tokens=len(run.out))

@@ -1,0 +1,25 @@
+"""The gsd-serve Ray Serve application: Router.bind(args, Draft.bind(args), Target.bind(args)).
+
+`import_path: services.app:build_app` in a Serve config; `args` is this application's configuration:
+
+    target, draft          model specs (default: the embedded SmolLM2-135M-Instruct and its draft)
+    model_name             the name clients pass as `model` (default gsd-smollm2-135m)
+    redis_url              the prefix cache (default: $REDIS_URL; none = no prefix cache)
+    grpc_host              where replicas bind their gRPC port: 127.0.0.1 (one machine) or auto (cluster)
+    spec                   {method, k, merge_context, ..., budget} (default: gsd)
+    router                 RouterConfig fields (max_inflight, max_prompt_tokens, max_batch, ...)
+    max_sessions, session_ttl_s, prefix_block_size, prefix_ttl_s, prefix_max_entry_bytes
+"""
+from __future__ import annotations
+
+from services.draft import Draft
+from services.router import Router
+from services.target import Target
+
+GRPC_SERVICER_FUNCTIONS = ["gsd_serve.rpc.add_RouterServicer_to_server",
+                           "gsd_serve.rpc.add_HealthServicer_to_server"]
+
+
+def build_app(args: dict | None = None):
+    args = dict(args or {})
+    return Router.bind(args, Draft.bind(args), Target.bind(args))

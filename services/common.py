@@ -1,0 +1,126 @@
+"""What the deployments share: configuration, model loading and the replica registry.
+
+Draft and target replicas serve gRPC on their own ports; the router finds them through a registry, a
+small detached Ray actor per application that the replicas heartbeat to (so routing does not depend on
+Redis: a Redis outage only costs prefix-cache hits).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import ray
+
+log = logging.getLogger("gsd_serve.services")
+
+REGISTRY_NAMESPACE = "gsd-serve"
+HEARTBEAT_S = 1.0
+MAX_AGE_S = 4.0
+
+
+class Registry:
+    """kind -> replicas {replica_id: (address, actor_name, last heartbeat)}."""
+
+    def __init__(self):
+        self.entries: dict[str, dict] = {}
+
+    def register(self, kind: str, replica_id: str, address: str, actor_name: str = "") -> None:
+        self.entries[replica_id] = {"kind": kind, "replica_id": replica_id, "address": address,
+                                    "actor_name": actor_name, "ts": time.time()}
+
+    def unregister(self, replica_id: str) -> None:
+        self.entries.pop(replica_id, None)
+
+    def list(self, kind: str | None = None, max_age_s: float = MAX_AGE_S) -> list[dict]:
+        now = time.time()
+        for rid in [r for r, e in self.entries.items() if now - e["ts"] > 10 * max_age_s]:
+            del self.entries[rid]
+        return [dict(e) for e in self.entries.values()
+                if (kind is None or e["kind"] == kind) and now - e["ts"] <= max_age_s]
+
+
+def registry_name(app: str) -> str:
+    return f"gsd-registry:{app}"
+
+
+def get_registry(app: str):
+    return ray.remote(Registry).options(name=registry_name(app), namespace=REGISTRY_NAMESPACE,
+                                        lifetime="detached", get_if_exists=True, num_cpus=0).remote()
+
+
+def app_name() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name or "default"
+    except Exception:  # noqa: BLE001
+        return "default"
+
+
+def advertise_host(bind: str) -> tuple[str, str]:
+    """(bind host, advertised host). 'auto' binds all interfaces and advertises the node's IP."""
+    if bind == "auto":
+        return "0.0.0.0", ray.util.get_node_ip_address()
+    return bind, bind
+
+
+class Heartbeat:
+    """Registers a replica's gRPC address with the registry every second, until stopped."""
+
+    def __init__(self, kind: str, replica_id: str, address: str):
+        self.kind, self.replica_id, self.address = kind, replica_id, address
+        try:
+            self.actor_name = ray.get_runtime_context().get_actor_name() or ""
+        except Exception:  # noqa: BLE001
+            self.actor_name = ""
+        self.registry = get_registry(app_name())
+        self._stop = threading.Event()
+        ray.get(self.registry.register.remote(kind, replica_id, address, self.actor_name))
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"gsd-heartbeat-{kind}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                ray.get(self.registry.register.remote(self.kind, self.replica_id, self.address, self.actor_name),
+                        timeout=5)
+            except Exception as exc:  # noqa: BLE001 (the registry comes back; keep beating)
+                log.warning("heartbeat failed: %s", exc)
+                try:
+                    self.registry = get_registry(app_name())
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.registry.unregister.remote(self.replica_id)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def env_setup() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    threads = os.environ.get("GSD_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def load_models(args: dict, want: str):
+    """(model, output_ids) of the draft or the target named in the app args."""
+    from gsd_serve.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
+
+    target_spec = args.get("target", DEFAULT_TARGET)
+    draft_spec = args.get("draft", DEFAULT_DRAFT)
+    if want == "target":
+        target, _, _, _ = load_pair(target_spec, None)
+        return target, None
+    target, draft, _, ids = load_pair(target_spec, draft_spec)
+    del target
+    return draft, ids

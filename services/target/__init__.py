@@ -1,0 +1,52 @@
+"""The Target deployment: a gsd_serve.workers.TargetWorker served over gRPC (gsd.v1.Target) by each replica.
+
+A replica holds the whole target model; on a GPU node it spans the node's GPUs through its placement-group
+bundles (deploy/gpu-cluster.yaml). The Redis prefix cache is shared by all target replicas.
+"""
+from __future__ import annotations
+
+import os
+
+from ray import serve
+
+from services.common import Heartbeat, advertise_host, env_setup, load_models
+
+
+class TargetReplica:
+    def __init__(self, args: dict | None = None):
+        env_setup()
+        from gsd_serve.prefix_cache import PrefixCache, model_fingerprint
+        from gsd_serve.workers import TargetWorker, serve_grpc
+
+        args = dict(args or {})
+        model, _ = load_models(args, "target")
+        name = str(args.get("target", "smollm2-135m-instruct"))
+        redis_url = args.get("redis_url", os.environ.get("REDIS_URL")) or None
+        cache = PrefixCache(redis_url, model_fingerprint(model, name),
+                            block_size=int(args.get("prefix_block_size", 32)),
+                            ttl_s=int(args.get("prefix_ttl_s", 3600)),
+                            max_entry_bytes=int(args.get("prefix_max_entry_bytes", 16 * 1024 * 1024)))
+        self.worker = TargetWorker(model, name=name, max_sessions=int(args.get("max_sessions", 64)),
+                                   ttl_s=float(args.get("session_ttl_s", 300)), prefix_cache=cache)
+        bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))
+        self.server, port = serve_grpc(self.worker, bind, int(args.get("target_grpc_port", 0)))
+        self.address = f"{host}:{port}"
+        self.heartbeat = Heartbeat("target", self.worker.replica_id, self.address)
+
+    def endpoint(self) -> str:
+        return self.address
+
+    def check_health(self) -> None:
+        if self.heartbeat._stop.is_set():
+            raise RuntimeError("stopped")
+
+    def __del__(self):
+        try:
+            self.heartbeat.stop()
+            self.server.stop(grace=1)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+Target = serve.deployment(TargetReplica, name="Target", ray_actor_options={"num_cpus": 0},
+                          max_ongoing_requests=100, health_check_period_s=5)
