@@ -171,6 +171,54 @@ def test_other_llama_like_model_and_a_rank_failing_mid_forward():
     assert not _tp_children()
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(150)
+def test_ray_actor_ranks_in_a_strict_pack_placement_group(tmp_path):
+    ray = pytest.importorskip("ray")
+    from gsd_serve.tp_ray import RayTensorParallelRunner
+
+    model = make_tiny_qwen2()
+    model.save_pretrained(tmp_path / "tiny")
+    ref = ModelRunner(model)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(TensorParallelSizeError, match="1, 2"):
+            RayTensorParallelRunner(str(tmp_path / "tiny"), 3)
+        runner = RayTensorParallelRunner(str(tmp_path / "tiny"), 2, timeout_s=30)
+        try:
+            from ray.util.placement_group import placement_group_table
+            table = placement_group_table(runner.placement_group)
+            assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2
+            c_ref, c_tp = ref.new_cache(), runner.new_cache()
+            tree, pos = torch.tensor([5, 6, 7, 8]), torch.tensor([10, 11, 11, 12])
+            mask = torch.ones(1, 1, 4, 14, dtype=torch.bool)
+            mask[0, 0, :, 10:] = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]],
+                                              dtype=torch.bool)
+            with torch.inference_mode():
+                ref.forward(c_ref, torch.arange(10))
+                a = ref.forward(c_ref, tree, pos, mask)
+                c_ref.keep(10, [10, 12, 13])
+                b_next = ref.forward(c_ref, torch.tensor([9]))
+            runner.forward(c_tp, torch.arange(10))
+            torch.testing.assert_close(runner.forward(c_tp, tree, pos, mask), a, atol=1e-4, rtol=0)
+            c_tp.keep(10, [10, 12, 13])
+            assert c_tp.length == 13
+            torch.testing.assert_close(runner.forward(c_tp, torch.tensor([9])), b_next, atol=1e-4, rtol=0)
+            ray.kill(runner.actors[1], no_restart=True)
+            with pytest.raises(TensorParallelError):
+                runner.forward(c_tp, torch.tensor([4]))
+            with pytest.raises(TensorParallelError):
+                runner.new_cache()
+        finally:
+            runner.close()
+        assert placement_group_table(runner.placement_group)["state"] == "REMOVED"
+    finally:
+        if started:
+            ray.shutdown()
+
+
 @pytest.mark.timeout(60)
 def test_a_killed_rank_makes_the_next_call_raise_not_hang(tp_runner):
     # runs last: it breaks the shared runner
