@@ -9,6 +9,7 @@
     spec                   {method, k, merge_context, ..., budget} (default: gsd)
     router                 RouterConfig fields (max_inflight, max_prompt_tokens, max_batch, ...)
     max_sessions, session_ttl_s, prefix_block_size, prefix_ttl_s, prefix_max_entry_bytes
+    replicas               {draft: N, target: N, router: N} (a config file's `deployments` overrides win)
 """
 from __future__ import annotations
 
@@ -22,4 +23,8 @@ GRPC_SERVICER_FUNCTIONS = ["gsd_serve.rpc.add_RouterServicer_to_server",
 
 def build_app(args: dict | None = None):
     args = dict(args or {})
-    return Router.bind(args, Draft.bind(args), Target.bind(args))
+    n = dict(args.get("replicas") or {})
+    draft = Draft.options(num_replicas=int(n["draft"])) if "draft" in n else Draft
+    target = Target.options(num_replicas=int(n["target"])) if "target" in n else Target
+    router = Router.options(num_replicas=int(n["router"])) if "router" in n else Router
+    return router.bind(args, draft.bind(args), target.bind(args))

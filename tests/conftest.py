@@ -29,3 +29,96 @@ def engine(default_pair):
 @pytest.fixture(scope="session")
 def tokenizer(default_pair):
     return default_pair[2]
+
+
+# ---------------------------------------------------------------- serving (tests/test_services_*.py)
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port (or the one REDIS_URL names: never stopped)."""
+
+    def __init__(self, tmpdir):
+        import shutil
+
+        self.tmpdir = str(tmpdir)
+        self.proc = None
+        self.external = os.environ.get("REDIS_URL")
+        self.binary = shutil.which("redis-server")
+        self.port = None if self.external else free_port()
+
+    @property
+    def url(self) -> str:
+        return self.external or f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        if self.external or self.proc is not None:
+            return
+        if self.binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server) and REDIS_URL is not set")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.tmpdir, "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.time() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return
+            except redis.RedisError:
+                if time.time() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    @property
+    def can_stop(self) -> bool:
+        return not self.external
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One Ray cluster (2 CPUs, no GPUs) with Serve's HTTP and gRPC proxies on free loopback ports."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from services.app import GRPC_SERVICER_FUNCTIONS
+
+    http_port, grpc_port = free_port(), free_port()
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 1024 * 1024,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
+                                       "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                    grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
+        yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+        ray.shutdown()

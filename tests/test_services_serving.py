@@ -1,0 +1,336 @@
+"""The serving stack end to end: real Ray Serve (one cluster per session), real gRPC, real redis-server.
+
+The router, two draft replicas and one target replica run as Serve deployments; clients talk to them
+over loopback HTTP (the official `openai` client) and gRPC. Every generated text is compared with the
+in-process engine's greedy output for the same prompt.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import time
+import uuid
+
+import grpc
+import pytest
+
+from gsd_serve.config import SpecConfig
+from gsd_serve.prompts import encode
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+MODEL = "gsd-test"
+MAX = 16
+SPEC = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+APP = "gsd"
+
+
+@pytest.fixture(scope="module")
+def app(ray_serve, redis_server):
+    import httpx
+    from ray import serve
+
+    from services.app import build_app
+
+    args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(),
+            "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16,
+            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": MAX}}
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    deadline = time.time() + 120
+    while True:   # replicas register their gRPC ports through heartbeats
+        r = httpx.get(ray_serve["http"] + "/health", timeout=10)
+        if r.status_code == 200 and r.json()["draft_replicas"] == 2:
+            break
+        assert time.time() < deadline, r.text
+        time.sleep(0.5)
+    yield ray_serve
+    serve.delete(APP)
+
+
+_refs: dict = {}
+
+
+def reference(engine, tokenizer, ids: list[int], max_tokens: int = MAX):
+    key = (tuple(ids), max_tokens)
+    if key not in _refs:
+        r = engine.generate(ids, max_tokens, spec=SPEC)
+        _refs[key] = (tokenizer.decode(r.token_ids, skip_special_tokens=True), r.token_ids, r.finish_reason)
+    return _refs[key]
+
+
+def chat_ids(tokenizer, text: str, system: str | None = None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return msgs, encode(tokenizer, {"messages": msgs})
+
+
+def client(app):
+    import openai
+
+    return openai.OpenAI(base_url=app["http"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def metrics(app) -> str:
+    import httpx
+
+    return httpx.get(app["http"] + "/metrics", timeout=30).text
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def registry_entries(kind: str):
+    import ray
+
+    from services.common import REGISTRY_NAMESPACE, registry_name
+
+    reg = ray.get_actor(registry_name(APP), namespace=REGISTRY_NAMESPACE)
+    return ray.get(reg.list.remote(kind))
+
+
+def test_openai_client_matches_engine(app, engine, tokenizer):
+    c = client(app)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    msgs, ids = chat_ids(tokenizer, "Write a short poem about the sea.")
+    text, tokens, finish = reference(engine, tokenizer, ids)
+
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0)
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == finish
+    assert r.usage.completion_tokens == len(tokens) and r.usage.prompt_tokens == len(ids)
+    stats = r.model_extra["gsd_stats"]
+    assert stats["rounds"] >= 1 and stats["mean_accept_len"] >= 1.0
+
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [finish]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
+
+    prompt = "The three primary colors are"
+    text, tokens, finish = reference(engine, tokenizer, encode(tokenizer, prompt, raw=True))
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX, temperature=0)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == finish
+    streamed = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == text
+
+
+def test_sse_wire_format(app):
+    import httpx
+
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", app["http"] + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    usage = json.loads(events[-2][6:])["usage"]
+    assert usage["completion_tokens"] == 4 and usage["total_tokens"] == usage["prompt_tokens"] + 4
+
+
+def test_grpc_generate_and_health(app, engine, tokenizer):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gsd_serve.rpc import CHANNEL_OPTIONS, pb, pb_grpc
+
+    _, ids = chat_ids(tokenizer, "Name a fruit.")
+    text, tokens, finish = reference(engine, tokenizer, ids)
+    md = (("application", APP),)
+    with grpc.insecure_channel(app["grpc"], options=CHANNEL_OPTIONS) as ch:
+        stub = pb_grpc.RouterStub(ch)
+        r = stub.Generate(pb.GenerateRequest(model=MODEL, prompt="Name a fruit.", max_tokens=MAX), metadata=md,
+                          timeout=300)
+        assert list(r.token_ids) == tokens and r.text == text and r.finish_reason == finish
+        assert r.stats.rounds >= 1
+        chunks = list(stub.GenerateStream(pb.GenerateRequest(model=MODEL, prompt="Name a fruit.", max_tokens=MAX),
+                                          metadata=md, timeout=300))
+        assert [t for c in chunks for t in c.token_ids] == tokens
+        assert "".join(c.text for c in chunks) == text and chunks[-1].finish_reason == finish
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), metadata=md, timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    for e in registry_entries("draft") + registry_entries("target"):   # every replica serves grpc.health.v1
+        with grpc.insecure_channel(e["address"]) as ch:
+            service = "gsd.v1.Draft" if e["kind"] == "draft" else "gsd.v1.Target"
+            st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert st.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_concurrent_requests_exact_and_batched(app, engine, tokenizer):
+    questions = ["What is the capital of Italy?", "Give me a synonym for happy.", "Count from one to five.",
+                 "What color is the sky?", "Name a large animal.", "Say hello in French.",
+                 "What is two plus three?", "Describe rain in one sentence."]
+    before = metrics(app)
+    c = client(app)
+
+    def ask(q):
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=MAX,
+                                      temperature=0)
+        return r.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, questions))
+    for q, text in zip(questions, got):
+        assert text == reference(engine, tokenizer, chat_ids(tokenizer, q)[1])[0], q
+    after = metrics(app)
+    calls = metric(after, "gsd_verify_batch_size_count") - metric(before, "gsd_verify_batch_size_count")
+    singles = metric(after, "gsd_verify_batch_size_bucket", le="1.0") - \
+        metric(before, "gsd_verify_batch_size_bucket", le="1.0")
+    assert calls > singles > -1, "no Verify call carried more than one session"
+    items = metric(after, "gsd_verify_batch_size_sum") - metric(before, "gsd_verify_batch_size_sum")
+    assert items > calls  # on average more than one session per Verify
+    assert metric(after, "gsd_num_drafts_total") > 0 and metric(after, "gsd_num_draft_tokens_total") > 0
+    assert "gsd_time_to_first_token_seconds_bucket" in after and "gsd_e2e_request_latency_seconds" in after
+
+
+LONG_SYSTEM = ("You are a careful assistant for a small bookshop. Answer briefly, politely and in plain English. "
+               "The shop opens at nine and closes at six, sells new and used books, runs a reading club on "
+               "Thursdays and offers gift wrapping. Never invent prices. Session {nonce}.")
+
+
+def test_prefix_cache_hit(app, engine, tokenizer):
+    c = client(app)
+    system = LONG_SYSTEM.format(nonce=uuid.uuid4().hex[:8])
+    saved_before = metric(metrics(app), "gsd_prefix_cache_tokens_saved_total")
+    results = []
+    for q in ("When do you open?", "Do you wrap gifts?"):
+        msgs, ids = chat_ids(tokenizer, q, system)
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0)
+        assert r.choices[0].message.content == reference(engine, tokenizer, ids)[0]
+        results.append(r)
+    assert results[0].usage.prompt_tokens_details.cached_tokens == 0
+    cached = results[1].usage.prompt_tokens_details.cached_tokens
+    assert cached >= 48, cached   # the shared system prompt, in 16-token blocks
+    assert metric(metrics(app), "gsd_prefix_cache_tokens_saved_total") - saved_before >= cached
+
+
+def test_redis_stopped_mid_run(app, engine, tokenizer, redis_server):
+    if not redis_server.can_stop:
+        pytest.skip("REDIS_URL names an external server; not stopping it")
+    c = client(app)
+    system = LONG_SYSTEM.format(nonce=uuid.uuid4().hex[:8])
+    msgs, ids = chat_ids(tokenizer, "Is there a reading club?", system)
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0)
+    assert r.choices[0].message.content == reference(engine, tokenizer, ids)[0]
+    redis_server.stop()
+    try:
+        for q in ("Do you sell used books?", "What time do you close?"):
+            msgs, ids = chat_ids(tokenizer, q, system)
+            t0 = time.time()
+            r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0)
+            assert r.choices[0].message.content == reference(engine, tokenizer, ids)[0]
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+            assert time.time() - t0 < 120
+    finally:
+        redis_server.start()
+
+
+def test_draft_replica_killed_mid_request(app, engine, tokenizer):
+    import ray
+
+    from gsd_serve.rpc import pb, pb_grpc
+
+    c = client(app)
+    msgs, ids = chat_ids(tokenizer, "Tell me a short story about a brave mouse.")
+    text, tokens, _ = reference(engine, tokenizer, ids, 24)
+    stream = iter(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True))
+    chunks = [next(stream)]
+    sid = chunks[0].id
+    victim = None
+    deadline = time.time() + 60
+    while victim is None:
+        for e in registry_entries("draft"):
+            with grpc.insecure_channel(e["address"]) as ch:
+                if sid in pb_grpc.DraftStub(ch).Info(pb.InfoRequest(), timeout=10).session_ids:
+                    victim = e
+        assert victim is not None or time.time() < deadline, "no draft replica holds the session"
+        if victim is None:
+            time.sleep(0.05)
+    ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"))
+    chunks += list(stream)
+    got = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert got == text
+    stats = [ch.model_extra.get("gsd_stats") for ch in chunks if ch.model_extra.get("gsd_stats")][-1]
+    assert stats["failovers"] >= 1 or stats["resyncs"] >= 1, stats
+    # Serve replaces the replica; the service keeps serving
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == text
+
+
+def test_bad_requests_get_400_and_service_keeps_serving(app, engine, tokenizer):
+    import httpx
+    import openai
+
+    from gsd_serve.rpc import pb, pb_grpc
+
+    url = app["http"]
+    ok_chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    cases = [
+        ("/v1/chat/completions", b"{not json"),
+        ("/v1/chat/completions", b"[1, 2]"),
+        ("/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 2}),
+        ("/v1/completions", {"model": MODEL, "prompt": [], "max_tokens": 2}),
+        ("/v1/chat/completions", dict(ok_chat, messages=[])),
+        ("/v1/chat/completions", dict(ok_chat, messages=[{"role": "user"}])),
+        ("/v1/chat/completions", dict(ok_chat, max_tokens=-1)),
+        ("/v1/chat/completions", dict(ok_chat, max_tokens="ten")),
+        ("/v1/chat/completions", dict(ok_chat, model="no-such-model")),
+        ("/v1/chat/completions", dict(ok_chat, temperature=-0.5)),
+        ("/v1/chat/completions", dict(ok_chat, n=3)),
+        ("/v1/chat/completions", dict(ok_chat, messages=[{"role": "user", "content": "word " * 800}])),
+        ("/v1/completions", {"model": MODEL, "prompt": [10 ** 9], "max_tokens": 2}),
+    ]
+    for path, body in cases:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = httpx.post(url + path, timeout=60, headers={"content-type": "application/json"}, **kw)
+        assert r.status_code in (400, 422), (body, r.status_code, r.text)
+        assert r.json()["error"]["message"], body
+    with pytest.raises(openai.BadRequestError):
+        client(app).chat.completions.create(model="no-such-model", messages=ok_chat["messages"], max_tokens=2)
+
+    md = (("application", APP),)
+    with grpc.insecure_channel(app["grpc"]) as ch:
+        stub = pb_grpc.RouterStub(ch)
+        for req in (pb.GenerateRequest(model=MODEL, max_tokens=2),
+                    pb.GenerateRequest(model=MODEL, prompt="a", prompt_token_ids=[1], max_tokens=2),
+                    pb.GenerateRequest(model=MODEL, prompt_token_ids=[10 ** 8], max_tokens=2),
+                    pb.GenerateRequest(model=MODEL, prompt="Hi", max_tokens=-3),
+                    pb.GenerateRequest(model="nope", prompt="Hi", max_tokens=2),
+                    pb.GenerateRequest(model=MODEL, prompt="Hi", max_tokens=2,
+                                       sampling=pb.SamplingParams(temperature=-1))):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(req, metadata=md, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (req, err.value)
+            assert err.value.details()
+    # the internal services refuse malformed messages with INVALID_ARGUMENT too
+    target = registry_entries("target")[0]["address"]
+    draft = registry_entries("draft")[0]["address"]
+    cyclic = pb.TokenGraph(tokens=[1, 2, 3], parents=[-1, 0, 1], depths=[0, 1, 2], edge_src=[0, 1, 2],
+                           edge_dst=[1, 2, 1], edge_prob=[0.5, 0.5, 0.5])
+    with grpc.insecure_channel(target) as ch:
+        t = pb_grpc.TargetStub(ch)
+        for call, req in ((t.Prefill, pb.PrefillRequest(session_id="x", tokens=[])),
+                          (t.Prefill, pb.PrefillRequest(session_id="", tokens=[1])),
+                          (t.Verify, pb.VerifyRequest(items=[pb.VerifyItem(session_id="y", delta=[1], graph=cyclic)])),
+                          (t.Verify, pb.VerifyRequest(items=[pb.VerifyItem(session_id="y", delta=[1],
+                                                                          graph=pb.TokenGraph())]))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(req, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    with grpc.insecure_channel(draft) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.DraftStub(ch).Propose(pb.ProposeRequest(session_id="z", delta=[1], spec=pb.SpecConfig(
+                method="bogus")), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # still serving, exactly
+    msgs, ids = chat_ids(tokenizer, "Write a short poem about the sea.")
+    r = client(app).chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0)
+    assert r.choices[0].message.content == reference(engine, tokenizer, ids)[0]
+    assert re.search(r"gsd_request_success_total\{", metrics(app))
