@@ -6,6 +6,8 @@ def register(sub) -> None:
     for module in ("bench", "serve_cli"):
         try:
             mod = __import__(f"gsd_serve.{module}", fromlist=["register"])
-        except ImportError:
+        except ModuleNotFoundError as exc:
+            if exc.name != f"gsd_serve.{module}":
+                raise
             continue
         mod.register(sub)

@@ -46,6 +46,7 @@ class DistillConfig:
     seed: int = 0
     ckpt_every: int = 25
     time_limit_s: float = 0.0       # stop training (with a checkpoint) after this long; 0: no limit
+    follow_data: bool = False       # pick up new data shards while a generation process still writes them
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.gen_batch < 1:
@@ -215,8 +216,9 @@ def distill_loss(draft, head_weight, batch_tensors, output_ids):
     return loss, agree
 
 
-def train(cfg: DistillConfig, target, tokenizer, items: list[dict]) -> Path:
+def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loaded: list[Path] | None = None) -> Path:
     out = Path(cfg.out)
+    shards_loaded = list(shards_loaded or [])
     torch.manual_seed(cfg.seed)
     layers = cfg.layer_list()
     n_layers = target.config.num_hidden_layers
@@ -274,6 +276,14 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict]) -> Path:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        if cfg.follow_data and step % 50 == 0:
+            new_shards = [p for p in sorted((out / "data").glob("shard-*.pt")) if p not in shards_loaded]
+            if new_shards:
+                fresh = load_data(new_shards)
+                shards_loaded.extend(new_shards)
+                train_items.extend(fresh)
+                batches = make_batches(train_items, cfg.batch, rng)
+                print(f"\ndistill: +{len(fresh)} answers ({len(train_items)} in all)", file=sys.stderr)
         seen += tensors[1].shape[0] and int(tensors[2].numel())
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_agree = agree.item() if ema_agree is None else 0.95 * ema_agree + 0.05 * agree.item()
@@ -326,4 +336,4 @@ def run(cfg: DistillConfig) -> Path:
     items = load_data(shards)
     for p in target.parameters():
         p.requires_grad_(False)
-    return train(cfg, target, tokenizer, items)
+    return train(cfg, target, tokenizer, items, shards)

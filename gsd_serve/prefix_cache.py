@@ -211,19 +211,18 @@ class PrefixCache:
 def export_kv(cache, start: int, end: int) -> torch.Tensor:
     """[layers, 2, heads, end - start, head_dim] copy of a KVCache's entries start..end (batch 1)."""
     return torch.stack([torch.stack([layer.keys[0, :, start:end], layer.values[0, :, start:end]])
-                        for layer in cache.layers]).clone()
+                        for layer in cache.layers]).cpu().clone()
 
 
-def import_kv(cache, blocks: list[torch.Tensor], n_layers: int) -> int:
-    """Append cached blocks to an empty KVCache; returns the tokens restored."""
+def import_kv(cache, blocks: list[torch.Tensor], n_layers: int, device=None) -> int:
+    """Append cached blocks to an empty KVCache (layers are created by the first update); returns tokens restored."""
     if not blocks:
         return 0
     kv = torch.cat(blocks, dim=3)
     if kv.shape[0] != n_layers:
         raise ValueError("cached K/V has another layer count")
-    if len(cache.layers) < n_layers:
-        # transformers creates the layers lazily on the first update of each index
-        pass
+    if device is not None:
+        kv = kv.to(device)
     for i in range(n_layers):
         k = kv[i, 0].unsqueeze(0).contiguous()
         v = kv[i, 1].unsqueeze(0).contiguous()

@@ -22,7 +22,6 @@ import atexit
 import itertools
 import multiprocessing
 import os
-import socket
 import threading
 import time
 import traceback
@@ -95,29 +94,81 @@ def _shard_columns_out(lin: nn.Linear, start: int, end: int) -> None:
     lin.out_features = end - start
 
 
+class TPGroup:
+    """The communicator of one tensor-parallel replica: a private process group over a TCPStore.
+
+    It is not torch.distributed's default group, so several replicas (runners) can live in one process and
+    nothing global is left behind. Rank 0 hosts the store (`TPGroup.host_store()` picks a free port).
+    """
+
+    def __init__(self) -> None:
+        self.pg = None
+        self.store = None
+        self.device = torch.device("cpu")
+
+    @staticmethod
+    def host_store(world: int, timeout_s: float, host: str = "127.0.0.1"):
+        return dist.TCPStore(host, 0, world, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+    def connect(self, backend: str, host: str, port: int, rank: int, world: int, timeout_s: float,
+                device: torch.device, store=None) -> None:
+        timeout = timedelta(seconds=timeout_s)
+        self.device = device
+        self.store = store if store is not None else dist.TCPStore(host, port, world, False, timeout=timeout)
+        if backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world, timeout)
+        elif backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            try:
+                opts._timeout = timeout
+            except Exception:
+                pass
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world, opts)
+        else:
+            raise ValueError(f"unknown backend {backend!r} (gloo or nccl)")
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        self.pg.allreduce([t]).wait()
+
+    def barrier(self) -> None:
+        self.all_reduce(torch.zeros(1, device=self.device))
+
+    def shutdown(self) -> None:
+        pg, self.pg, self.store = self.pg, None, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            try:
+                pg.shutdown()
+            except Exception:
+                pass
+
+
 class RowParallelLinear(nn.Module):
     """A linear layer holding input features [start, end); the partial outputs are summed by all-reduce."""
 
-    def __init__(self, lin: nn.Linear, start: int, end: int, world: int):
+    def __init__(self, lin: nn.Linear, start: int, end: int, group: TPGroup):
         super().__init__()
         self.weight = _param(lin.weight.data[:, start:end])
         self.bias = None if lin.bias is None else _param(lin.bias.data)
-        self.in_features, self.out_features, self.world = end - start, lin.out_features, world
+        self.in_features, self.out_features, self.group = end - start, lin.out_features, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        if self.world > 1:
-            dist.all_reduce(y)
+        self.group.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y
 
 
-def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:
-    """Shard a Llama-like transformers causal LM in place for `rank` of `world`; returns it."""
+def shard_model(model: nn.Module, rank: int, world: int, group: TPGroup | None = None) -> nn.Module:
+    """Shard a Llama-like transformers causal LM in place for `rank` of `world`; returns it.
+
+    The row-parallel layers all-reduce over `group` (connected later, before the first forward).
+    """
     check_tp_size(model.config, world)
     if world == 1:
         return model
+    if group is None:
+        raise ValueError("shard_model needs the TPGroup of the replica for tensor-parallel size > 1")
     heads, kv = _head_counts(model.config)
     for i, layer in enumerate(model.base_model.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -133,14 +184,14 @@ def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:
         _shard_columns_out(attn.q_proj, q0 * hd, q1 * hd)
         _shard_columns_out(attn.k_proj, k0 * hd, k1 * hd)
         _shard_columns_out(attn.v_proj, k0 * hd, k1 * hd)
-        attn.o_proj = RowParallelLinear(attn.o_proj, q0 * hd, q1 * hd, world)
+        attn.o_proj = RowParallelLinear(attn.o_proj, q0 * hd, q1 * hd, group)
         for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
             if isinstance(getattr(attn, name, None), int):
                 setattr(attn, name, value // world)
         m0, m1 = _bounds(mlp.gate_proj.out_features, rank, world)
         _shard_columns_out(mlp.gate_proj, m0, m1)
         _shard_columns_out(mlp.up_proj, m0, m1)
-        mlp.down_proj = RowParallelLinear(mlp.down_proj, m0, m1, world)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, m0, m1, group)
     return model
 
 
@@ -160,12 +211,6 @@ def _load(source) -> nn.Module:
         from .models import load_model
         return load_model(source)
     return source().eval()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _device_for(backend: str, rank: int) -> torch.device:
@@ -191,7 +236,7 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
-def _worker_main(rank: int, world: int, source, init_method: str, backend: str, conn, timeout_s: float,
+def _worker_main(rank: int, world: int, source, port: int, backend: str, conn, timeout_s: float,
                  parent_pid: int, threads: int) -> None:
     """Rank 1..N-1: load and shard the model, join the group, then execute rank 0's commands."""
     import warnings
@@ -208,10 +253,10 @@ def _worker_main(rank: int, world: int, source, init_method: str, backend: str, 
         device = _device_for(backend, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        model = shard_model(_load(source), rank, world).to(device)
+        group = TPGroup()
+        model = shard_model(_load(source), rank, world, group).to(device)
         conn.send(("loaded", None))
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        group.connect(backend, "127.0.0.1", port, rank, world, timeout_s, device)
         decoder = model.base_model
         caches: dict[int, KVCache] = {}
         with torch.inference_mode():
@@ -240,8 +285,8 @@ def _worker_main(rank: int, world: int, source, init_method: str, backend: str, 
                 elif op == "keep":
                     caches[msg[1]].keep(msg[2], torch.from_numpy(msg[3]))
                 elif op == "close":
-                    dist.barrier()
-                    dist.destroy_process_group()
+                    group.barrier()
+                    group.shutdown()
                     conn.send(("closed", None))
                     return
                 else:
@@ -297,8 +342,8 @@ class TensorParallelRunner:
     directory) or a picklable zero-argument callable returning the model; every rank loads it and keeps its
     shard. `model`, if given, is rank 0's copy (already loaded from the same source): it is sharded in place.
     `backend` defaults to NCCL when CUDA is available (rank r on GPU r), else gloo. `timeout_s` bounds one
-    collective (a rank that hangs mid-forward) and the start-up. Only one runner per process (it uses the
-    default process group). Call `close()` when done (also done at interpreter exit).
+    collective (a rank that hangs mid-forward) and the rendezvous. Each runner has its own process group
+    (not the default one), so several can live in one process. Call `close()` when done (also done at interpreter exit).
     """
 
     def __init__(self, source, tp_size: int, *, model: nn.Module | None = None, backend: str | None = None,
@@ -306,9 +351,6 @@ class TensorParallelRunner:
         config = model.config if model is not None else _model_config(source)
         if config is not None:
             check_tp_size(config, tp_size)        # refuse before starting anything
-        if dist.is_available() and dist.is_initialized():
-            raise RuntimeError("a torch.distributed process group is already active in this process "
-                               "(one TensorParallelRunner per process)")
         self.tp_size = tp_size
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = _device_for(self.backend, 0)
@@ -322,13 +364,14 @@ class TensorParallelRunner:
         self._broken: str | None = None
         self.forwards = 0
         self.tokens_fed = 0
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.group = TPGroup()
+        store = TPGroup.host_store(tp_size, timeout_s) if tp_size > 1 else None
         ctx = multiprocessing.get_context("spawn")
         try:
             for rank in range(1, tp_size):
                 parent, child = ctx.Pipe()
                 p = ctx.Process(target=_worker_main, name=f"gsd-tp-rank{rank}", daemon=True,
-                                args=(rank, tp_size, source, init_method, self.backend, child, timeout_s,
+                                args=(rank, tp_size, source, store.port, self.backend, child, timeout_s,
                                       os.getpid(), rank_threads))
                 p.start()
                 child.close()
@@ -337,11 +380,11 @@ class TensorParallelRunner:
             _live_runners.add(self)
             if model is None:
                 model = _load(source)
-            model = shard_model(model, 0, tp_size).to(self.device)
+            model = shard_model(model, 0, tp_size, self.group).to(self.device)
             self._wait_loaded(startup_timeout_s)
             if tp_size > 1:
-                dist.init_process_group(self.backend, init_method=init_method, rank=0, world_size=tp_size,
-                                        timeout=timedelta(seconds=timeout_s))
+                self.group.connect(self.backend, "127.0.0.1", store.port, 0, tp_size, timeout_s, self.device,
+                                   store=store)
         except BaseException:
             self._kill_ranks()
             _live_runners.discard(self)
@@ -404,14 +447,10 @@ class TensorParallelRunner:
             if self._broken is None and self.tp_size > 1 and all(p.is_alive() for p in self._procs):
                 try:
                     self._send_all(("close",))
-                    dist.barrier()
+                    self.group.barrier()      # every rank is done before the store (hosted here) goes away
                 except Exception:
                     pass
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group()
-                except Exception:
-                    pass
+            self.group.shutdown()
             for c in self._conns:      # a rank still waiting for a command sees EOF and exits
                 c.close()
             for p in self._procs:

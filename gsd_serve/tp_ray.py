@@ -16,11 +16,10 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from datetime import timedelta
 
 import torch
 
-from .tensor_parallel import (TensorParallelError, _load, _model_config, check_tp_size, shard_model)
+from .tensor_parallel import TensorParallelError, TPGroup, _load, _model_config, check_tp_size, shard_model
 
 
 class _Rank:
@@ -32,23 +31,22 @@ class _Rank:
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        self.model = shard_model(_load(source), rank, world).to(self.device)
+        self.group = TPGroup()
+        self.model = shard_model(_load(source), rank, world, self.group).to(self.device)
         self.caches = {}
+        self._store = None
 
-    def address(self) -> str:
-        import socket
-
+    def address(self, timeout_s: float) -> tuple[str, int]:
+        """Rank 0 hosts the group's store; returns its (ip, port)."""
         import ray
         ip = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return f"tcp://{ip}:{s.getsockname()[1]}"
+        self._store = TPGroup.host_store(self.world, timeout_s, host=ip)
+        return ip, self._store.port
 
-    def join(self, init_method: str, backend: str, timeout_s: float) -> int:
-        import torch.distributed as dist
+    def join(self, host: str, port: int, backend: str, timeout_s: float) -> int:
         if self.world > 1:
-            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world,
-                                    timeout=timedelta(seconds=timeout_s))
+            self.group.connect(backend, host, port, self.rank, self.world, timeout_s, self.device,
+                               store=self._store)
         return self.rank
 
     def vocab_size(self) -> int:
@@ -80,10 +78,9 @@ class _Rank:
             getattr(cache, op)(*[torch.as_tensor(a) if not isinstance(a, int) else a for a in args])
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        if self.group.pg is not None:
+            self.group.barrier()
+            self.group.shutdown()
 
 
 class RayShardedCache:
@@ -149,8 +146,8 @@ class RayTensorParallelRunner:
                 self.actors.append(actor_cls.options(
                     num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, scheduling_strategy=strategy,
                     max_restarts=0).remote(rank, tp_size, source, threads))
-            init_method = ray.get(self.actors[0].address.remote(), timeout=startup_timeout_s)
-            ray.get([a.join.remote(init_method, self.backend, timeout_s) for a in self.actors],
+            host, port = ray.get(self.actors[0].address.remote(timeout_s), timeout=startup_timeout_s)
+            ray.get([a.join.remote(host, port, self.backend, timeout_s) for a in self.actors],
                     timeout=startup_timeout_s)
             self.vocab_size = ray.get(self.actors[0].vocab_size.remote(), timeout=timeout_s)
         except BaseException as exc:

@@ -80,6 +80,31 @@ class SessionTable:
         return list(self._items)
 
 
+class DeviceModelRunner(ModelRunner):
+    """A ModelRunner for a model on an accelerator: the core builds token/position/mask tensors on the CPU,
+    so they are moved to the model's device here and the logits come back to the CPU."""
+
+    def __init__(self, model, output_ids=None, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        super().__init__(model.to(self.device), output_ids)
+
+    def forward(self, cache, tokens, positions=None, mask=None, last_only=False):
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + tokens.numel())
+        dev = self.device
+        out = super().forward(cache, tokens.to(dev), positions.to(dev), None if mask is None else mask.to(dev),
+                              last_only=last_only)
+        return out.cpu()
+
+
+def make_runner(model, output_ids=None, device: str | None = None) -> ModelRunner:
+    if device in (None, "", "cpu"):
+        return ModelRunner(model, output_ids)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return DeviceModelRunner(model, output_ids, device)
+
+
 class BadRequest(ValueError):
     """A request field is invalid: INVALID_ARGUMENT."""
 
@@ -141,8 +166,8 @@ class _DraftEntry:
 
 class DraftWorker:
     def __init__(self, draft_model, output_ids=None, *, name: str = "draft", max_sessions: int = 64,
-                 ttl_s: float = 300.0, replica_id: str | None = None):
-        self.runner = ModelRunner(draft_model, output_ids)
+                 ttl_s: float = 300.0, replica_id: str | None = None, device: str | None = None):
+        self.runner = make_runner(draft_model, output_ids, device)
         self.vocab_size = self.runner.vocab_size
         self.name = name
         self.sessions = SessionTable(max_sessions, ttl_s)
@@ -234,19 +259,32 @@ class _TargetEntry:
 
 
 class TargetWorker:
-    def __init__(self, target_model, *, name: str = "target", max_sessions: int = 64, ttl_s: float = 300.0,
-                 prefix_cache: PrefixCache | None = None, redis_url: str | None = None, block_size: int = 32,
-                 replica_id: str | None = None, max_seq_len: int | None = None):
-        self.runner = ModelRunner(target_model)
-        self.vocab_size = self.runner.vocab_size
-        self.n_layers = int(target_model.config.num_hidden_layers)
-        self.max_seq_len = max_seq_len or int(getattr(target_model.config, "max_position_embeddings", 8192))
+    """`target_model` (a transformers model, run by ModelRunner) or `runner`: any runner with the
+    ModelRunner interface, e.g. gsd_serve.tp_ray.RayTensorParallelRunner for a tensor-parallel target
+    (its caches live on the ranks, so the prefix cache is off for it)."""
+
+    def __init__(self, target_model=None, *, runner=None, name: str = "target", max_sessions: int = 64,
+                 ttl_s: float = 300.0, prefix_cache: PrefixCache | None = None, redis_url: str | None = None,
+                 block_size: int = 32, replica_id: str | None = None, max_seq_len: int | None = None,
+                 device: str | None = None):
+        if runner is None:
+            runner = make_runner(target_model, None, device)
+        self.runner = runner
+        self.vocab_size = int(runner.vocab_size)
+        config = getattr(target_model, "config", None)
+        self.n_layers = int(getattr(config, "num_hidden_layers", 0))
+        self.max_seq_len = max_seq_len or int(getattr(config, "max_position_embeddings", 8192))
         self.name = name
         self.sessions = SessionTable(max_sessions, ttl_s)
         self.lock = threading.Lock()
         self.replica_id = replica_id or replica_identity()
+        if target_model is None or not isinstance(runner, ModelRunner):
+            prefix_cache = PrefixCache(None, "none")        # K/V lives on the ranks: not exportable here
         self.prefix_cache = prefix_cache or PrefixCache(redis_url, model_fingerprint(target_model, name),
                                                         block_size=block_size)
+
+    def _new_session(self) -> TargetSession:
+        return TargetSession(self.runner, cache=self.runner.new_cache())
 
     # state rebuilding --------------------------------------------------------
     def _build(self, entry: _TargetEntry, tokens: list[int], need_logits: bool):
@@ -257,7 +295,7 @@ class TargetWorker:
         blocks = self.prefix_cache.lookup(tokens, limit)
         if blocks:
             try:
-                cached = import_kv(ts.cache, blocks, self.n_layers)
+                cached = import_kv(ts.cache, blocks, self.n_layers, getattr(self.runner, "device", None))
             except Exception as exc:  # noqa: BLE001 (a bad entry is a miss)
                 log.warning("prefix cache: unusable blocks (%s)", exc)
                 ts.cache = self.runner.new_cache()
@@ -302,7 +340,7 @@ class TargetWorker:
         tokens = list(req.tokens)
         with self.lock, torch.inference_mode():
             self.sessions.pop(req.session_id)
-            entry = _TargetEntry(TargetSession(self.runner), tokens)
+            entry = _TargetEntry(self._new_session(), tokens)
             logits, cached = self._build(entry, tokens, need_logits=True)
             first = int(chooser.choose(logits, torch.tensor([len(tokens)]))[0])
             entry.committed = tokens + [first]
@@ -336,7 +374,7 @@ class TargetWorker:
         if len(new) + max(graph.depth) >= self.max_seq_len:
             raise BadRequest(f"session {sid}: the sequence would exceed {self.max_seq_len} tokens")
         if entry is None:
-            entry = _TargetEntry(TargetSession(self.runner), new)
+            entry = _TargetEntry(self._new_session(), new)
         cached = self._sync(entry, new)
         ts = entry.session
         verdict = ts.verify(graph, budget, root_index, chooser)
@@ -374,6 +412,9 @@ class TargetWorker:
 # ---------------------------------------------------------------- gRPC servicers
 
 def _call(context, fn, *args):
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
     try:
         return fn(*args)
     except BadRequest as exc:

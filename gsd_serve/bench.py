@@ -1,0 +1,365 @@
+"""`gsd-serve bench` and `gsd-serve tune`: methods side by side in one process, and a tuner.
+
+bench runs every method on the same prompts, interleaved prompt by prompt (so drift of the machine
+hits all alike), after a warm-up; checks each output against plain decoding; writes results.json,
+results.md and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+SPEC_METHODS = ("ar", "chain", "tree", "gsd")
+ALL_METHODS = SPEC_METHODS + ("hf-assisted",)
+
+
+def _hf_assisted(target, draft, ids: list[int], max_new: int, stop_ids: set[int], sampling) -> dict:
+    """transformers' own assisted generation with the same target and draft."""
+    kwargs = dict(max_new_tokens=max_new, assistant_model=draft, eos_token_id=sorted(stop_ids) or None,
+                  pad_token_id=sorted(stop_ids)[0] if stop_ids else None)
+    if sampling.greedy:
+        kwargs["do_sample"] = False
+    else:
+        torch.manual_seed(sampling.seed or 0)
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
+                      top_p=sampling.top_p)
+    x = torch.tensor([ids])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = target.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+    seconds = time.perf_counter() - start
+    tokens = out[0, len(ids):].tolist()
+    return {"token_ids": tokens, "seconds": seconds, "new_tokens": len(tokens)}
+
+
+def run_bench(args) -> dict:
+    from .cli import build_engine, spec_from_args
+    from .prompts import encode, load_prompts, BENCH_PROMPTS
+    from .sampling import SamplingParams
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if "ar" not in methods:
+        methods.insert(0, "ar")  # the reference every output is checked against
+    temps = [float(t) for t in str(args.temperatures).split(",")]
+    if any(t < 0 for t in temps):
+        raise ValueError("temperatures must be >= 0")
+    records = load_prompts(args.prompts or BENCH_PROMPTS)
+    if args.limit:
+        records = _spread(records, args.limit)
+    engine, tokenizer = build_engine(args, "gsd")
+    specs = {m: spec_from_args(args, m) for m in methods if m in SPEC_METHODS}
+    target_model, draft_model = engine.target.model, engine.draft.model if engine.draft else None
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoded = [encode(tokenizer, r) for r in records]
+
+    # warm-up: every method once on a short run
+    for m in methods:
+        for t in temps[:1]:
+            sp = SamplingParams(temperature=t, seed=0)
+            if m == "hf-assisted":
+                _hf_assisted(target_model, draft_model, encoded[0], 8, engine.stop_token_ids, sp)
+            else:
+                engine.generate(encoded[0], 8, specs[m], sp)
+
+    rows = []
+    start = time.time()
+    total = len(records) * len(temps)
+    done = 0
+    for t in temps:
+        for i, (rec, ids) in enumerate(zip(records, encoded)):
+            sp = SamplingParams(temperature=t, top_p=args.top_p, seed=args.seed + i)
+            ref = None
+            for m in methods:
+                if m == "hf-assisted":
+                    r = _hf_assisted(target_model, draft_model, ids, args.max_new_tokens, engine.stop_token_ids, sp)
+                    stats = {"new_tokens": r["new_tokens"], "seconds": r["seconds"], "target_forwards": None,
+                             "mean_accept_len": None, "draft_tokens_per_round": None, "accept_lengths": {}}
+                    tokens = r["token_ids"]
+                else:
+                    res = engine.generate(ids, args.max_new_tokens, specs[m], sp)
+                    stats, tokens = res.stats.to_dict(), res.token_ids
+                if m == "ar":
+                    ref = tokens
+                # sampled hf-assisted draws other random numbers: its text is not comparable token by token
+                identical = None if (m == "hf-assisted" and t > 0) else tokens == ref
+                rows.append({"temperature": t, "prompt": rec.get("id", i), "category": rec.get("category", "all"),
+                             "method": m, "identical": identical, "stats": stats})
+            done += 1
+            el = time.time() - start
+            print(f"\r  [{done}/{total}] T={t} {rec.get('id', i)}  ETA {el / done * (total - done):.0f}s   ",
+                  end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    results = summarize(rows, methods, temps)
+    results["setup"] = {
+        "prompts": str(args.prompts or BENCH_PROMPTS), "n_prompts": len(records),
+        "max_new_tokens": args.max_new_tokens, "methods": methods, "temperatures": temps,
+        "specs": {m: s.to_dict() for m, s in specs.items()}, "target": args.target, "draft": args.draft,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads()},
+        "command": "gsd-serve " + " ".join(sys.argv[1:]),
+    }
+    (out_dir / "results.json").write_text(json.dumps({"summary": results, "rows": rows}, indent=1))
+    md = to_markdown(results)
+    (out_dir / "results.md").write_text(md)
+    plot(results, rows, out_dir)
+    print(md)
+    return results
+
+
+def _spread(records: list[dict], n: int) -> list[dict]:
+    """n records spread evenly over the categories (round robin)."""
+    by_cat = defaultdict(list)
+    for r in records:
+        by_cat[r.get("category", "all")].append(r)
+    out, i = [], 0
+    while len(out) < min(n, len(records)):
+        for cat in list(by_cat):
+            if i < len(by_cat[cat]) and len(out) < n:
+                out.append(by_cat[cat][i])
+        i += 1
+    return out
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    tokens = sum(r["stats"]["new_tokens"] for r in rows)
+    seconds = sum(r["stats"]["seconds"] for r in rows)
+    agg = {"prompts": len(rows), "tokens": tokens, "seconds": round(seconds, 3),
+           "tokens_per_s": tokens / seconds if seconds else 0.0}
+    tf = [r["stats"]["target_forwards"] for r in rows]
+    if all(x is not None for x in tf):
+        rounds = sum(r["stats"].get("rounds", 0) for r in rows)
+        agg.update(
+            target_forwards=sum(tf),
+            mean_accept_len=tokens / sum(tf) if sum(tf) else 0.0,
+            draft_tokens_per_round=sum(r["stats"].get("draft_tokens", 0) for r in rows) / rounds if rounds else 0.0,
+            draft_forwards_per_round=sum(r["stats"].get("draft_forwards", 0) for r in rows) / rounds if rounds else 0.0,
+            verified_tokens_per_round=sum(r["stats"].get("verified_tokens", 0) for r in rows) / rounds if rounds else 0.0,
+            draft_seconds=round(sum(r["stats"].get("draft_seconds", 0) for r in rows), 3),
+            verify_seconds=round(sum(r["stats"].get("verify_seconds", 0) for r in rows), 3),
+        )
+        agg["overhead_seconds"] = round(seconds - agg["draft_seconds"] - agg["verify_seconds"], 3) \
+            if agg["draft_seconds"] else None
+    ident = [r["identical"] for r in rows if r["identical"] is not None]
+    agg["identical"] = f"{sum(ident)}/{len(ident)}" if ident else "n/a"
+    agg["mismatches"] = [r["prompt"] for r in rows if r["identical"] is False]
+    return agg
+
+
+def summarize(rows: list[dict], methods: list[str], temps: list[float]) -> dict:
+    out = {}
+    for t in temps:
+        tr = [r for r in rows if r["temperature"] == t]
+        cats = sorted({r["category"] for r in tr})
+        per = {}
+        for m in methods:
+            mr = [r for r in tr if r["method"] == m]
+            per[m] = {"overall": _aggregate(mr),
+                      "by_category": {c: _aggregate([r for r in mr if r["category"] == c]) for c in cats}}
+        base = per["ar"]["overall"]["tokens_per_s"]
+        for m in methods:
+            per[m]["overall"]["speedup"] = per[m]["overall"]["tokens_per_s"] / base if base else 0.0
+            for c in cats:
+                b = per["ar"]["by_category"][c]["tokens_per_s"]
+                per[m]["by_category"][c]["speedup"] = per[m]["by_category"][c]["tokens_per_s"] / b if b else 0.0
+            hist = defaultdict(int)
+            for r in tr:
+                if r["method"] == m:
+                    for k, v in r["stats"].get("accept_lengths", {}).items():
+                        hist[int(k)] += v
+            per[m]["accept_length_histogram"] = dict(sorted(hist.items()))
+        out[f"T={t}"] = per
+    return out
+
+
+def to_markdown(results: dict) -> str:
+    lines = []
+    for temp, per in results.items():
+        if not temp.startswith("T="):
+            continue
+        lines += [f"### {temp}", "",
+                  "| method | tokens/s | speedup vs ar | mean acceptance length | draft tokens/round | "
+                  "draft forwards/round | verified tokens/round | identical to ar |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, d in per.items():
+            o = d["overall"]
+            f = lambda k, p=2: (f"{o[k]:.{p}f}" if o.get(k) is not None else "-")  # noqa: E731
+            lines.append(f"| {m} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f}x | {f('mean_accept_len')} | "
+                         f"{f('draft_tokens_per_round', 1)} | {f('draft_forwards_per_round', 1)} | "
+                         f"{f('verified_tokens_per_round', 1)} | {o['identical']} |")
+        cats = list(next(iter(per.values()))["by_category"])
+        lines += ["", "Speedup over ar by category:", "", "| method | " + " | ".join(cats) + " |",
+                  "|---|" + "---|" * len(cats)]
+        for m, d in per.items():
+            lines.append(f"| {m} | " + " | ".join(f"{d['by_category'][c]['speedup']:.2f}x" for c in cats) + " |")
+        split = [(m, d["overall"]) for m, d in per.items() if d["overall"].get("draft_seconds")]
+        if split:
+            lines += ["", "Where the time goes (seconds, all prompts):", "",
+                      "| method | draft | verify | other (bookkeeping, prefill, sampling) |", "|---|---|---|---|"]
+            for m, o in split:
+                lines.append(f"| {m} | {o['draft_seconds']:.1f} | {o['verify_seconds']:.1f} | {o['overhead_seconds']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for temp, per in results.items():
+        if not temp.startswith("T="):
+            continue
+        methods = [m for m in per if m != "ar"]
+        cats = list(per["ar"]["by_category"]) + ["overall"]
+        fig, ax = plt.subplots(figsize=(max(6, len(cats) * 1.4), 4))
+        width = 0.8 / max(len(methods), 1)
+        for j, m in enumerate(methods):
+            vals = [per[m]["by_category"][c]["speedup"] for c in cats[:-1]] + [per[m]["overall"]["speedup"]]
+            ax.bar([i + j * width for i in range(len(cats))], vals, width, label=m)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(cats))])
+        ax.set_xticklabels(cats, rotation=20)
+        ax.set_ylabel("speedup over plain decoding (ar)")
+        ax.set_title(f"gsd-serve bench, {temp}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / f"speedup_{temp.replace('=', '')}.png", dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in [m for m in per if m not in ("ar", "hf-assisted")]:
+            hist = per[m]["accept_length_histogram"]
+            if not hist:
+                continue
+            total = sum(hist.values())
+            xs = sorted(hist)
+            ax.plot(xs, [hist[x] / total for x in xs], marker="o", label=m)
+        ax.set_xlabel("tokens emitted per target forward")
+        ax.set_ylabel("fraction of rounds")
+        ax.set_title(f"accepted lengths, {temp}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / f"accept_lengths_{temp.replace('=', '')}.png", dpi=110)
+        plt.close(fig)
+
+
+def cmd_bench(args) -> int:
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    run_bench(args)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ tune
+GRID = {
+    "k": [2, 3, 4, 6],
+    "merge_context": [0, 1, 2],
+    "sibling_threshold": [0.05, 0.1, 0.2, 0.3],
+    "confidence_threshold": [0.1, 0.2, 0.3, 0.5],
+    "max_depth": [3, 4, 5, 6, 8],
+    "max_width": [2, 4, 8],
+    "budget": [6, 8, 12, 16, 24],
+}
+
+
+def cmd_tune(args) -> int:
+    from .cli import build_engine
+    from .config import SpecConfig, load_tuned_defaults
+    from .models import cache_dir
+    from .prompts import encode, load_prompts, BENCH_PROMPTS
+
+    records = _spread(load_prompts(args.prompts or BENCH_PROMPTS), args.limit)
+    engine, tokenizer = build_engine(args, "gsd")
+    prompts = [encode(tokenizer, r) for r in records]
+    refs = [engine.generate(p, args.max_new_tokens, SpecConfig.for_method("ar")) for p in prompts]
+    ar_speed = sum(r.stats.new_tokens for r in refs) / sum(r.stats.seconds for r in refs)
+
+    def score(spec: SpecConfig) -> float | None:
+        tokens = seconds = 0.0
+        for p, ref in zip(prompts, refs):
+            r = engine.generate(p, args.max_new_tokens, spec)
+            if r.token_ids != ref.token_ids:
+                return None  # never pick a setting that is not lossless here
+            tokens += r.stats.new_tokens
+            seconds += r.stats.seconds
+        return tokens / seconds
+
+    best = load_tuned_defaults() or SpecConfig()
+    best = SpecConfig.for_method("gsd", best)
+    best_speed = score(best)
+    print(f"tune: ar {ar_speed:.2f} tok/s; start {best_speed:.2f} tok/s with {best.to_dict()}", file=sys.stderr)
+    start = time.time()
+    for sweep in range(args.sweeps):
+        improved = False
+        for name, values in GRID.items():
+            for v in values:
+                if getattr(best, name) == v:
+                    continue
+                if args.time_limit and time.time() - start > args.time_limit:
+                    break
+                try:
+                    cand = SpecConfig.for_method("gsd", best, **{name: v})
+                except ValueError:
+                    continue
+                speed = score(cand)
+                mark = ""
+                if speed is not None and best_speed is not None and speed > best_speed * 1.02:
+                    best, best_speed, improved, mark = cand, speed, True, "  <- best"
+                print(f"  {name}={v}: {'not lossless' if speed is None else f'{speed:.2f} tok/s'}{mark}",
+                      file=sys.stderr, flush=True)
+        if not improved:
+            break
+    path = Path(args.save) if args.save else cache_dir() / "tuned.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": best.to_dict(), "tokens_per_s": best_speed, "ar_tokens_per_s": ar_speed,
+                                "speedup": best_speed / ar_speed if best_speed else None,
+                                "machine": platform.platform(), "threads": torch.get_num_threads(),
+                                "prompts": len(prompts), "max_new_tokens": args.max_new_tokens}, indent=1))
+    print(json.dumps(best.to_dict()))
+    print(f"tune: saved {path} ({best_speed:.2f} tok/s, {best_speed / ar_speed:.2f}x ar)", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    from .cli import _add_model_args, _add_spec_args
+
+    b = sub.add_parser("bench", help="benchmark methods side by side on a prompt set",
+                       description="Run methods on the same prompts in one process, interleaved, after a warm-up; "
+                                   "check outputs against ar; write results.json, results.md and plots.")
+    b.add_argument("--prompts", help="JSONL prompt file (default: the shipped 72-prompt, 6-category set)")
+    b.add_argument("--methods", default="ar,chain,tree,gsd,hf-assisted",
+                   help=f"comma-separated, from {','.join(ALL_METHODS)}")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--limit", type=int, default=0, help="use N prompts spread over the categories (0 = all)")
+    b.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,0.7,1.0 (0 = greedy)")
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, help="output directory")
+    _add_model_args(b)
+    _add_spec_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("tune", help="search speculation settings for this hardware and save the fastest",
+                       description="Coordinate search over k, merge context, thresholds, depth, width and budget on "
+                                   "a subset of prompts; keeps only lossless settings; saves the fastest as the "
+                                   "default configuration (explicit flags still override).")
+    t.add_argument("--prompts")
+    t.add_argument("--limit", type=int, default=6)
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--sweeps", type=int, default=2)
+    t.add_argument("--time-limit", type=float, default=0.0, help="seconds (0 = none)")
+    t.add_argument("--save", help="where to save (default: the cache directory's tuned.json)")
+    _add_model_args(t)
+    t.set_defaults(func=cmd_tune)

@@ -1,0 +1,167 @@
+"""`gsd-serve serve [--config FILE]`: the whole serving stack (Ray Serve: router, drafts, target) on this machine.
+
+Without --config it runs the equivalent of deploy/local-cpu.yaml (ports from the flags). With --config it
+takes any Ray Serve config file (the schema `serve run`/`serve deploy` use: http_options, grpc_options,
+applications with import_path services.app:build_app, args and per-deployment overrides). REDIS_URL (or
+--redis-url) becomes the prefix cache of every application that does not name one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+DEFAULT_APP = "gsd"
+GRPC_SERVICER_FUNCTIONS = ["gsd_serve.rpc.add_RouterServicer_to_server",
+                           "gsd_serve.rpc.add_HealthServicer_to_server"]
+
+
+def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
+                   draft_replicas: int = 1) -> dict:
+    """The one-CPU-machine configuration (deploy/local-cpu.yaml)."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": http_port},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)},
+        "applications": [{
+            "name": DEFAULT_APP,
+            "route_prefix": "/",
+            "import_path": "services.app:build_app",
+            "args": {"model_name": "gsd-smollm2-135m", "grpc_host": "127.0.0.1", "spec": {"method": "gsd"}},
+            "deployments": [
+                {"name": "Router", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+                {"name": "Draft", "num_replicas": draft_replicas, "ray_actor_options": {"num_cpus": 0}},
+                {"name": "Target", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+            ],
+        }],
+    }
+
+
+def load_config(args) -> dict:
+    if args.config:
+        import yaml
+
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                config = yaml.safe_load(f)
+        except OSError as exc:
+            raise ValueError(f"cannot read {args.config}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{args.config}: not valid YAML ({exc})") from None
+        if not isinstance(config, dict) or not config.get("applications"):
+            raise ValueError(f"{args.config}: a Ray Serve config needs an 'applications' list")
+    else:
+        config = default_config(args.host, args.http_port, args.grpc_port, args.draft_replicas)
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    for app in config["applications"]:
+        app_args = app.setdefault("args", {}) or {}
+        app["args"] = app_args
+        if redis_url and not app_args.get("redis_url"):
+            app_args["redis_url"] = redis_url
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(config)
+    except Exception as exc:  # noqa: BLE001 (pydantic's error, shown to the user)
+        raise ValueError(f"invalid Serve config: {str(exc).splitlines()[0]} ...") from None
+    return config
+
+
+def endpoints(config: dict) -> list[str]:
+    http = config.get("http_options") or {}
+    host = http.get("host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    port = http.get("port", 8000)
+    grpc_port = (config.get("grpc_options") or {}).get("port", 9000)
+    lines = []
+    for app in config["applications"]:
+        prefix = (app.get("route_prefix") or "/").rstrip("/")
+        base = f"http://{host}:{port}{prefix}"
+        lines += [f"{app['name']}: OpenAI-compatible HTTP  {base}/v1  (completions, chat/completions, models)",
+                  f"{app['name']}: health {base}/health   metrics {base}/metrics",
+                  f"{app['name']}: gRPC gsd.v1.Router     {host}:{grpc_port}  (metadata application={app['name']})"]
+    redis = {a["args"].get("redis_url") for a in config["applications"] if a["args"].get("redis_url")}
+    lines.append("prefix cache: " + (", ".join(sorted(redis)) if redis else "off (set REDIS_URL or --redis-url)"))
+    return lines
+
+
+def _wait_running(names: list[str], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while True:
+        status = serve.status()
+        states = {n: status.applications[n].status if n in status.applications else "NOT_STARTED" for n in names}
+        failed = {n: s for n, s in states.items() if str(s).endswith(("DEPLOY_FAILED", "UNHEALTHY"))}
+        if failed:
+            n = next(iter(failed))
+            raise RuntimeError(f"application {n} failed: {status.applications[n].message}")
+        if all(str(s).endswith("RUNNING") for s in states.values()):
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"applications not running after {timeout_s:.0f}s: {states}")
+        time.sleep(1)
+
+
+def cmd_serve(args) -> int:
+    config = load_config(args)
+    if args.dry_run:
+        print("\n".join(endpoints(config)))
+        return 0
+    for k, v in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
+                 ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(k, v)
+    import ray
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    if args.address:
+        ray.init(address=args.address, namespace="serve", log_to_driver=False)
+    else:
+        ray.init(namespace="serve", include_dashboard=False, log_to_driver=False)
+    try:
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       proxy_location=schema.proxy_location,
+                                       grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+        client.deploy_apps(schema, _blocking=False)
+        names = [a["name"] for a in config["applications"]]
+        print(f"gsd-serve: deploying {', '.join(names)} ...", file=sys.stderr, flush=True)
+        _wait_running(names, args.timeout)
+        print("gsd-serve: serving", flush=True)
+        print("\n".join(endpoints(config)), flush=True)
+        if args.exit_when_ready:
+            return 0
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        from ray import serve
+
+        if not args.address and ray.is_initialized():
+            serve.shutdown()
+        ray.shutdown()
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="start the serving stack (Ray Serve: router, draft and target replicas)",
+                       description=__doc__)
+    p.add_argument("--config", help="a Ray Serve config file (e.g. deploy/local-cpu.yaml); default: this machine")
+    p.add_argument("--address", help="join a running Ray cluster (e.g. auto) instead of starting one")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address without --config (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--draft-replicas", type=int, default=1)
+    p.add_argument("--redis-url", help="prefix cache (default: $REDIS_URL; none: no prefix cache)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the applications to run")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print the endpoints, start nothing")
+    p.add_argument("--exit-when-ready", action="store_true", help=argparse_suppress())
+    p.set_defaults(func=cmd_serve)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
