@@ -437,6 +437,11 @@ class TensorParallelRunner:
     def alive(self) -> bool:
         return not self._closed and self._broken is None
 
+    def check_health(self) -> None:
+        """Raise TensorParallelError if the runner is closed or broken or a rank has died."""
+        with self._lock:
+            self._check()
+
     def close(self) -> None:
         """Stop the ranks: a barrier, then destroy the group; kills ranks that do not stop."""
         with self._lock:

@@ -49,6 +49,9 @@ class _Rank:
                                store=self._store)
         return self.rank
 
+    def ping(self) -> int:
+        return self.rank
+
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
@@ -105,13 +108,14 @@ class RayTensorParallelRunner:
     """A target sharded over `tp_size` Ray actors in a STRICT_PACK placement group (see the module doc).
 
     `source`: a model spec for `gsd_serve.models.load_model` or a picklable callable returning the model.
-    `placement_group`: an existing one with `tp_size` bundles (e.g. the Serve replica's own); otherwise
-    one is created (and removed by `close()`).
+    `placement_group`: an existing one with `tp_size` bundles (e.g. the Serve replica's own: the replica
+    itself then runs in bundle 0 and must reserve nothing there, or pass `bundle_offset=1` with tp_size + 1
+    bundles); otherwise one is created (and removed by `close()`). Rank r goes to bundle `bundle_offset + r`.
     """
 
     def __init__(self, source, tp_size: int, *, gpus_per_rank: float = 0, cpus_per_rank: float = 1,
-                 placement_group=None, backend: str | None = None, timeout_s: float = 120.0,
-                 startup_timeout_s: float = 600.0):
+                 placement_group=None, bundle_offset: int = 0, backend: str | None = None,
+                 timeout_s: float = 120.0, startup_timeout_s: float = 600.0):
         import ray
         from ray.util.placement_group import placement_group as make_pg
         from ray.util.placement_group import remove_placement_group
@@ -142,7 +146,8 @@ class RayTensorParallelRunner:
             actor_cls = ray.remote(_Rank)
             threads = max(1, int(cpus_per_rank))
             for rank in range(tp_size):
-                strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+                strategy = PlacementGroupSchedulingStrategy(self.placement_group,
+                                                            placement_group_bundle_index=bundle_offset + rank)
                 self.actors.append(actor_cls.options(
                     num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, scheduling_strategy=strategy,
                     max_restarts=0).remote(rank, tp_size, source, threads))
@@ -190,6 +195,17 @@ class RayTensorParallelRunner:
     @property
     def alive(self) -> bool:
         return not self._closed and self._broken is None
+
+    def check_health(self, timeout_s: float = 10.0) -> None:
+        """Raise TensorParallelError unless every rank answers (for a Serve replica's check_health)."""
+        import ray
+        with self._lock:
+            self._check()
+            try:
+                ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
+            except ray.exceptions.RayError as exc:
+                self._broken = f"tensor-parallel rank unhealthy: {str(exc).splitlines()[0]}"
+                raise TensorParallelError(self._broken) from None
 
     def close(self) -> None:
         """Barrier and destroy the group on the ranks, then kill the actors and remove the placement group."""

@@ -217,6 +217,7 @@ def test_ray_actor_ranks_in_a_strict_pack_placement_group(tmp_path):
             c_tp.keep(10, [10, 12, 13])
             assert c_tp.length == 13
             torch.testing.assert_close(runner.forward(c_tp, torch.tensor([9])), b_next, atol=1e-4, rtol=0)
+            runner.check_health()
             ray.kill(runner.actors[1], no_restart=True)
             with pytest.raises(TensorParallelError):
                 runner.forward(c_tp, torch.tensor([4]))
@@ -240,6 +241,8 @@ def test_a_killed_rank_makes_the_next_call_raise_not_hang(tp_runner):
     tp_runner._procs[1].join(timeout=10)
     with pytest.raises(TensorParallelError, match=r"rank 2 \(pid \d+\) died"):
         tp_runner.forward(cache, torch.tensor([4]))
+    with pytest.raises(TensorParallelError):
+        tp_runner.check_health()
     with pytest.raises(TensorParallelError, match="rank 2"):
         cache.truncate(1)
     with pytest.raises(TensorParallelError):
