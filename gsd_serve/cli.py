@@ -151,7 +151,7 @@ def cmd_distill(args) -> int:
     try:
         cfg = DistillConfig(target=args.target, out=args.out, prompts=args.prompts, layers=args.layers,
                             vocab=args.vocab, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
-                            sampled_passes=args.sampled_passes, max_prompts=args.max_prompts, steps=args.steps,
+                            sampled_passes=args.sampled_passes, max_prompts=args.max_prompts, tokens=args.tokens, steps=args.steps,
                             batch=args.batch, lr=args.lr, seed=args.seed, time_limit_s=args.time_limit)
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -214,7 +214,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--gen-batch", type=_positive("--gen-batch"), default=32)
     d.add_argument("--sampled-passes", type=int, default=0, help="extra answer passes at temperature 0.8")
     d.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
-    d.add_argument("--tokens", dest="max_prompts_tokens", type=int, default=0, help=argparse.SUPPRESS)
+    d.add_argument("--tokens", type=int, default=0,
+                   help="stop generating training text once the target has written this many tokens (0 = no limit)")
     d.add_argument("--steps", type=_positive("--steps"), default=1000)
     d.add_argument("--batch", type=_positive("--batch"), default=8)
     d.add_argument("--lr", type=float, default=5e-4)

@@ -38,6 +38,7 @@ class DistillConfig:
     gen_batch: int = 32
     sampled_passes: int = 0         # extra passes over the prompts at temperature 0.8
     max_prompts: int = 0            # 0: all
+    tokens: int = 0                 # stop generating data after the target wrote this many tokens (0: no limit)
     topk: int = 64                  # teacher distribution entries kept per token
     steps: int = 1000
     batch: int = 8
@@ -90,10 +91,16 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
     start = time.time()
     produced = 0
     print(f"distill: target writes answers to {len(jobs)} prompts -> {out}", file=sys.stderr)
+    counts_file = out / "tokens.json"
+    counts = json.loads(counts_file.read_text()) if counts_file.exists() else {}
     for b, batch in enumerate(batches):
+        if cfg.tokens and sum(counts.values()) >= cfg.tokens:
+            break
         shard = out / f"shard-{b:05d}.pt"
-        shards.append(shard)
         if shard.exists():
+            shards.append(shard)
+            if shard.name not in counts:
+                counts[shard.name] = sum(len(it["cont"]) for it in torch.load(shard, weights_only=False))
             continue
         sampled = batch[0][0] > 0
         prompts = [encode(tokenizer, r) for _, r in batch]
@@ -125,6 +132,9 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
                           "top_logits": top.values.to(torch.float16)})
             produced += n
         torch.save(items, shard)
+        shards.append(shard)
+        counts[shard.name] = sum(len(it["cont"]) for it in items)
+        counts_file.write_text(json.dumps(counts))
         _progress(b + 1, len(batches), start, f"{produced} tokens ({produced / (time.time() - start):.0f}/s)")
     print(file=sys.stderr)
     return shards
@@ -176,6 +186,12 @@ def build_draft(target, layers: list[int]):
     return draft
 
 
+def check_layers(layers: list[int], target) -> None:
+    n_layers = target.config.num_hidden_layers
+    if any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"--layers: the target has layers 0..{n_layers - 1}, got {layers}")
+
+
 def make_batches(items: list[dict], batch: int, rng: random.Random):
     order = list(range(len(items)))
     while True:
@@ -221,9 +237,7 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     shards_loaded = list(shards_loaded or [])
     torch.manual_seed(cfg.seed)
     layers = cfg.layer_list()
-    n_layers = target.config.num_hidden_layers
-    if any(not 0 <= i < n_layers for i in layers):
-        raise ValueError(f"--layers: the target has layers 0..{n_layers - 1}")
+    check_layers(layers, target)
     always = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
     output_ids = choose_vocab(items, cfg.vocab, target.config.vocab_size, always)
     full_to_small = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
@@ -235,8 +249,11 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
-    held = items[: max(8, len(items) // 50)]
-    train_items = items[len(held):]
+    n_held = min(64, max(1, len(items) // 50)) if len(items) >= 4 else 0
+    held = items[:n_held] or items
+    train_items = items[n_held:]
+    if not train_items:
+        raise ValueError("no training data: the target produced no tokens")
     step, history = 0, []
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
@@ -332,6 +349,7 @@ def run(cfg: DistillConfig) -> Path:
     tokenizer = load_tokenizer(cfg.target)
     tokenizer.padding_side = "left"
     target = load_model(cfg.target)
+    check_layers(cfg.layer_list(), target)
     shards = generate_data(cfg, target, tokenizer)
     items = load_data(shards)
     for p in target.parameters():

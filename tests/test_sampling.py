@@ -91,13 +91,13 @@ def assert_matches(counts: Counter, exact: dict, n: int, alpha: float = 1e-7):
     assert stat < limit, f"chi2 {stat:.1f} >= {limit:.1f} (df {df})"
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5),
-                                    SamplingParams(temperature=1.3, top_p=0.8)])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=0.7, top_k=5, top_p=0.9)])
 def test_joint_distribution_of_first_tokens_is_exactly_the_targets(tiny, params):
     target, draft = tiny
     engine = Engine(target, draft)
     exact = exact_joint(target, params, n=3)
-    n = 1500
+    n = 600
     for method in ["ar", *SPECS]:
         spec = SPECS.get(method, SpecConfig.for_method("ar"))
         counts = Counter()
@@ -110,7 +110,7 @@ def test_joint_distribution_of_first_tokens_is_exactly_the_targets(tiny, params)
 def test_same_seed_gives_the_same_tokens_for_every_method(tiny):
     target, draft = tiny
     engine = Engine(target, draft)
-    for seed in range(40):
+    for seed in range(25):
         sp = SamplingParams(temperature=0.9, top_p=0.95, seed=seed)
         ref = engine.generate(PREFIX, 12, SpecConfig.for_method("ar"), sp).token_ids
         for spec in SPECS.values():
@@ -167,7 +167,7 @@ def test_real_pair_sampled_output_matches_plain_sampling(engine, tokenizer):
         ref = engine.generate(ids, 20, SpecConfig.for_method("ar"), sp).token_ids
         assert engine.generate(ids, 20, SpecConfig.for_method("gsd"), sp).token_ids == ref
         assert engine.generate(ids, 20, SpecConfig.for_method("chain"), sp).token_ids == ref
-    n = 150
+    n = 120
     counts = Counter()
     for seed in range(n):
         sp = SamplingParams(**params, seed=1000 + seed)
