@@ -71,3 +71,21 @@ def test_generate_streams_text_for_one_prompt():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tok/s" in r.stderr
+
+
+def test_a_pair_with_different_tokenizers_is_refused(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gsd_serve.models import ModelLoadError, load_pair
+
+    other = tmp_path / "other"
+    cfg = LlamaConfig(vocab_size=len(tokenizer) + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.add_tokens(["<definitely-not-in-smollm>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ModelLoadError, match="different tokenizers"):
+        load_pair("smollm2-135m-instruct", str(other))
+    r = run("generate", "--prompt", "hi", "--draft", str(other), "--max-new-tokens", "2")
+    assert r.returncode == 2 and "different tokenizers" in r.stderr and "Traceback" not in r.stderr
