@@ -121,6 +121,14 @@ def cmd_serve(args) -> int:
         ray.init(address=args.address, namespace="serve", log_to_driver=False)
     else:
         ray.init(namespace="serve", include_dashboard=False, log_to_driver=False)
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # after ray.init (its handler aborts the process): SIGTERM and SIGINT shut the stack down cleanly
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                        proxy_location=schema.proxy_location,
@@ -136,8 +144,11 @@ def cmd_serve(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("gsd-serve: shutting down", file=sys.stderr, flush=True)
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         from ray import serve
 
         if not args.address and ray.is_initialized():

@@ -9,6 +9,9 @@
     spec                   {method, k, merge_context, ..., budget} (default: gsd)
     router                 RouterConfig fields (max_inflight, max_prompt_tokens, max_batch, ...)
     max_sessions, session_ttl_s, prefix_block_size, prefix_ttl_s, prefix_max_entry_bytes
+    tensor_parallel_size, gpus_per_rank, cpus_per_rank   the target's ranks (Ray actors in the replica's
+                           placement group: one bundle per rank); draft_device / target_device (cuda) for
+                           single-device replicas
     replicas               {draft: N, target: N, router: N} (a config file's `deployments` overrides win)
 """
 from __future__ import annotations
@@ -17,8 +20,7 @@ from services.draft import Draft
 from services.router import Router
 from services.target import Target
 
-GRPC_SERVICER_FUNCTIONS = ["gsd_serve.rpc.add_RouterServicer_to_server",
-                           "gsd_serve.rpc.add_HealthServicer_to_server"]
+from gsd_serve.serve_cli import GRPC_SERVICER_FUNCTIONS  # noqa: E402,F401
 
 
 def build_app(args: dict | None = None):

@@ -15,7 +15,7 @@ class DraftReplica:
         model, ids = load_models(args, "draft")
         self.worker = DraftWorker(model, ids, name=str(args.get("draft", "default")),
                                   max_sessions=int(args.get("max_sessions", 64)),
-                                  ttl_s=float(args.get("session_ttl_s", 300)))
+                                  ttl_s=float(args.get("session_ttl_s", 300)), device=args.get("draft_device"))
         bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))
         self.server, port = serve_grpc(self.worker, bind, int(args.get("draft_grpc_port", 0)))
         self.address = f"{host}:{port}"

@@ -19,15 +19,32 @@ class TargetReplica:
         from gsd_serve.workers import TargetWorker, serve_grpc
 
         args = dict(args or {})
-        model, _ = load_models(args, "target")
         name = str(args.get("target", "smollm2-135m-instruct"))
-        redis_url = args.get("redis_url", os.environ.get("REDIS_URL")) or None
-        cache = PrefixCache(redis_url, model_fingerprint(model, name),
-                            block_size=int(args.get("prefix_block_size", 32)),
-                            ttl_s=int(args.get("prefix_ttl_s", 3600)),
-                            max_entry_bytes=int(args.get("prefix_max_entry_bytes", 16 * 1024 * 1024)))
-        self.worker = TargetWorker(model, name=name, max_sessions=int(args.get("max_sessions", 64)),
-                                   ttl_s=float(args.get("session_ttl_s", 300)), prefix_cache=cache)
+        common = dict(name=name, max_sessions=int(args.get("max_sessions", 64)),
+                      ttl_s=float(args.get("session_ttl_s", 300)))
+        tp = int(args.get("tensor_parallel_size", 1))
+        gpus_per_rank = float(args.get("gpus_per_rank", 0))
+        if tp > 1 or gpus_per_rank > 0:
+            # ranks as Ray actors in this replica's placement group (bundle i holds rank i)
+            from ray.util import get_current_placement_group
+
+            from gsd_serve.models import resolve
+            from gsd_serve.tp_ray import make_ray_target_runner
+            from transformers import AutoConfig
+
+            runner = make_ray_target_runner(name, tp, gpus_per_rank=gpus_per_rank,
+                                            cpus_per_rank=float(args.get("cpus_per_rank", 1)),
+                                            placement_group=get_current_placement_group())
+            config = AutoConfig.from_pretrained(resolve(name), local_files_only=True)
+            self.worker = TargetWorker(runner=runner, max_seq_len=int(config.max_position_embeddings), **common)
+        else:
+            model, _ = load_models(args, "target")
+            redis_url = args.get("redis_url", os.environ.get("REDIS_URL")) or None
+            cache = PrefixCache(redis_url, model_fingerprint(model, name),
+                                block_size=int(args.get("prefix_block_size", 32)),
+                                ttl_s=int(args.get("prefix_ttl_s", 3600)),
+                                max_entry_bytes=int(args.get("prefix_max_entry_bytes", 16 * 1024 * 1024)))
+            self.worker = TargetWorker(model, prefix_cache=cache, device=args.get("target_device"), **common)
         bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))
         self.server, port = serve_grpc(self.worker, bind, int(args.get("target_grpc_port", 0)))
         self.address = f"{host}:{port}"

@@ -1,0 +1,276 @@
+"""Serving pieces without Ray: the Redis prefix cache (real redis-server), the gsd.v1 messages, the session
+protocol and failover over real in-process gRPC servers, admission control. A tiny random Llama with the
+real tokenizer keeps these fast; exactness is checked against the in-process engine on the same model.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+
+from gsd_serve import rpc
+from gsd_serve.config import SpecConfig
+from gsd_serve.graph import TokenGraph, flatten_to_tree
+from gsd_serve.prefix_cache import PrefixCache, block_hashes, export_kv, import_kv
+from gsd_serve.runner import ModelRunner
+from gsd_serve.sampling import SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+pb = rpc.pb
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gsd_serve.models import DEFAULT_TARGET, load_tokenizer
+
+    return load_tokenizer(DEFAULT_TARGET)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gsd_serve.models import truncated_copy
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    target = LlamaForCausalLM(cfg).eval()
+    draft = truncated_copy(target, 1)
+    return target, draft
+
+
+# ---------------------------------------------------------------- prefix cache
+
+def test_prefix_cache_roundtrip_is_exact(redis_server, tiny_pair):
+    target, _ = tiny_pair
+    runner = ModelRunner(target)
+    cache = PrefixCache(redis_server.url, f"fp-{time.time_ns()}", block_size=8)
+    tokens = list(range(100, 141))          # 41 tokens: 5 full blocks
+    with torch.inference_mode():
+        full = runner.new_cache()
+        ref = runner.forward(full, torch.tensor(tokens), last_only=True)
+        assert cache.store(tokens, lambda s, e: export_kv(full, s, e)) == 5
+        assert cache.store(tokens, lambda s, e: export_kv(full, s, e)) == 0      # already there
+        blocks = cache.lookup(tokens, len(tokens) - 1)
+        assert len(blocks) == 5 and cache.stats.tokens_saved == 40
+        kv = runner.new_cache()
+        assert import_kv(kv, blocks, target.config.num_hidden_layers) == 40
+        out = runner.forward(kv, torch.tensor(tokens[40:]), last_only=True)
+    assert torch.allclose(out, ref, atol=1e-5)
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    h = block_hashes(tokens, 8, cache.fingerprint)
+    assert 0 < r.ttl(cache.key(h[0])) <= cache.ttl_s
+    # another prompt sharing the first 2 blocks hits exactly those
+    other = tokens[:16] + [7] * 20
+    assert len(cache.lookup(other, len(other))) == 2
+    # a corrupt entry is a miss (and is dropped), never an error
+    r.set(cache.key(h[0]), b"garbage")
+    assert cache.lookup(tokens, 40) == [] and r.get(cache.key(h[0])) is None
+    # an entry stored under another block's key fails the header check
+    r.set(cache.key(h[0]), r.get(cache.key(h[1])))
+    assert cache.lookup(tokens, 40) == []
+
+
+def test_prefix_cache_outage_and_size_cap(tiny_pair):
+    from conftest import free_port
+
+    dead = PrefixCache(f"redis://127.0.0.1:{free_port()}/0", "fp", block_size=4, timeout_s=0.2, retry_after_s=30)
+    t0 = time.time()
+    assert dead.lookup(list(range(20)), 20) == []
+    assert dead.store(list(range(20)), lambda s, e: torch.zeros(1, 2, 1, e - s, 2)) == 0
+    assert dead.lookup(list(range(20)), 20) == []     # no new connection attempt while marked down
+    assert time.time() - t0 < 2 and dead.stats.errors == 1
+    off = PrefixCache(None, "fp")
+    assert off.lookup(list(range(64)), 64) == [] and off.store(list(range(64)), None) == 0
+
+
+def test_prefix_cache_size_cap(redis_server):
+    cache = PrefixCache(redis_server.url, f"cap-{time.time_ns()}", block_size=4, max_entry_bytes=64)
+    assert cache.store(list(range(8)), lambda s, e: torch.zeros(2, 2, 2, e - s, 8)) == 0
+    assert cache.lookup(list(range(8)), 8) == []
+
+
+# ---------------------------------------------------------------- messages and sessions
+
+def test_graph_proto_roundtrip_and_validation():
+    g = TokenGraph(5, merge_context=0)
+    a, _ = g.add(0, 7, 0.6)
+    b, _ = g.add(0, 8, 0.3)
+    c, _ = g.add(a, 9, 0.5)
+    m, created = g.add(b, 9, 0.4)          # merged into c
+    assert not created and m == c
+    back = rpc.graph_from_proto(rpc.graph_to_proto(g))
+    assert back.tokens == g.tokens and back.merge_edges == 1
+    assert back.edges == g.edges     # probabilities travel as doubles: the target ranks paths as the draft did
+    t1, t2 = flatten_to_tree(g, 16), flatten_to_tree(back, 16)
+    assert t1.tokens.tolist() == t2.tokens.tolist() and t1.parents.tolist() == t2.parents.tolist()
+    bad = [pb.TokenGraph(),
+           pb.TokenGraph(tokens=[1, 2], parents=[-1], depths=[0, 1]),
+           pb.TokenGraph(tokens=[1, 2], parents=[-1, 5], depths=[0, 1]),
+           pb.TokenGraph(tokens=[1, 2], parents=[-1, 0], depths=[0, 1], edge_src=[0], edge_dst=[1], edge_prob=[2.0]),
+           pb.TokenGraph(tokens=[1, 2, 3], parents=[-1, 0, 1], depths=[0, 1, 2], edge_src=[0, 1, 2],
+                         edge_dst=[1, 2, 1], edge_prob=[.5, .5, .5])]
+    for msg in bad:
+        with pytest.raises(rpc.GraphError):
+            rpc.graph_from_proto(msg)
+
+
+def test_session_table_ttl_and_lru():
+    from gsd_serve.workers import SessionTable
+
+    t = SessionTable(max_sessions=2, ttl_s=0.2)
+    t.put("a", 1)
+    t.put("b", 2)
+    assert t.get("a") == 1
+    t.put("c", 3)                      # evicts b, the least recently used
+    assert t.ids() == ["a", "c"] and t.get("b") is None
+    time.sleep(0.25)
+    assert t.get("a") is None and len(t) == 1
+    t.sweep()
+    assert len(t) == 0
+
+
+# ---------------------------------------------------------------- workers + router over real gRPC
+
+@pytest.fixture(scope="module")
+def stack(tiny_pair, tokenizer):
+    from gsd_serve.workers import DraftWorker, TargetWorker, serve_grpc
+
+    target, draft = tiny_pair
+    servers = {}
+    for name, worker in (("d1", DraftWorker(draft, replica_id="d1")), ("d2", DraftWorker(draft, replica_id="d2")),
+                         ("t1", TargetWorker(target, replica_id="t1"))):
+        servers[name] = (worker,) + serve_grpc(worker)
+    yield servers
+    for _, server, _ in servers.values():
+        server.stop(0)
+
+
+def _core(stack, tokenizer, **cfg):
+    from gsd_serve.router import RouterConfig, RouterCore
+
+    live = dict(stack)
+
+    async def discover():
+        return [("draft" if n.startswith("d") else "target", n, f"127.0.0.1:{port}")
+                for n, (_, _, port) in live.items()]
+
+    config = RouterConfig(spec=SpecConfig.for_method("gsd", max_depth=4, budget=12), batch_wait_s=0.01, **cfg)
+    return RouterCore(config, discover, tokenizer=tokenizer, stop_ids={tokenizer.eos_token_id}), live
+
+
+def _engine(tiny_pair, tokenizer):
+    from gsd_serve.engine import Engine
+
+    target, draft = tiny_pair
+    return Engine(target, draft, stop_token_ids={tokenizer.eos_token_id})
+
+
+async def _generate(core, ids, n, sampling=None):
+    from gsd_serve.router import GenerateParams
+
+    run = core.start(GenerateParams(ids, n, sampling or SamplingParams()))
+    out = []
+    async for chunk in run.chunks():
+        out += chunk
+    return out, run
+
+
+def test_router_rounds_exact_batched_greedy_and_sampled(stack, tiny_pair, tokenizer):
+    engine = _engine(tiny_pair, tokenizer)
+    prompts = [tokenizer("The sea is")["input_ids"], tokenizer("One, two, three")["input_ids"],
+               tokenizer("Hello there")["input_ids"]]
+    spec = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+
+    async def main():
+        core, _ = _core(stack, tokenizer)
+        for sampling in (SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=11)):
+            got = await asyncio.gather(*[_generate(core, p, 20, sampling) for p in prompts])
+            for p, (out, run) in zip(prompts, got):
+                assert out == engine.generate(p, 20, spec=spec, sampling=sampling).token_ids
+                assert run.stats.rounds >= 1 and run.finish in ("stop", "length")
+        assert max(core.batch_sizes) > 1
+        await core.close()
+    asyncio.run(main())
+
+
+def test_resync_and_draft_failover_stay_exact(stack, tiny_pair, tokenizer):
+    engine = _engine(tiny_pair, tokenizer)
+    ids = tokenizer("Once upon a time")["input_ids"]
+    spec = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+    want = engine.generate(ids, 24, spec=spec).token_ids
+
+    # a worker that never saw a session asks for the whole sequence
+    t1 = stack["t1"][0]
+    res = t1.verify(pb.VerifyRequest(items=[pb.VerifyItem(session_id="ghost", delta_start=5, delta=[1],
+                                                          graph=rpc.root_graph_proto(1), root_index=5)]))
+    assert res.results[0].status == rpc.RESYNC
+    d1 = stack["d1"][0]
+    assert d1.propose(pb.ProposeRequest(session_id="ghost", delta_start=5, delta=[1], root_index=5)).status == \
+        rpc.RESYNC
+
+    async def main():
+        core, live = _core(stack, tokenizer)
+        from gsd_serve.router import GenerateParams
+
+        run = core.start(GenerateParams(ids, 24, SamplingParams()))
+        out = []
+        gen = run.chunks()
+        async for chunk in gen:
+            out += chunk
+            if len(out) >= 3 and run.draft is not None and run.stats.failovers == 0 and len(live) == 3:
+                # the draft replica in use disappears: its server stops and its sessions are lost
+                victim = run.draft.replica_id
+                worker, server, _ = live.pop(victim)
+                server.stop(0)
+                worker.sessions = type(worker.sessions)()
+            if len(out) >= 10 and run.target is not None and not run.stats.resyncs:
+                stack["t1"][0].release([run.id])     # the target loses the session (e.g. evicted)
+        assert out == want
+        assert run.stats.failovers >= 1 and run.stats.resyncs >= 1
+        await core.close()
+    asyncio.run(main())
+
+
+def test_admission_control_and_http_errors(stack, tokenizer):
+    from gsd_serve.openai_api import OpenAIFrontend
+    from gsd_serve.router import GenerateParams, Overloaded
+
+    async def main():
+        core, _ = _core(stack, tokenizer, max_inflight=1, max_prompt_tokens=50)
+        front = OpenAIFrontend(core)
+        run = core.start(GenerateParams([1, 2, 3], 4, SamplingParams()))
+        with pytest.raises(Overloaded):
+            core.start(GenerateParams([1, 2, 3], 4, SamplingParams()))
+        body = json.dumps({"model": core.config.model_name, "prompt": "Hi", "max_tokens": 2}).encode()
+        kind, status, payload = await front.handle(body, chat=False)
+        assert (kind, status) == ("json", 429) and "limit" in payload["error"]["message"]
+        async for _ in run.chunks():
+            pass
+        assert core.inflight == 0
+        for raw, code in ((b"{", 400), (b'"x"', 400),
+                          (json.dumps({"model": "other", "prompt": "Hi"}).encode(), 400),
+                          (json.dumps({"model": core.config.model_name, "prompt": "Hi", "max_tokens": 0}).encode(), 400),
+                          (json.dumps({"model": core.config.model_name, "prompt": "word " * 200}).encode(), 400)):
+            kind, status, payload = await front.handle(raw, chat=False)
+            assert status == code and payload["error"]["message"], raw
+        kind, status, payload = await front.handle(body, chat=False)
+        assert status == 200 and payload["usage"]["completion_tokens"] >= 1
+        await core.close()
+    asyncio.run(main())
+
+
+def test_detokenizer_stream_equals_full_decode(tokenizer):
+    from gsd_serve.router import Detokenizer
+
+    ids = tokenizer("Grüße, 世界! Ça va? 🙂 fine.")["input_ids"]
+    d = Detokenizer(tokenizer)
+    text = "".join(d.push([t]) for t in ids) + d.push([], final=True)
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
