@@ -92,6 +92,7 @@ def _shard_columns_out(lin: nn.Linear, start: int, end: int) -> None:
     if lin.bias is not None:
         lin.bias = _param(lin.bias.data[start:end])
     lin.out_features = end - start
+    lin.tp_slice = {"weight": (0, start, end), "bias": (0, start, end)}   # what to read from a checkpoint
 
 
 class TPGroup:
@@ -149,6 +150,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.weight = _param(lin.weight.data[:, start:end])
         self.bias = None if lin.bias is None else _param(lin.bias.data)
+        self.tp_slice = {"weight": (1, start, end)}
         self.in_features, self.out_features, self.group = end - start, lin.out_features, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,6 +215,55 @@ def _load(source) -> nn.Module:
     return source().eval()
 
 
+def load_shard(source, rank: int, world: int, group: TPGroup | None,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """This rank's shard of the model. From a safetensors checkpoint directory, the model is built on the
+    meta device, sharded, and only this rank's slices are read (a rank never holds the whole model);
+    otherwise (a callable, another format, names that do not match) the whole model is loaded, then sharded.
+    """
+    if world == 1 or not isinstance(source, str):
+        return shard_model(_load(source), rank, world, group)
+    try:
+        from pathlib import Path
+
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .models import resolve
+        path = Path(resolve(source))
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            raise LookupError("no safetensors files")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        model = shard_model(model, rank, world, group)
+        modules = dict(model.named_modules())
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    owner, _, attr = key.rpartition(".")
+                    module = modules.get(owner)
+                    if module is None or not isinstance(getattr(module, attr, None), torch.Tensor):
+                        continue
+                    view = sf.get_slice(key)
+                    dim, start, end = getattr(module, "tp_slice", {}).get(attr, (None, 0, 0))
+                    t = view[:] if dim is None else view[start:end] if dim == 0 else view[:, start:end]
+                    t = t.to(dtype) if t.is_floating_point() else t
+                    if attr in module._parameters:
+                        module._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=False)
+                    else:
+                        module._buffers[attr] = t
+        model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise LookupError(f"not in the checkpoint: {missing[:3]}")
+        return model.eval()
+    except (LookupError, OSError, ValueError, ImportError, KeyError):
+        return shard_model(_load(source), rank, world, group)
+
+
 def _device_for(backend: str, rank: int) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", rank % torch.cuda.device_count())
@@ -254,7 +305,7 @@ def _worker_main(rank: int, world: int, source, port: int, backend: str, conn, t
         if device.type == "cuda":
             torch.cuda.set_device(device)
         group = TPGroup()
-        model = shard_model(_load(source), rank, world, group).to(device)
+        model = load_shard(source, rank, world, group).to(device)
         conn.send(("loaded", None))
         group.connect(backend, "127.0.0.1", port, rank, world, timeout_s, device)
         decoder = model.base_model
@@ -379,8 +430,10 @@ class TensorParallelRunner:
                 self._conns.append(parent)
             _live_runners.add(self)
             if model is None:
-                model = _load(source)
-            model = shard_model(model, 0, tp_size, self.group).to(self.device)
+                model = load_shard(source, 0, tp_size, self.group)
+            else:
+                model = shard_model(model, 0, tp_size, self.group)
+            model = model.to(self.device)
             self._wait_loaded(startup_timeout_s)
             if tp_size > 1:
                 self.group.connect(self.backend, "127.0.0.1", store.port, 0, tp_size, timeout_s, self.device,

@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from .tensor_parallel import TensorParallelError, TPGroup, _load, _model_config, check_tp_size, shard_model
+from .tensor_parallel import TensorParallelError, TPGroup, _model_config, check_tp_size, load_shard
 
 
 class _Rank:
@@ -32,7 +32,7 @@ class _Rank:
         self.rank, self.world = rank, world
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.group = TPGroup()
-        self.model = shard_model(_load(source), rank, world, self.group).to(self.device)
+        self.model = load_shard(source, rank, world, self.group).to(self.device)
         self.caches = {}
         self._store = None
 
