@@ -70,9 +70,9 @@ class DistillConfig:
         return layers
 
 
-def _progress(done: int, total: int, start: float, extra: str) -> None:
+def _progress(done: int, total: int, start: float, extra: str, first: int = 0) -> None:
     elapsed = time.time() - start
-    eta = elapsed / max(done, 1e-9) * (total - done) if done else float("nan")
+    eta = elapsed / max(done - first, 1e-9) * (total - done) if done > first else float("nan")
     print(f"\r  {done}/{total} [{elapsed:6.0f}s, ETA {eta:6.0f}s] {extra}   ", end="", file=sys.stderr, flush=True)
 
 
@@ -270,7 +270,9 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     print(f"distill: {len(train_items)} answers, {n_tokens} target tokens; draft layers {layers}, "
           f"output vocabulary {output_ids.numel()}; {cfg.steps} steps", file=sys.stderr)
     start = time.time()
-    seen = sum(h.get("tokens", 0) for h in history[-1:]) if history else 0
+    first_step = step
+    seen = history[-1]["tokens"] if history else 0
+    seen_at_start = seen
 
     def save() -> None:
         tmp = ckpt.with_suffix(".tmp")
@@ -301,12 +303,12 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
                 train_items.extend(fresh)
                 batches = make_batches(train_items, cfg.batch, rng)
                 print(f"\ndistill: +{len(fresh)} answers ({len(train_items)} in all)", file=sys.stderr)
-        seen += tensors[1].shape[0] and int(tensors[2].numel())
+        seen += int(tensors[2].numel())  # distilled positions
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_agree = agree.item() if ema_agree is None else 0.95 * ema_agree + 0.05 * agree.item()
         elapsed = time.time() - start
-        _progress(step, cfg.steps, start - 0, f"loss {ema_loss:.3f} top1 {ema_agree:.3f} "
-                  f"{seen / max(elapsed, 1e-9):.0f} tok/s")
+        _progress(step, cfg.steps, start, f"loss {ema_loss:.3f} top1 {ema_agree:.3f} "
+                  f"{(seen - seen_at_start) / max(elapsed, 1e-9):.0f} tok/s", first_step)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             draft.eval()
             with torch.no_grad():
