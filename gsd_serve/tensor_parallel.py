@@ -27,9 +27,7 @@ import time
 import traceback
 import weakref
 from datetime import timedelta
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,8 +35,6 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 from .runner import ModelRunner
-
-ModelSource = "str | Callable[[], torch.nn.Module]"
 
 
 class TensorParallelError(RuntimeError):
