@@ -84,7 +84,7 @@ class RouterConfig:
     affinity_block: int = 32                   # prompt tokens hashed for prefix-affinity routing
     refresh_s: float = 5.0
     dead_s: float = 10.0
-    attempts: int = 6
+    failover_timeout_s: float = 120.0          # how long a round waits for a target replica (restarts included)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RouterConfig":
@@ -122,6 +122,8 @@ class Metrics:
             "generation_tokens": Counter("gsd_generation_tokens", "Generated tokens", m, registry=r),
             "success": Counter("gsd_request_success", "Finished requests", m + ["finished_reason"], registry=r),
             "rejected": Counter("gsd_request_rejected", "Refused requests", m + ["reason"], registry=r),
+            "cancelled": Counter("gsd_request_cancelled", "Requests cancelled (client gone) or failed", m + ["reason"],
+                                 registry=r),
             "failovers": Counter("gsd_replica_failovers", "Calls that failed over to another replica",
                                  m + ["kind"], registry=r),
             "resyncs": Counter("gsd_session_resyncs", "Sessions rebuilt on a replica", m + ["kind"], registry=r),
@@ -336,6 +338,12 @@ class Run:
             m.latency.labels(model_name=m.model_name).observe(self.stats.seconds)
             m.inc("success", finished_reason=self.finish)
             m.inc("generation_tokens", len(self.out))
+        except (asyncio.CancelledError, GeneratorExit):
+            m.inc("cancelled", reason="client")
+            raise
+        except Exception:
+            m.inc("cancelled", reason="error")
+            raise
         finally:
             core.finished(self)
 
@@ -470,9 +478,17 @@ class RouterCore:
     async def _backoff(self, attempt: int) -> None:
         await asyncio.sleep(min(0.25 * 2 ** attempt, 3.0))
 
+    def _attempts(self):
+        """Attempt numbers until failover_timeout_s has passed (at least two attempts)."""
+        deadline = time.monotonic() + self.config.failover_timeout_s
+        attempt = 0
+        while attempt < 2 or time.monotonic() < deadline:
+            yield attempt
+            attempt += 1
+
     async def prefill(self, run: Run) -> tuple[int, int]:
         last: Exception | None = None
-        for attempt in range(self.config.attempts):
+        for attempt in self._attempts():
             ep = await self.pick("target", run.key)
             if ep is None:
                 await self._backoff(attempt)
@@ -487,6 +503,7 @@ class RouterCore:
                 last = exc
                 self.mark_dead(ep, exc)
                 run.stats.failovers += 1
+                await self._backoff(attempt)
                 continue
             run.target = ep
             run.committed = run.prompt + []     # the first token is committed by _emit
@@ -535,7 +552,7 @@ class RouterCore:
 
     async def verify(self, run: Run, graph: "pb.TokenGraph") -> "pb.VerifyResult":
         last: Exception | None = None
-        for attempt in range(self.config.attempts):
+        for attempt in self._attempts():
             ep = run.target if (run.target is not None and run.target.alive) else await self.pick("target", run.key)
             if ep is None:
                 await self._backoff(attempt)

@@ -109,11 +109,22 @@ def ray_serve():
     from services.app import GRPC_SERVICER_FUNCTIONS
 
     http_port, grpc_port = free_port(), free_port()
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
-             object_store_memory=200 * 1024 * 1024,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
-                                       "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    # a busy 2-core machine can starve Serve's proxy past its 5 s ready check: give it time
+    slow = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    for k, v in slow.items():
+        os.environ.setdefault(k, v)
+    for attempt in range(3):   # Ray gives its raylet 30 s to start: a starved machine can miss that once
+        try:
+            ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=200 * 1024 * 1024,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
+                                               "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                                               "TOKENIZERS_PARALLELISM": "false", **slow}})
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})

@@ -21,7 +21,7 @@ from gsd_serve.prompts import encode
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
 MODEL = "gsd-test"
-MAX = 16
+MAX = 12
 SPEC = SpecConfig.for_method("gsd", max_depth=4, budget=12)
 APP = "gsd"
 
@@ -51,10 +51,10 @@ def app(ray_serve, redis_server):
 _refs: dict = {}
 
 
-def reference(engine, tokenizer, ids: list[int], max_tokens: int = MAX):
-    key = (tuple(ids), max_tokens)
+def reference(engine, tokenizer, ids: list[int], max_tokens: int = MAX, sampling=None):
+    key = (tuple(ids), max_tokens, sampling)
     if key not in _refs:
-        r = engine.generate(ids, max_tokens, spec=SPEC)
+        r = engine.generate(ids, max_tokens, spec=SPEC, sampling=sampling)
         _refs[key] = (tokenizer.decode(r.token_ids, skip_special_tokens=True), r.token_ids, r.finish_reason)
     return _refs[key]
 
@@ -113,6 +113,13 @@ def test_openai_client_matches_engine(app, engine, tokenizer):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [finish]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
+
+    # seeded sampling is reproducible through the services too (draft and target draw the same noise)
+    from gsd_serve.sampling import SamplingParams
+
+    sampled = reference(engine, tokenizer, ids, sampling=SamplingParams(temperature=0.8, top_p=0.9, seed=5))[0]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0.8, top_p=0.9, seed=5)
+    assert r.choices[0].message.content == sampled
 
     prompt = "The three primary colors are"
     text, tokens, finish = reference(engine, tokenizer, encode(tokenizer, prompt, raw=True))
@@ -239,8 +246,8 @@ def test_draft_replica_killed_mid_request(app, engine, tokenizer):
 
     c = client(app)
     msgs, ids = chat_ids(tokenizer, "Tell me a short story about a brave mouse.")
-    text, tokens, _ = reference(engine, tokenizer, ids, 24)
-    stream = iter(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True))
+    text, tokens, _ = reference(engine, tokenizer, ids, 20)
+    stream = iter(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0, stream=True))
     chunks = [next(stream)]
     sid = chunks[0].id
     victim = None
@@ -260,8 +267,36 @@ def test_draft_replica_killed_mid_request(app, engine, tokenizer):
     stats = [ch.model_extra.get("gsd_stats") for ch in chunks if ch.model_extra.get("gsd_stats")][-1]
     assert stats["failovers"] >= 1 or stats["resyncs"] >= 1, stats
     # Serve replaces the replica; the service keeps serving
-    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, temperature=0)
     assert r.choices[0].message.content == text
+
+
+def test_client_disconnect_cancels_and_releases(app):
+    import httpx
+
+    from gsd_serve.rpc import pb, pb_grpc
+
+    cancelled = metric(metrics(app), "gsd_request_cancelled_total", reason="client")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    sid = None
+    with httpx.stream("POST", app["http"] + "/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                sid = json.loads(line[6:])["id"]
+                break
+    assert sid
+    deadline = time.time() + 60
+    while True:   # the router cancels the request and releases its sessions on every replica
+        held = set()
+        for e in registry_entries("draft") + registry_entries("target"):
+            with grpc.insecure_channel(e["address"]) as ch:
+                stub = (pb_grpc.DraftStub if e["kind"] == "draft" else pb_grpc.TargetStub)(ch)
+                held.update(stub.Info(pb.InfoRequest(), timeout=10).session_ids)
+        if sid not in held and metric(metrics(app), "gsd_request_cancelled_total", reason="client") > cancelled:
+            break
+        assert time.time() < deadline, "the abandoned request still holds sessions or was not cancelled"
+        time.sleep(0.5)
 
 
 def test_bad_requests_get_400_and_service_keeps_serving(app, engine, tokenizer):
