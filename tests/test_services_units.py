@@ -274,3 +274,52 @@ def test_detokenizer_stream_equals_full_decode(tokenizer):
     d = Detokenizer(tokenizer)
     text = "".join(d.push([t]) for t in ids) + d.push([], final=True)
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- CLI and deploy manifests
+
+def test_serve_cli_dry_run(capsys, monkeypatch):
+    from gsd_serve.cli import main
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6390/0")
+    assert main(["serve", "--dry-run", "--http-port", "18001", "--grpc-port", "19001"]) == 0
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:18001/v1" in out and "127.0.0.1:19001" in out and "redis://127.0.0.1:6390/0" in out
+    from pathlib import Path
+
+    local = Path(__file__).resolve().parents[1] / "deploy" / "local-cpu.yaml"
+    assert main(["serve", "--dry-run", "--config", str(local)]) == 0
+    assert main(["serve", "--dry-run", "--config", "no/such/file.yaml"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_deploy_manifests_are_valid_serve_configs():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    configs = [yaml.safe_load((root / f).read_text()) for f in ("local-cpu.yaml", "gpu-cluster.yaml")]
+    docs = list(yaml.safe_load_all((root / "kuberay-rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    assert service["apiVersion"] == "ray.io/v1"
+    configs.append(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    for config in configs:
+        schema = ServeDeploySchema.model_validate(config)
+        app = schema.applications[0]
+        assert app.import_path == "services.app:build_app"
+        assert {d["name"] for d in app.model_dump()["deployments"]} == {"Router", "Draft", "Target"}
+        assert "gsd_serve.rpc.add_RouterServicer_to_server" in config["grpc_options"]["grpc_servicer_functions"]
+    for config in configs[1:]:   # GPU: fractional drafts, one 8-bundle STRICT_PACK target, autoscaling everywhere
+        deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
+        assert 0 < deps["Draft"]["ray_actor_options"]["num_gpus"] < 1
+        assert len(deps["Target"]["placement_group_bundles"]) == 8 == config["applications"][0]["args"][
+            "tensor_parallel_size"]
+        assert deps["Target"]["placement_group_strategy"] == "STRICT_PACK"
+        assert all("autoscaling_config" in d for d in deps.values())
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert groups["target-tp8"]["rayStartParams"]["num-gpus"] == "8"
+    ports = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"serve", "serve-grpc"} <= {p["name"] for p in ports}
+    assert any(d["kind"] == "Service" and d["metadata"]["name"] == "redis" for d in docs)
