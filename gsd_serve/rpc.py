@@ -35,9 +35,14 @@ def _proto_root() -> Path:
 
 def generate(force: bool = False) -> Path:
     """Generate the Python stubs if they are missing or older than the proto; returns their folder."""
-    root = _proto_root()
-    digest = hashlib.sha256((root / PROTO_FILE).read_bytes()).hexdigest()
     out = GENERATED_DIR / "gsd" / "v1"
+    try:
+        root = _proto_root()
+    except RuntimeError:
+        if (out / "gsd_pb2_grpc.py").exists():   # an installation with stubs but no proto sources
+            return out
+        raise
+    digest = hashlib.sha256((root / PROTO_FILE).read_bytes()).hexdigest()
     if not force and STAMP.exists() and STAMP.read_text().strip() == digest and (out / "gsd_pb2_grpc.py").exists():
         return out
     GENERATED_DIR.mkdir(parents=True, exist_ok=True)
