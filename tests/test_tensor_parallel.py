@@ -43,7 +43,7 @@ def tp_engine(tp_runner, engine):
                   draft_output_ids=engine.draft.output_ids)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_sizes_that_do_not_divide_the_heads_are_refused_at_start_up(default_pair):
     config = default_pair[0].config
     assert valid_tp_sizes(config) == [1, 3]
@@ -58,7 +58,7 @@ def test_sizes_that_do_not_divide_the_heads_are_refused_at_start_up(default_pair
     assert not _tp_children(), "a refused size must not start any rank"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_cli_refuses_tp2_before_loading(capsys):
     from gsd_serve.cli import EXIT_USAGE, main
 
