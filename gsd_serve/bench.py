@@ -56,9 +56,25 @@ def run_bench(args) -> dict:
     records = load_prompts(args.prompts or BENCH_PROMPTS)
     if args.limit:
         records = _spread(records, args.limit)
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        from .tensor_parallel import check_spec_tp_size
+        check_spec_tp_size(args.target, tp)
+    args.tensor_parallel_size = 1
     engine, tokenizer = build_engine(args, "gsd")
     specs = {m: spec_from_args(args, m) for m in methods if m in SPEC_METHODS}
     target_model, draft_model = engine.target.model, engine.draft.model if engine.draft else None
+    engines = {m: engine for m in methods}
+    if tp > 1:
+        # the same methods with the target as tp ranks (TP=1 above is the reference)
+        from .engine import Engine
+        from .tensor_parallel import make_target_runner
+        tp_engine = Engine(make_target_runner(args.target, tp), draft_model, stop_token_ids=engine.stop_token_ids,
+                           draft_output_ids=engine.draft.output_ids if engine.draft else None)
+        for m in [m for m in methods if m in SPEC_METHODS]:
+            name = f"{m}@tp{tp}"
+            specs[name], engines[name] = specs[m], tp_engine
+            methods.append(name)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = [encode(tokenizer, r) for r in records]
@@ -70,7 +86,7 @@ def run_bench(args) -> dict:
             if m == "hf-assisted":
                 _hf_assisted(target_model, draft_model, encoded[0], 8, engine.stop_token_ids, sp)
             else:
-                engine.generate(encoded[0], 8, specs[m], sp)
+                engines[m].generate(encoded[0], 8, specs[m], sp)
 
     rows = []
     start = time.time()
@@ -87,7 +103,7 @@ def run_bench(args) -> dict:
                              "mean_accept_len": None, "draft_tokens_per_round": None, "accept_lengths": {}}
                     tokens = r["token_ids"]
                 else:
-                    res = engine.generate(ids, args.max_new_tokens, specs[m], sp)
+                    res = engines[m].generate(ids, args.max_new_tokens, specs[m], sp)
                     stats, tokens = res.stats.to_dict(), res.token_ids
                 if m == "ar":
                     ref = tokens
@@ -114,6 +130,10 @@ def run_bench(args) -> dict:
     (out_dir / "results.md").write_text(md)
     plot(results, rows, out_dir)
     print(md)
+    for e in {id(e): e for e in engines.values()}.values():
+        close = getattr(e.target, "close", None)
+        if close is not None:
+            close()
     return results
 
 
@@ -347,6 +367,8 @@ def register(sub) -> None:
     b.add_argument("--top-p", type=float, default=1.0)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="also run the methods with the target as N tensor-parallel ranks (reported as METHOD@tpN)")
     _add_model_args(b)
     _add_spec_args(b)
     b.set_defaults(func=cmd_bench)
