@@ -107,7 +107,8 @@ def main() -> None:
 
         hist = json.loads(Path(args.history).read_text())
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([h["tokens"] / 1e6 for h in hist], [h["train_top1"] for h in hist], label="training batches")
+        trained = [h for h in hist if h["train_top1"] is not None]
+        ax.plot([h["tokens"] / 1e6 for h in trained], [h["train_top1"] for h in trained], label="training batches")
         ax.plot([h["tokens"] / 1e6 for h in hist], [h["heldout_top1"] for h in hist], label="held-out answers")
         ax.set_xlabel("distilled positions seen (millions)")
         ax.set_ylabel("top-1 agreement with the target")

@@ -281,6 +281,11 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(ckpt)
 
+    if not history:  # the starting point of the learning curve
+        with torch.no_grad():
+            h_loss, h_agree = distill_loss(draft.eval(), head_weight, collate(held, full_to_small, pad), output_ids)
+        history.append({"step": 0, "tokens": 0, "train_loss": None, "train_top1": None,
+                        "heldout_loss": h_loss.item(), "heldout_top1": h_agree.item(), "seconds": 0.0})
     draft.train()
     ema_loss = ema_agree = None
     while step < cfg.steps:
