@@ -152,11 +152,12 @@ class Engine:
                     stats.draft_seconds += t1 - t0
                     stats.verify_seconds += t2 - t1
                     stats.verified_tokens += verdict.verified_tokens
-                    stats.accepted_tokens += len(verdict.emitted) - 1
                     stats.merge_edges += graph.merge_edges
-                    n = len(verdict.emitted)
-                    stats.accept_lengths[n] = stats.accept_lengths.get(n, 0) + 1
                     chunk = emit(verdict.emitted)
+                    # counted as emitted: a round cut short by a stop token or the length limit counts what it gave
+                    n = len(chunk)
+                    stats.accepted_tokens += n - 1
+                    stats.accept_lengths[n] = stats.accept_lengths.get(n, 0) + 1
                 stats.rounds += 1
                 chooser.forget_before(root_index)
                 root = out[-1]
