@@ -240,7 +240,9 @@ class OpenAIFrontend:
             sampling = rpc.sampling_from_proto(req.sampling)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex)
+        if req.timeout_s < 0:
+            raise BadRequest(f"timeout_s must be >= 0, got {req.timeout_s}")
+        return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex, req.timeout_s or None)
 
     async def grpc_generate(self, req: "pb.GenerateRequest") -> "pb.GenerateResponse":
         run = self.core.start(self._grpc_params(req))

@@ -60,6 +60,12 @@ class Overloaded(RouterError):
     type = "rate_limit_error"
 
 
+class DeadlineExceeded(RouterError):
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    type = "timeout"
+
+
 class Unavailable(RouterError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
@@ -81,6 +87,7 @@ class RouterConfig:
     max_batch: int = 32                        # Verify items per call
     batch_wait_s: float = 0.002                # how long a lone Verify item waits for company
     rpc_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0           # whole-request deadline; every downstream call gets what is left
     affinity_block: int = 32                   # prompt tokens hashed for prefix-affinity routing
     refresh_s: float = 5.0
     dead_s: float = 10.0
@@ -90,8 +97,19 @@ class RouterConfig:
     def from_dict(cls, d: dict | None) -> "RouterConfig":
         d = dict(d or {})
         spec = d.pop("spec", None)
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        cfg = cls(**known)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown router config field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        cfg = cls(**d)
+        for name, f in cls.__dataclass_fields__.items():
+            value = getattr(cfg, name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"router config {name} must be a number, got {value!r}")
+            if f.type in ("int", "float") and value < 0:
+                raise ValueError(f"router config {name} must be >= 0, got {value}")
+        for name in ("max_batch", "max_inflight", "rpc_timeout_s", "request_timeout_s"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"router config {name} must be > 0, got {getattr(cfg, name)}")
         if isinstance(spec, dict):
             method = spec.get("method", "gsd")
             cfg.spec = SpecConfig.for_method(method, **{k: v for k, v in spec.items() if k != "method"})
@@ -172,12 +190,13 @@ class VerifyBatcher:
     def __init__(self, ep: Endpoint, router: "RouterCore"):
         self.ep = ep
         self.router = router
-        self.queue: list[tuple[pb.VerifyItem, asyncio.Future]] = []
+        self.queue: list[tuple[pb.VerifyItem, asyncio.Future, float]] = []
         self.task: asyncio.Task | None = None
 
-    async def submit(self, item: "pb.VerifyItem") -> "pb.VerifyResult":
+    async def submit(self, item: "pb.VerifyItem", deadline: float) -> "pb.VerifyResult":
+        """Verify `item` in the next batch; `deadline` (time.monotonic()) is its request's deadline."""
         fut = asyncio.get_running_loop().create_future()
-        self.queue.append((item, fut))
+        self.queue.append((item, fut, deadline))
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._drain())
         return await fut
@@ -187,14 +206,24 @@ class VerifyBatcher:
         while self.queue:
             if cfg.batch_wait_s > 0:
                 await asyncio.sleep(cfg.batch_wait_s)
-            batch = [(i, f) for i, f in self.queue[: cfg.max_batch] if not f.done()]
+            now = time.monotonic()
+            batch = []
+            for i, f, deadline in self.queue[: cfg.max_batch]:
+                if f.done():
+                    continue
+                if deadline <= now:
+                    f.set_exception(DeadlineExceeded("the request's deadline passed before it finished"))
+                    continue
+                batch.append((i, f, deadline))
             del self.queue[: cfg.max_batch]
             if not batch:
                 continue
+            # the call lives as long as its longest-lived item needs; shorter ones time out on their own
+            timeout = min(cfg.rpc_timeout_s, max(d for _, _, d in batch) - now)
+            batch = [(i, f) for i, f, _ in batch]
             t0 = time.perf_counter()
             try:
-                resp = await self.ep.stub.Verify(pb.VerifyRequest(items=[i for i, _ in batch]),
-                                                 timeout=cfg.rpc_timeout_s)
+                resp = await self.ep.stub.Verify(pb.VerifyRequest(items=[i for i, _ in batch]), timeout=timeout)
             except Exception as exc:  # noqa: BLE001 (delivered to every waiting request)
                 for _, f in batch:
                     if not f.done():
@@ -224,6 +253,7 @@ class GenerateParams:
     max_tokens: int
     sampling: SamplingParams
     request_id: str = ""
+    timeout_s: float | None = None     # the client's deadline (capped by RouterConfig.request_timeout_s)
 
 
 @dataclass
@@ -281,6 +311,17 @@ class Run:
         sp = params.sampling
         self.sampling_pb = rpc.sampling_to_proto(sp)
         self.spec_pb = rpc.spec_to_proto(core.config.spec)
+        budget = core.config.request_timeout_s
+        if params.timeout_s is not None and params.timeout_s > 0:
+            budget = min(budget, params.timeout_s)
+        self.deadline = time.monotonic() + budget
+
+    def rpc_timeout(self) -> float:
+        """The timeout of the next downstream call: the per-call cap or what is left of the request's deadline."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it finished")
+        return min(self.core.config.rpc_timeout_s, left)
 
     def _emit(self, tokens: list[int]) -> list[int]:
         tokens = tokens[: self.params.max_tokens - len(self.out)]
@@ -478,26 +519,29 @@ class RouterCore:
     async def _backoff(self, attempt: int) -> None:
         await asyncio.sleep(min(0.25 * 2 ** attempt, 3.0))
 
-    def _attempts(self):
-        """Attempt numbers until failover_timeout_s has passed (at least two attempts)."""
+    def _attempts(self, run: Run):
+        """Attempt numbers until failover_timeout_s has passed (at least two attempts), within the run's deadline."""
         deadline = time.monotonic() + self.config.failover_timeout_s
         attempt = 0
         while attempt < 2 or time.monotonic() < deadline:
+            run.rpc_timeout()   # raises DeadlineExceeded once the request is out of time
             yield attempt
             attempt += 1
 
     async def prefill(self, run: Run) -> tuple[int, int]:
         last: Exception | None = None
-        for attempt in self._attempts():
+        for attempt in self._attempts(run):
             ep = await self.pick("target", run.key)
             if ep is None:
                 await self._backoff(attempt)
                 continue
+            run.target = ep     # set before the call, so the session is released even if the call times out
             try:
                 resp = await ep.stub.Prefill(pb.PrefillRequest(session_id=run.id, tokens=run.prompt,
                                                                sampling=run.sampling_pb),
-                                             timeout=self.config.rpc_timeout_s)
+                                             timeout=run.rpc_timeout())
             except grpc.aio.AioRpcError as exc:
+                run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):
                     raise BadRequest(exc.details()) from None
                 last = exc
@@ -531,8 +575,9 @@ class RouterCore:
                                     max_depth=depth)
             t0 = time.perf_counter()
             try:
-                resp = await ep.stub.Propose(req, timeout=self.config.rpc_timeout_s)
+                resp = await ep.stub.Propose(req, timeout=run.rpc_timeout())
             except grpc.aio.AioRpcError as exc:
+                run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):
                     raise RouterError(f"draft replica refused a round: {exc.details()}") from None
                 self.mark_dead(ep, exc)
@@ -552,7 +597,7 @@ class RouterCore:
 
     async def verify(self, run: Run, graph: "pb.TokenGraph") -> "pb.VerifyResult":
         last: Exception | None = None
-        for attempt in self._attempts():
+        for attempt in self._attempts(run):
             ep = run.target if (run.target is not None and run.target.alive) else await self.pick("target", run.key)
             if ep is None:
                 await self._backoff(attempt)
@@ -563,8 +608,9 @@ class RouterCore:
                                  graph=graph, root_index=len(run.committed) - 1, budget=self.config.spec.budget,
                                  sampling=run.sampling_pb)
             try:
-                res = await ep.batcher.submit(item)
+                res = await ep.batcher.submit(item, run.deadline)
             except grpc.aio.AioRpcError as exc:
+                run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):
                     raise RouterError(f"target replica refused a round: {exc.details()}") from None
                 last = exc

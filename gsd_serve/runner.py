@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_available
 from .kv_cache import KVCache
 
 
@@ -13,16 +14,28 @@ class ModelRunner:
     `output_ids`, when given, restricts the output layer to those token ids (a reduced draft vocabulary):
     logits come back over that list and callers map positions back with `output_ids[i]`. The output
     layer is most of a small draft's cost, so this is its main cost lever.
+
+    On CPU in fp32 the model's linear layers are swapped in place for oneDNN-prepacked ones
+    (`cpu_linear`, ~1.5-2x faster for the few-row GEMMs of decoding and verification); `pack=False` keeps
+    the model untouched.
     """
 
-    def __init__(self, model: torch.nn.Module, output_ids: torch.Tensor | None = None):
+    def __init__(self, model: torch.nn.Module, output_ids: torch.Tensor | None = None, pack: bool = True):
         self.model = model.eval()
         self.decoder = model.base_model
+        if pack:
+            # the full-vocabulary head too when it is the one used (plain generate() calls benefit alike)
+            pack_linears(model if output_ids is None else model.base_model)
         head = model.get_output_embeddings()
         self.head_weight = head.weight if output_ids is None else head.weight[output_ids].contiguous()
         self.head_bias = getattr(head, "bias", None)
         if self.head_bias is not None and output_ids is not None:
             self.head_bias = self.head_bias[output_ids].contiguous()
+        self._head = None
+        if isinstance(head, PackedLinear) and output_ids is None:
+            self._head = head._kernel
+        elif pack and packing_available(self.head_weight):
+            self._head = PackedWeight(self.head_weight, self.head_bias)
         self.output_ids = output_ids
         self.vocab_size = int(model.config.vocab_size)
         self.forwards = 0
@@ -54,6 +67,8 @@ class ModelRunner:
             hidden = hidden[-1:]
         self.forwards += 1
         self.tokens_fed += n
+        if self._head is not None:
+            return self._head(hidden)
         return F.linear(hidden, self.head_weight, self.head_bias).float()
 
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:

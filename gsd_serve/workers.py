@@ -105,6 +105,17 @@ def make_runner(model, output_ids=None, device: str | None = None) -> ModelRunne
     return DeviceModelRunner(model, output_ids, device)
 
 
+class Expired(RuntimeError):
+    """The caller gave up (deadline or cancellation) while the call waited for the model."""
+
+
+def _still_wanted(expired) -> None:
+    # checked once the model lock is held: a call that waited out its deadline behind other work is
+    # answered without spending a forward on it
+    if expired is not None and expired():
+        raise Expired("the caller's deadline passed while the call waited for the model")
+
+
 class BadRequest(ValueError):
     """A request field is invalid: INVALID_ARGUMENT."""
 
@@ -198,7 +209,7 @@ class DraftWorker:
         ds.pending = new[ds.cache.length:-1]
         entry.committed = new
 
-    def propose(self, req: "pb.ProposeRequest") -> "pb.ProposeResponse":
+    def propose(self, req: "pb.ProposeRequest", expired=None) -> "pb.ProposeResponse":
         t0 = time.perf_counter()
         if not req.session_id:
             raise BadRequest("session_id is empty")
@@ -209,6 +220,7 @@ class DraftWorker:
             raise BadRequest(str(exc)) from None
         chooser = _sampling(req.sampling, self.vocab_size)
         with self.lock, torch.inference_mode():
+            _still_wanted(expired)
             entry = self.sessions.get(req.session_id)
             if req.delta_start == 0 and entry is not None:
                 self.sessions.pop(req.session_id)
@@ -327,7 +339,7 @@ class TargetWorker:
         return cached
 
     # RPCs --------------------------------------------------------------------
-    def prefill(self, req: "pb.PrefillRequest") -> "pb.PrefillResponse":
+    def prefill(self, req: "pb.PrefillRequest", expired=None) -> "pb.PrefillResponse":
         t0 = time.perf_counter()
         if not req.session_id:
             raise BadRequest("session_id is empty")
@@ -339,6 +351,7 @@ class TargetWorker:
         chooser = _sampling(req.sampling, self.vocab_size)
         tokens = list(req.tokens)
         with self.lock, torch.inference_mode():
+            _still_wanted(expired)
             self.sessions.pop(req.session_id)
             entry = _TargetEntry(self._new_session(), tokens)
             logits, cached = self._build(entry, tokens, need_logits=True)
@@ -384,7 +397,7 @@ class TargetWorker:
                                emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
                                cached_tokens=cached)
 
-    def verify(self, req: "pb.VerifyRequest") -> "pb.VerifyResponse":
+    def verify(self, req: "pb.VerifyRequest", expired=None) -> "pb.VerifyResponse":
         """One call verifies the graphs of several sessions (each against its own cache)."""
         t0 = time.perf_counter()
         if not req.items:
@@ -392,6 +405,7 @@ class TargetWorker:
         if len({i.session_id for i in req.items}) != len(req.items):
             raise BadRequest("a session appears twice in one Verify")
         with self.lock, torch.inference_mode():
+            _still_wanted(expired)
             results = [self.verify_item(item) for item in req.items]
         return pb.VerifyResponse(results=results, seconds=time.perf_counter() - t0, replica_id=self.replica_id)
 
@@ -411,12 +425,14 @@ class TargetWorker:
 
 # ---------------------------------------------------------------- gRPC servicers
 
-def _call(context, fn, *args):
+def _call(context, fn, request):
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
     try:
-        return fn(*args)
+        return fn(request, expired=lambda: not context.is_active())
+    except Expired as exc:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     except BadRequest as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except ValueError as exc:  # e.g. SamplingParams / SpecConfig validation
@@ -426,12 +442,11 @@ def _call(context, fn, *args):
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
-class DraftServicer(rpc.pb_grpc.DraftServicer):
-    def __init__(self, worker: DraftWorker):
-        self.worker = worker
+class _WorkerServicer:
+    """Release and Info, the same for both kinds of worker."""
 
-    def Propose(self, request, context):  # noqa: N802
-        return _call(context, self.worker.propose, request)
+    def __init__(self, worker):
+        self.worker = worker
 
     def Release(self, request, context):  # noqa: N802
         return pb.ReleaseResponse(released=self.worker.release(request.session_ids))
@@ -440,21 +455,17 @@ class DraftServicer(rpc.pb_grpc.DraftServicer):
         return self.worker.info()
 
 
-class TargetServicer(rpc.pb_grpc.TargetServicer):
-    def __init__(self, worker: TargetWorker):
-        self.worker = worker
+class DraftServicer(_WorkerServicer, rpc.pb_grpc.DraftServicer):
+    def Propose(self, request, context):  # noqa: N802
+        return _call(context, self.worker.propose, request)
 
+
+class TargetServicer(_WorkerServicer, rpc.pb_grpc.TargetServicer):
     def Prefill(self, request, context):  # noqa: N802
         return _call(context, self.worker.prefill, request)
 
     def Verify(self, request, context):  # noqa: N802
         return _call(context, self.worker.verify, request)
-
-    def Release(self, request, context):  # noqa: N802
-        return pb.ReleaseResponse(released=self.worker.release(request.session_ids))
-
-    def Info(self, request, context):  # noqa: N802
-        return self.worker.info()
 
 
 def serve_grpc(worker, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8):

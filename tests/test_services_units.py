@@ -311,6 +311,9 @@ def test_deploy_manifests_are_valid_serve_configs():
         assert app.import_path == "services.app:build_app"
         assert {d["name"] for d in app.model_dump()["deployments"]} == {"Router", "Draft", "Target"}
         assert "gsd_serve.rpc.add_RouterServicer_to_server" in config["grpc_options"]["grpc_servicer_functions"]
+        from gsd_serve.router import RouterConfig
+
+        RouterConfig.from_dict(app.args.get("router"))   # the router section is what the router accepts
     for config in configs[1:]:   # GPU: fractional drafts, one 8-bundle STRICT_PACK target, autoscaling everywhere
         deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
         assert 0 < deps["Draft"]["ray_actor_options"]["num_gpus"] < 1
@@ -323,3 +326,31 @@ def test_deploy_manifests_are_valid_serve_configs():
     ports = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
     assert {"serve", "serve-grpc"} <= {p["name"] for p in ports}
     assert any(d["kind"] == "Service" and d["metadata"]["name"] == "redis" for d in docs)
+
+
+def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
+    """A request whose deadline passes while the target is busy fails with DEADLINE_EXCEEDED; the replica is
+    not blamed (no failover), skips the stale work, keeps no session, and the next request is exact."""
+    from gsd_serve.router import DeadlineExceeded, GenerateParams
+
+    engine = _engine(tiny_pair, tokenizer)
+    ids = tokenizer("The weather today")["input_ids"]
+    t1 = stack["t1"][0]
+
+    async def main():
+        core, _ = _core(stack, tokenizer)
+        t1.lock.acquire()          # the replica is busy with someone else's long forward
+        try:
+            run = core.start(GenerateParams(ids, 8, SamplingParams(), "late-1", timeout_s=0.5))
+            with pytest.raises(DeadlineExceeded):
+                async for _ in run.chunks():
+                    pass
+        finally:
+            t1.lock.release()
+        assert run.stats.failovers == 0 and core.endpoints and all(ep.alive for ep in core.endpoints.values())
+        await asyncio.sleep(0.5)   # the stale Prefill gets the lock, sees it is expired, does nothing
+        assert "late-1" not in t1.sessions.ids()
+        out, _ = await _generate(core, ids, 8)
+        assert out == engine.generate(ids, 8, spec=SpecConfig.for_method("gsd", max_depth=4, budget=12)).token_ids
+        await core.close()
+    asyncio.run(main())
