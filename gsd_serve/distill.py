@@ -91,6 +91,8 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
     start = time.time()
     produced = 0
     print(f"distill: target writes answers to {len(jobs)} prompts -> {out}", file=sys.stderr)
+    from .cpu_linear import pack_linears
+    pack_linears(target)   # inference only from here on in this process: oneDNN-packed linears on CPU
     counts_file = out / "tokens.json"
     counts = json.loads(counts_file.read_text()) if counts_file.exists() else {}
     for b, batch in enumerate(batches):

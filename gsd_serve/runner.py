@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_available
 from .kv_cache import KVCache
+from .llama_forward import lean_decoder
 
 
 class ModelRunner:
@@ -31,6 +32,7 @@ class ModelRunner:
         self.head_bias = getattr(head, "bias", None)
         if self.head_bias is not None and output_ids is not None:
             self.head_bias = self.head_bias[output_ids].contiguous()
+        self._lean = lean_decoder(model)
         self._head = None
         if isinstance(head, PackedLinear) and output_ids is None:
             self._head = head._kernel
@@ -56,13 +58,16 @@ class ModelRunner:
         n = tokens.numel()
         if positions is None:
             positions = torch.arange(start, start + n)
-        hidden = self.decoder(
-            input_ids=tokens.view(1, -1),
-            position_ids=positions.view(1, -1),
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[0]
+        if self._lean is not None:
+            hidden = self._lean(cache, tokens, positions, mask)
+        else:
+            hidden = self.decoder(
+                input_ids=tokens.view(1, -1),
+                position_ids=positions.view(1, -1),
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[0]
         if last_only:
             hidden = hidden[-1:]
         self.forwards += 1

@@ -53,11 +53,24 @@ def load_config(args) -> dict:
     else:
         config = default_config(args.host, args.http_port, args.grpc_port, args.draft_replicas)
     redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    tp = getattr(args, "tensor_parallel_size", None)
     for app in config["applications"]:
         app_args = app.setdefault("args", {}) or {}
         app["args"] = app_args
         if redis_url and not app_args.get("redis_url"):
             app_args["redis_url"] = redis_url
+        if tp is not None:
+            app_args["tensor_parallel_size"] = tp
+            if tp > 1 and "cpus_per_rank" not in app_args and not app_args.get("gpus_per_rank"):
+                # one machine: the ranks share its cores (a bundle may hold a fraction of a CPU)
+                app_args["cpus_per_rank"] = max(0.25, min(1.0, (os.cpu_count() or 1) / tp))
+        size = int(app_args.get("tensor_parallel_size", 1))
+        if size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
+        if size > 1:
+            from .tensor_parallel import check_spec_tp_size
+
+            check_spec_tp_size(str(app_args.get("target", "smollm2-135m-instruct")), size)
     from ray.serve.schema import ServeDeploySchema
 
     try:
@@ -166,6 +179,9 @@ def register(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--draft-replicas", type=int, default=1)
     p.add_argument("--redis-url", help="prefix cache (default: $REDIS_URL; none: no prefix cache)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="shard each target replica over N ranks (Ray actors in one STRICT_PACK placement group; "
+                        "GPUs with gpus_per_rank in the config, else CPUs); overrides the config's field")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the applications to run")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print the endpoints, start nothing")
     p.add_argument("--exit-when-ready", action="store_true", help=argparse_suppress())

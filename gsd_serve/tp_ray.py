@@ -17,9 +17,14 @@ import itertools
 import threading
 import weakref
 
+import uuid
+
 import torch
 
 from .tensor_parallel import TensorParallelError, TPGroup, _model_config, check_tp_size, load_shard
+
+
+RANK_ACTOR_PREFIX = "gsd-tp-"
 
 
 class _Rank:
@@ -133,6 +138,7 @@ class RayTensorParallelRunner:
         self._closed = False
         self.forwards = self.tokens_fed = 0
         self.output_ids = None
+        self.uid = uuid.uuid4().hex[:12]
         bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
         self._own_pg = placement_group is None
         self.placement_group = placement_group or make_pg([dict(bundle) for _ in range(tp_size)],
@@ -149,6 +155,7 @@ class RayTensorParallelRunner:
                 strategy = PlacementGroupSchedulingStrategy(self.placement_group,
                                                             placement_group_bundle_index=bundle_offset + rank)
                 self.actors.append(actor_cls.options(
+                    name=f"{RANK_ACTOR_PREFIX}{self.uid}-rank{rank}",   # findable by operators (and tests)
                     num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, scheduling_strategy=strategy,
                     max_restarts=0).remote(rank, tp_size, source, threads))
             host, port = ray.get(self.actors[0].address.remote(timeout_s), timeout=startup_timeout_s)

@@ -23,10 +23,25 @@ from services.target import Target
 from gsd_serve.serve_cli import GRPC_SERVICER_FUNCTIONS  # noqa: E402,F401
 
 
+def target_bundles(args: dict) -> list[dict] | None:
+    """One placement-group bundle per tensor-parallel rank (None for a single-process target)."""
+    tp = int(args.get("tensor_parallel_size", 1))
+    gpus = float(args.get("gpus_per_rank", 0))
+    if tp <= 1 and gpus <= 0:
+        return None
+    bundle = {"CPU": float(args.get("cpus_per_rank", 1))}
+    if gpus > 0:
+        bundle["GPU"] = gpus
+    return [dict(bundle) for _ in range(tp)]
+
+
 def build_app(args: dict | None = None):
     args = dict(args or {})
     n = dict(args.get("replicas") or {})
     draft = Draft.options(num_replicas=int(n["draft"])) if "draft" in n else Draft
     target = Target.options(num_replicas=int(n["target"])) if "target" in n else Target
+    bundles = target_bundles(args)
+    if bundles is not None:   # a config file's placement_group_bundles for Target still win
+        target = target.options(placement_group_bundles=bundles, placement_group_strategy="STRICT_PACK")
     router = Router.options(num_replicas=int(n["router"])) if "router" in n else Router
     return router.bind(args, draft.bind(args), target.bind(args))

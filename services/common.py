@@ -124,3 +124,47 @@ def load_models(args: dict, want: str):
     target, draft, _, ids = load_pair(target_spec, draft_spec)
     del target
     return draft, ids
+
+
+class GrpcReplica:
+    """What the Draft and Target replicas share: a worker served over gRPC, advertised by a heartbeat.
+
+    `check_health` is Serve's probe: it fails once the replica stopped advertising itself or once the
+    worker's runner reports a broken part (a dead tensor-parallel rank), and Serve then replaces the
+    replica whole. A failing replica leaves the registry at once, so routers stop picking it.
+    """
+
+    kind = ""
+
+    def _serve(self, worker, args: dict, port_key: str) -> None:
+        from gsd_serve.workers import serve_grpc
+
+        self.worker = worker
+        bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))
+        self.server, port = serve_grpc(worker, bind, int(args.get(port_key, 0)))
+        self.address = f"{host}:{port}"
+        self.heartbeat = Heartbeat(self.kind, worker.replica_id, self.address)
+
+    def endpoint(self) -> str:
+        return self.address
+
+    def check_health(self) -> None:
+        if self.heartbeat._stop.is_set():
+            raise RuntimeError("stopped")
+        probe = getattr(self.worker.runner, "check_health", None)
+        if probe is not None:
+            try:
+                probe()
+            except Exception:
+                self.heartbeat.stop()
+                raise
+
+    def __del__(self):
+        try:
+            self.heartbeat.stop()
+            self.server.stop(grace=1)
+            close = getattr(self.worker.runner, "close", None)
+            if close is not None:
+                close()
+        except Exception:  # noqa: BLE001
+            pass

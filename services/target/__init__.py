@@ -1,7 +1,8 @@
 """The Target deployment: a gsd_serve.workers.TargetWorker served over gRPC (gsd.v1.Target) by each replica.
 
-A replica holds the whole target model; on a GPU node it spans the node's GPUs through its placement-group
-bundles (deploy/gpu-cluster.yaml). The Redis prefix cache is shared by all target replicas.
+A replica holds the whole target model; with tensor_parallel_size N it spans N ranks (Ray actors, one per
+placement-group bundle of the replica: GPUs on a node, CPUs here). A dead rank fails the replica's health
+check and Serve replaces the replica whole; routers rebuild its sessions elsewhere. The Redis prefix cache is shared by all target replicas.
 """
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import os
 
 from ray import serve
 
-from services.common import Heartbeat, advertise_host, env_setup, load_models
+from services.common import GrpcReplica, env_setup, load_models
 
 
-class TargetReplica:
+class TargetReplica(GrpcReplica):
+    kind = "target"
+
     def __init__(self, args: dict | None = None):
         env_setup()
         from gsd_serve.prefix_cache import PrefixCache, model_fingerprint
-        from gsd_serve.workers import TargetWorker, serve_grpc
+        from gsd_serve.workers import TargetWorker
 
         args = dict(args or {})
         name = str(args.get("target", "smollm2-135m-instruct"))
@@ -36,7 +39,7 @@ class TargetReplica:
                                             cpus_per_rank=float(args.get("cpus_per_rank", 1)),
                                             placement_group=get_current_placement_group())
             config = AutoConfig.from_pretrained(resolve(name), local_files_only=True)
-            self.worker = TargetWorker(runner=runner, max_seq_len=int(config.max_position_embeddings), **common)
+            worker = TargetWorker(runner=runner, max_seq_len=int(config.max_position_embeddings), **common)
         else:
             model, _ = load_models(args, "target")
             redis_url = args.get("redis_url", os.environ.get("REDIS_URL")) or None
@@ -44,25 +47,8 @@ class TargetReplica:
                                 block_size=int(args.get("prefix_block_size", 32)),
                                 ttl_s=int(args.get("prefix_ttl_s", 3600)),
                                 max_entry_bytes=int(args.get("prefix_max_entry_bytes", 16 * 1024 * 1024)))
-            self.worker = TargetWorker(model, prefix_cache=cache, device=args.get("target_device"), **common)
-        bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))
-        self.server, port = serve_grpc(self.worker, bind, int(args.get("target_grpc_port", 0)))
-        self.address = f"{host}:{port}"
-        self.heartbeat = Heartbeat("target", self.worker.replica_id, self.address)
-
-    def endpoint(self) -> str:
-        return self.address
-
-    def check_health(self) -> None:
-        if self.heartbeat._stop.is_set():
-            raise RuntimeError("stopped")
-
-    def __del__(self):
-        try:
-            self.heartbeat.stop()
-            self.server.stop(grace=1)
-        except Exception:  # noqa: BLE001
-            pass
+            worker = TargetWorker(model, prefix_cache=cache, device=args.get("target_device"), **common)
+        self._serve(worker, args, "target_grpc_port")
 
 
 Target = serve.deployment(TargetReplica, name="Target", ray_actor_options={"num_cpus": 0},
