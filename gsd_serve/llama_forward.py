@@ -63,18 +63,28 @@ class LeanDecoder:
         self.head_dim = first.head_dim
         self.scaling = getattr(first, "scaling", self.head_dim ** -0.5)
 
-    @torch.inference_mode()
     def __call__(self, cache, tokens: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
+        return self.forward_many([cache], [tokens], [positions], [mask])[0]
+
+    @torch.inference_mode()
+    def forward_many(self, caches: list, tokens: list[torch.Tensor], positions: list[torch.Tensor],
+                     masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Several sequences in one pass: their tokens share every projection and MLP GEMM (the cost that
+        grows slowly with rows), and each attends only to its own cache under its own mask."""
         dec = self.decoder
-        n = tokens.numel()
-        start = cache.length
-        h = dec.embed_tokens(tokens.view(1, -1))                     # [1, n, d]
-        cos, sin = dec.rotary_emb(h, positions.view(1, -1))          # [1, n, hd]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                # broadcast over heads
-        if mask is None and n > 1:
-            # causal among the new tokens, everything already cached is visible
-            mask = torch.ones(n, start + n, dtype=torch.bool, device=h.device).tril(start)[None, None]
+        sizes = [t.numel() for t in tokens]
+        n = sum(sizes)
+        starts = [c.length for c in caches]
+        h = dec.embed_tokens(torch.cat(tokens).view(1, -1))               # [1, n, d]
+        cos, sin = dec.rotary_emb(h, torch.cat(positions).view(1, -1))    # [1, n, hd]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                      # broadcast over heads
+        masks = list(masks)
+        for j, (m, size, start) in enumerate(zip(masks, sizes, starts)):
+            if m is None and size > 1:
+                # causal among the new tokens, everything already cached is visible
+                masks[j] = torch.ones(size, start + size, dtype=torch.bool, device=h.device).tril(start)[None, None]
+        bounds = [(sum(sizes[:j]), sum(sizes[: j + 1])) for j in range(len(sizes))]
         hd = self.head_dim
         for i, layer in enumerate(dec.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -84,10 +94,15 @@ class LeanDecoder:
             v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = cache.update(k, v, i)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=keys.shape[1] != q.shape[1])
+            outs = []
+            for cache, (a, b), m in zip(caches, bounds, masks):
+                keys, values = cache.update(k[:, :, a:b], v[:, :, a:b], i)
+                outs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=m,
+                                                           scale=self.scaling,
+                                                           enable_gqa=keys.shape[1] != q.shape[1]))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
             x = _rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        return _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)[0]
+        hidden = _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)[0]
+        return [hidden[a:b] for a, b in bounds]

@@ -76,5 +76,20 @@ class ModelRunner:
             return self._head(hidden)
         return F.linear(hidden, self.head_weight, self.head_bias).float()
 
+    @torch.inference_mode()
+    def forward_many(self, caches: list[KVCache], tokens: list[torch.Tensor], positions: list[torch.Tensor],
+                     masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """`forward` for several sequences at once (full logits each): one fused pass where the model
+        supports it (the lean Llama path), else one forward per sequence."""
+        if self._lean is None or len(caches) == 1:
+            return [self.forward(c, t, p, m) for c, t, p, m in zip(caches, tokens, positions, masks)]
+        hidden = self._lean.forward_many(caches, tokens, positions, masks)
+        self.forwards += 1
+        self.tokens_fed += sum(t.numel() for t in tokens)
+        flat = torch.cat(hidden)
+        logits = self._head(flat) if self._head is not None else \
+            F.linear(flat, self.head_weight, self.head_bias).float()
+        return list(logits.split([h.shape[0] for h in hidden]))
+
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.output_ids is None else self.output_ids[ids]

@@ -48,18 +48,7 @@ class TargetSession:
             self.forwards += 1
 
     def verify_tree(self, tree: VerifyTree, root_index: int, chooser: TokenChooser) -> Verdict:
-        cached = self.cache.length
-        if cached != root_index:
-            raise RuntimeError("target cache out of step with the sequence")
-        anc = ancestor_matrix(tree.parents)
-        mask = torch.ones(len(tree), cached + len(tree), dtype=torch.bool)
-        mask[:, cached:] = anc
-        logits = self.runner.forward(self.cache, tree.tokens, cached + tree.depths, mask[None, None])
-        self.forwards += 1
-        choices = chooser.choose(logits, root_index + 1 + tree.depths)
-        path = accept_path(tree.tokens, tree.parents, choices, anc)
-        self.cache.keep(cached, [cached + i for i in path])
-        return Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree))
+        return verify_batch([(self, tree, root_index, chooser)])[0]
 
     def verify(self, graph: TokenGraph, budget: int, root_index: int, chooser: TokenChooser) -> Verdict:
         return self.verify_tree(flatten_to_tree(graph, budget), root_index, chooser)
@@ -69,3 +58,44 @@ class TargetSession:
         logits = self.runner.forward(self.cache, torch.tensor([root], dtype=torch.long))
         self.forwards += 1
         return int(chooser.choose(logits, torch.tensor([root_index + 1]))[0])
+
+
+def _tree_inputs(session: TargetSession, tree: VerifyTree, root_index: int):
+    cached = session.cache.length
+    if cached != root_index:
+        raise RuntimeError("target cache out of step with the sequence")
+    anc = ancestor_matrix(tree.parents)
+    mask = torch.ones(len(tree), cached + len(tree), dtype=torch.bool)
+    mask[:, cached:] = anc
+    return anc, cached + tree.depths, mask[None, None]
+
+
+@torch.inference_mode()
+def verify_batch(jobs: list[tuple[TargetSession, VerifyTree, int, TokenChooser]]) -> list[Verdict]:
+    """Verify the trees of several sequences; sequences sharing one runner go through one fused forward.
+
+    Each job is (session, tree, root_index, chooser). The acceptance of each sequence depends only on its
+    own logits, so the verdicts are the ones each session would get alone.
+    """
+    verdicts: list[Verdict | None] = [None] * len(jobs)
+    by_runner: dict[int, list[int]] = {}
+    for j, (session, _, _, _) in enumerate(jobs):
+        by_runner.setdefault(id(session.runner), []).append(j)
+    for group in by_runner.values():
+        runner = jobs[group[0]][0].runner
+        inputs = [_tree_inputs(jobs[j][0], jobs[j][1], jobs[j][2]) for j in group]
+        caches = [jobs[j][0].cache for j in group]
+        tokens = [jobs[j][1].tokens for j in group]
+        if len(group) > 1 and hasattr(runner, "forward_many"):
+            logits = runner.forward_many(caches, tokens, [p for _, p, _ in inputs], [m for _, _, m in inputs])
+        else:
+            logits = [runner.forward(c, t, p, m) for c, t, (_, p, m) in zip(caches, tokens, inputs)]
+        for j, (anc, _, _), lg in zip(group, inputs, logits):
+            session, tree, root_index, chooser = jobs[j]
+            session.forwards += 1
+            choices = chooser.choose(lg, root_index + 1 + tree.depths)
+            path = accept_path(tree.tokens, tree.parents, choices, anc)
+            cached = root_index
+            session.cache.keep(cached, [cached + i for i in path])
+            verdicts[j] = Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree))
+    return verdicts

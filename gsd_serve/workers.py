@@ -28,7 +28,8 @@ from .drafting import DraftSession
 from .prefix_cache import PrefixCache, export_kv, import_kv, model_fingerprint
 from .runner import ModelRunner
 from .sampling import TokenChooser
-from .verification import TargetSession
+from .graph import flatten_to_tree
+from .verification import TargetSession, verify_batch
 
 log = logging.getLogger(__name__)
 pb = rpc.pb
@@ -361,7 +362,8 @@ class TargetWorker:
         return pb.PrefillResponse(first_token=first, cached_tokens=cached, seconds=time.perf_counter() - t0,
                                   replica_id=self.replica_id)
 
-    def verify_item(self, item: "pb.VerifyItem") -> "pb.VerifyResult":
+    def _prepare_item(self, item: "pb.VerifyItem"):
+        """Validate one item and bring its session up to date: a RESYNC result, or the job to verify."""
         sid = item.session_id
         if not sid:
             raise BadRequest("session_id is empty")
@@ -389,16 +391,11 @@ class TargetWorker:
         if entry is None:
             entry = _TargetEntry(self._new_session(), new)
         cached = self._sync(entry, new)
-        ts = entry.session
-        verdict = ts.verify(graph, budget, root_index, chooser)
-        entry.cache_tokens = entry.cache_tokens[:root_index] + [graph.tokens[v] for v in verdict.graph_path]
-        self.sessions.put(sid, entry)
-        return pb.VerifyResult(session_id=sid, status=rpc.OK, graph_path=verdict.graph_path,
-                               emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
-                               cached_tokens=cached)
+        return sid, entry, graph, flatten_to_tree(graph, budget), root_index, chooser, cached
 
     def verify(self, req: "pb.VerifyRequest", expired=None) -> "pb.VerifyResponse":
-        """One call verifies the graphs of several sessions (each against its own cache)."""
+        """One call verifies the graphs of several sessions: one fused target forward over all their trees
+        (each tree attends only to its own session's cache), then each session's own acceptance."""
         t0 = time.perf_counter()
         if not req.items:
             raise BadRequest("no items")
@@ -406,7 +403,18 @@ class TargetWorker:
             raise BadRequest("a session appears twice in one Verify")
         with self.lock, torch.inference_mode():
             _still_wanted(expired)
-            results = [self.verify_item(item) for item in req.items]
+            prepared = [self._prepare_item(item) for item in req.items]
+            jobs = [p for p in prepared if not isinstance(p, pb.VerifyResult)]
+            verdicts = verify_batch([(entry.session, tree, root, chooser)
+                                     for _, entry, _, tree, root, chooser, _ in jobs])
+            done = {}
+            for (sid, entry, graph, _, root, _, cached), verdict in zip(jobs, verdicts):
+                entry.cache_tokens = entry.cache_tokens[:root] + [graph.tokens[v] for v in verdict.graph_path]
+                self.sessions.put(sid, entry)
+                done[sid] = pb.VerifyResult(session_id=sid, status=rpc.OK, graph_path=verdict.graph_path,
+                                            emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
+                                            cached_tokens=cached)
+            results = [p if isinstance(p, pb.VerifyResult) else done[p[0]] for p in prepared]
         return pb.VerifyResponse(results=results, seconds=time.perf_counter() - t0, replica_id=self.replica_id)
 
     def release(self, ids) -> int:

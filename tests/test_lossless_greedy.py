@@ -102,3 +102,43 @@ def test_bad_arguments_are_refused(engine, reference):
         engine.generate([], 8)
     with pytest.raises(ValueError):
         engine.generate(ids, 0)
+
+
+def test_fused_verification_of_several_sequences_equals_one_by_one(engine, tokenizer):
+    """verify_batch runs the trees of several sequences (different cache lengths) in one target forward;
+    each sequence's logits, verdict and compacted cache are those it gets verified alone."""
+    import torch
+
+    from gsd_serve.drafting import DraftSession
+    from gsd_serve.graph import flatten_to_tree
+    from gsd_serve.sampling import SamplingParams, TokenChooser
+    from gsd_serve.verification import TargetSession, verify_batch
+
+    assert engine.target._lean is not None   # the fused path (Llama family); others fall back to a loop
+    spec = SpecConfig.for_method("gsd")
+    chooser = TokenChooser(SamplingParams(), engine.target.vocab_size)
+    jobs_alone, jobs_fused = [], []
+    for p in PROMPTS[:3]:
+        ids = encode(tokenizer, p)
+        pair = []
+        for _ in range(2):
+            ts = TargetSession(engine.target)
+            root = ts.prefill(ids, chooser)
+            ds = DraftSession(engine.draft)
+            ds.pending = ids
+            graph, _ = ds.propose(root, len(ids), tuple(ids), spec, chooser)
+            pair.append((ts, flatten_to_tree(graph, spec.budget), len(ids), chooser))
+        jobs_alone.append(pair[0])
+        jobs_fused.append(pair[1])
+    alone = [verify_batch([job])[0] for job in jobs_alone]
+    fused = verify_batch(jobs_fused)
+    assert len({len(j[1]) for j in jobs_fused}) >= 1 and len({j[2] for j in jobs_fused}) > 1
+    for a, f, ja, jf in zip(alone, fused, jobs_alone, jobs_fused):
+        assert a.emitted == f.emitted and a.tree_path == f.tree_path
+        assert ja[0].cache.length == jf[0].cache.length
+        with torch.inference_mode():
+            nxt = torch.tensor([a.emitted[-1]])
+            la = engine.target.forward(ja[0].cache, nxt)
+            lf = engine.target.forward(jf[0].cache, nxt)
+        assert int(la.argmax()) == int(lf.argmax())
+        torch.testing.assert_close(la, lf, atol=1e-3, rtol=0)

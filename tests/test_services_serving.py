@@ -91,8 +91,22 @@ def registry_entries(kind: str):
 
     from services.common import REGISTRY_NAMESPACE, registry_name
 
+    from gsd_serve.rpc import pb, pb_grpc
+
     reg = ray.get_actor(registry_name(APP), namespace=REGISTRY_NAMESPACE)
-    return ray.get(reg.list.remote(kind))
+    live = []
+    for e in ray.get(reg.list.remote(kind)):
+        # a replica killed a moment ago keeps its entry until its heartbeat ages out (4 s): skip it
+        with grpc.insecure_channel(e["address"]) as ch:
+            stub = (pb_grpc.DraftStub if e["kind"] == "draft" else pb_grpc.TargetStub)(ch)
+            try:
+                stub.Info(pb.InfoRequest(), timeout=10)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                continue
+        live.append(e)
+    return live
 
 
 def test_openai_client_matches_engine(app, engine, tokenizer):
