@@ -142,3 +142,29 @@ def test_fused_verification_of_several_sequences_equals_one_by_one(engine, token
             lf = engine.target.forward(jf[0].cache, nxt)
         assert int(la.argmax()) == int(lf.argmax())
         torch.testing.assert_close(la, lf, atol=1e-3, rtol=0)
+
+
+def test_lean_forward_is_bit_identical_to_transformers_forward(default_pair, monkeypatch):
+    """The lean Llama path (used for the default pair) gives the exact logits of transformers' own forward,
+    through a prefill, a tree-masked forward, a cache compaction and a causal continuation."""
+    import torch
+
+    from gsd_serve.runner import ModelRunner
+
+    target = default_pair[0]
+    lean = ModelRunner(target)
+    monkeypatch.setenv("GSD_SERVE_LEAN_FORWARD", "0")
+    stock = ModelRunner(target)
+    assert lean._lean is not None and stock._lean is None
+    ca, cb = lean.new_cache(), stock.new_cache()
+    prompt = torch.arange(100, 140)
+    tree, pos = torch.tensor([5, 6, 7, 8]), torch.tensor([40, 41, 41, 42])
+    mask = torch.ones(1, 1, 4, 44, dtype=torch.bool)
+    mask[0, 0, :, 40:] = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    with torch.inference_mode():
+        assert torch.equal(lean.forward(ca, prompt), stock.forward(cb, prompt))
+        assert torch.equal(lean.forward(ca, tree, pos, mask), stock.forward(cb, tree, pos, mask))
+        ca.keep(40, [40, 42, 43])
+        cb.keep(40, [40, 42, 43])
+        more = torch.tensor([9, 10, 11])
+        assert torch.equal(lean.forward(ca, more), stock.forward(cb, more))
