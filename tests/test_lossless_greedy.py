@@ -144,20 +144,30 @@ def test_fused_verification_of_several_sequences_equals_one_by_one(engine, token
         torch.testing.assert_close(la, lf, atol=1e-3, rtol=0)
 
 
-def test_lean_forward_is_bit_identical_to_transformers_forward(default_pair, monkeypatch):
-    """The lean Llama path (used for the default pair) gives the exact logits of transformers' own forward,
-    through a prefill, a tree-masked forward, a cache compaction and a causal continuation."""
+@pytest.mark.parametrize("model", ["default-target", "tiny-qwen2"])
+def test_lean_forward_is_bit_identical_to_transformers_forward(default_pair, monkeypatch, model):
+    """The lean Llama-family path gives the exact logits of transformers' own forward, through a prefill, a
+    tree-masked forward, a cache compaction and a causal continuation (SmolLM2, and a Qwen2 with biased
+    q/k/v projections and grouped KV heads)."""
     import torch
 
     from gsd_serve.runner import ModelRunner
 
-    target = default_pair[0]
+    if model == "tiny-qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        target = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2)).eval()
+    else:
+        target = default_pair[0]
     lean = ModelRunner(target)
     monkeypatch.setenv("GSD_SERVE_LEAN_FORWARD", "0")
     stock = ModelRunner(target)
     assert lean._lean is not None and stock._lean is None
     ca, cb = lean.new_cache(), stock.new_cache()
-    prompt = torch.arange(100, 140)
+    prompt = torch.arange(100, 140) % target.config.vocab_size
     tree, pos = torch.tensor([5, 6, 7, 8]), torch.tensor([40, 41, 41, 42])
     mask = torch.ones(1, 1, 4, 44, dtype=torch.bool)
     mask[0, 0, :, 40:] = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
