@@ -44,10 +44,13 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="gsd merge rule n: 0 merges equal tokens, 1 equal bigrams, ... (default 1)")
     g.add_argument("--sibling-threshold", type=float, help="drop candidates below s x best sibling (default 0.2)")
     g.add_argument("--confidence-threshold", type=float,
-                   help="stop drafting at a level whose paths all fall below this draft probability (default 0.3)")
+                   help="stop drafting at a level whose paths all fall below this draft probability (default 0.5)")
     g.add_argument("--max-depth", type=int, help="draft levels per round (default 6)")
     g.add_argument("--max-width", type=int, help="nodes expanded per level (default 8)")
     g.add_argument("--budget", type=int, help="tokens verified per round, root included (default 16)")
+    g.add_argument("--lookup", type=int,
+                   help="gsd: also propose up to N tokens that followed the last earlier occurrence of the "
+                        "last two tokens in the prompt or output (0 = off; default 6)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +68,7 @@ def spec_from_args(args, method: str):
         method, load_tuned_defaults(),
         k=args.k, merge_context=args.merge_context, sibling_threshold=args.sibling_threshold,
         confidence_threshold=args.confidence_threshold, max_depth=args.max_depth, max_width=args.max_width,
-        budget=args.budget)
+        budget=args.budget, lookup=getattr(args, "lookup", None))
 
 
 def sampling_from_args(args):

@@ -23,7 +23,9 @@ class SpecConfig:
     confidence_threshold: a node whose path has a draft probability below tau is not confident; drafting
     stops at the first level without confident nodes. max_depth: draft levels per round.
     max_width: nodes expanded per level (the most probable paths). budget: tokens verified per round
-    (the root included).
+    (the root included). lookup (gsd only): up to this many tokens that followed the latest earlier
+    occurrence of the last two committed tokens (prompt and output) join the graph as one more proposal
+    (0: off); they merge with the draft's nodes like any candidate and cost no draft forward.
     """
 
     method: str = "gsd"
@@ -36,6 +38,7 @@ class SpecConfig:
     max_depth: int = 6
     max_width: int = 8
     budget: int = 16
+    lookup: int = 6
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,6 +57,10 @@ class SpecConfig:
             raise ConfigError(f"max_width must be in [1, 256], got {self.max_width}")
         if not 2 <= self.budget <= 1024:
             raise ConfigError(f"budget must be in [2, 1024], got {self.budget}")
+        if not 0 <= self.lookup <= 64:
+            raise ConfigError(f"lookup must be in [0, 64], got {self.lookup}")
+        if self.lookup and self.method != "gsd":
+            raise ConfigError("context lookup is a gsd proposal (lookup=0 for chain and tree)")
         if self.method == "chain" and self.k != 1:
             raise ConfigError("chain drafts one candidate per node (k=1); use tree or gsd for k > 1")
         if self.method == "tree" and self.merge_context != -1:
@@ -68,12 +75,16 @@ class SpecConfig:
         fields = dataclasses.asdict(base)
         fields["method"] = method
         if method == "chain":
-            fields.update(k=1, merge_context=-1, max_width=1)
+            fields.update(k=1, merge_context=-1, max_width=1, lookup=0)
         elif method == "tree":
-            fields["merge_context"] = -1
+            fields.update(merge_context=-1, lookup=0)
         elif method == "gsd" and fields["merge_context"] < 0:
             fields["merge_context"] = cls.merge_context
+        if method == "gsd" and base.method in ("chain", "tree"):
+            fields["lookup"] = cls.lookup
         fields.update({k: v for k, v in overrides.items() if v is not None})
+        if method != "gsd":
+            fields["lookup"] = 0   # the classic single-proposer baselines
         return cls(**fields)
 
     def to_dict(self) -> dict:

@@ -11,6 +11,45 @@ from .kv_cache import KVCache
 from .runner import ModelRunner
 from .sampling import TokenChooser
 
+LOOKUP_NGRAM = 2      # the context match that triggers a lookup proposal: the last two committed tokens
+LOOKUP_PROB = 0.7     # the probability a lookup token is ranked with when the verification budget is cut
+
+
+def lookup_continuation(history, n: int, max_tokens: int) -> list[int]:
+    """The tokens that followed the latest earlier occurrence of history's last `n` tokens (at most
+    `max_tokens`, never reaching past the end of history): prompt-lookup / n-gram drafting. Repeated
+    phrases, quoted input and copied code are common in answers, and this costs no model forward."""
+    end = len(history)
+    if max_tokens <= 0 or end <= n:
+        return []
+    key = history[end - n:]
+    first = key[0]
+    for j in range(end - n - 1, -1, -1):   # latest occurrence first
+        if history[j] == first and history[j: j + n] == key:
+            start = j + n
+            return list(history[start: min(start + max_tokens, end)])
+    return []
+
+
+def add_proposal(graph: TokenGraph, slots: list[int], tokens: list[int], prob: float = LOOKUP_PROB) -> int:
+    """Add a chain of tokens proposed under the root by something other than the draft model.
+
+    Where the draft proposed the same token under the same parent the chain follows that node (no second
+    edge); elsewhere `graph.add` applies, merges included. New nodes get draft slot -1 (never fed to the
+    draft: if accepted, they are re-fed with the next round's first forward). Returns the last node.
+    """
+    parent = 0
+    for token in tokens:
+        same = [c for c, _ in graph.edges[parent] if graph.tokens[c] == token]
+        if same:
+            parent = same[0]
+            continue
+        node, new = graph.add(parent, token, prob)
+        if new:
+            slots.append(-1)
+        parent = node
+    return parent
+
 
 @dataclass
 class DraftSession:
@@ -33,11 +72,21 @@ class DraftSession:
         return self.runner.forward(self.cache, tokens, positions, mask, last_only=last_only)
 
     def propose(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
-                chooser: TokenChooser, max_depth: int | None = None) -> tuple[TokenGraph, list[int]]:
+                chooser: TokenChooser, max_depth: int | None = None,
+                history: list[int] | None = None) -> tuple[TokenGraph, list[int]]:
         """Draft the graph under `root` (the token at sequence index `root_index`).
 
+        `history` is the committed sequence ending with the root (for `config.lookup`).
         Returns the graph and each node's draft-cache slot (-1 for nodes never fed to the draft).
         """
+        graph, slots = self._draft(root, root_index, context, config, chooser, max_depth)
+        depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
+        if config.lookup and history and depth_cap > 0:
+            add_proposal(graph, slots, lookup_continuation(history, LOOKUP_NGRAM, min(config.lookup, depth_cap)))
+        return graph, slots
+
+    def _draft(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
+               chooser: TokenChooser, max_depth: int | None) -> tuple[TokenGraph, list[int]]:
         depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
         graph = TokenGraph(root, config.merge_context, context)
         slots = [-1]

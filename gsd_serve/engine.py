@@ -144,7 +144,8 @@ class Engine:
                     context = tuple((prompt + out)[-1 - max(spec.merge_context, 0):-1]) \
                         if spec.merge_context > 0 else ()
                     graph, slots = draft.propose(root, root_index, context, spec, chooser,
-                                                 max_depth=max_new - len(out) - 1)
+                                                 max_depth=max_new - len(out) - 1,
+                                                 history=prompt + out if spec.lookup else None)
                     t1 = time.perf_counter()
                     verdict = target.verify(graph, spec.budget, root_index, chooser)
                     t2 = time.perf_counter()

@@ -185,7 +185,8 @@ def sampling_to_proto(params) -> "pb.SamplingParams":
 def spec_to_proto(spec) -> "pb.SpecConfig":
     return pb.SpecConfig(method=spec.method, k=spec.k, merge_context=spec.merge_context,
                          sibling_threshold=spec.sibling_threshold, confidence_threshold=spec.confidence_threshold,
-                         max_depth=spec.max_depth, max_width=spec.max_width, budget=spec.budget)
+                         max_depth=spec.max_depth, max_width=spec.max_width, budget=spec.budget,
+                         lookup=spec.lookup)
 
 
 def spec_from_proto(msg: "pb.SpecConfig", default=None):
@@ -198,4 +199,4 @@ def spec_from_proto(msg: "pb.SpecConfig", default=None):
     return SpecConfig(method=msg.method, k=msg.k or base.k, merge_context=msg.merge_context,
                       sibling_threshold=msg.sibling_threshold, confidence_threshold=msg.confidence_threshold,
                       max_depth=msg.max_depth or base.max_depth, max_width=msg.max_width or base.max_width,
-                      budget=msg.budget or base.budget)
+                      budget=msg.budget or base.budget, lookup=msg.lookup)

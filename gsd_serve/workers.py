@@ -240,7 +240,8 @@ class DraftWorker:
             n = max(spec.merge_context, 0)
             context = tuple(new[-1 - n:-1]) if n > 0 else ()
             graph, slots = ds.propose(new[-1], root_index, context, spec, chooser,
-                                      max_depth=req.max_depth if req.max_depth > 0 else 0)
+                                      max_depth=req.max_depth if req.max_depth > 0 else 0,
+                                      history=new if spec.lookup else None)
             if slots[0] >= 0:   # the round's first forward fed pending + root: all committed now
                 entry.cache_tokens = list(new)
                 entry.graph = (graph, slots, root_index)

@@ -182,3 +182,29 @@ def test_accept_follows_target_choices():
         logits[i, c] = 1.0
     path, emitted = accept_greedy(tokens, parents, logits)
     assert path == [0, 2, 4] and emitted == [DOG, CAT, 9]
+
+
+def test_lookup_continuation_takes_the_latest_earlier_match():
+    from gsd_serve.drafting import lookup_continuation
+
+    seq = [1, 2, 3, 4, 9, 1, 2, 5, 6, 7, 1, 2]
+    assert lookup_continuation(seq, 2, 3) == [5, 6, 7]          # the latest earlier "1 2" is followed by 5 6 7
+    assert lookup_continuation(seq, 2, 10) == [5, 6, 7, 1, 2]   # never past the end of the history
+    assert lookup_continuation(seq, 2, 0) == []
+    assert lookup_continuation([1, 2, 3], 2, 4) == []            # no earlier occurrence
+    assert lookup_continuation([7, 7, 7], 2, 4) == [7]
+
+
+def test_lookup_proposal_joins_the_graph_without_duplicate_edges():
+    """A lookup token the draft proposed too follows the draft's node; new ones hang below it."""
+    g = TokenGraph(root_token=10, merge_context=1, context=(9,))
+    a, _ = g.add(0, 11, 0.6)
+    b, _ = g.add(a, 12, 0.5)
+    from gsd_serve.drafting import add_proposal
+
+    slots = [5, 6, 7]
+    parent = add_proposal(g, slots, [11, 12, 13])
+    assert slots == [5, 6, 7, -1]
+    assert len(g.edges[0]) == 1 and len(g.edges[a]) == 1 and g.tokens[parent] == 13 and g.parent[parent] == b
+    tree = flatten_to_tree(g, 100)
+    assert tree.tokens.tolist() == [10, 11, 12, 13]
