@@ -62,7 +62,7 @@ def run_bench(args) -> dict:
         check_spec_tp_size(args.target, tp)
     args.tensor_parallel_size = 1
     engine, tokenizer = build_engine(args, "gsd")
-    specs = {m: spec_from_args(args, m) for m in methods if m in SPEC_METHODS}
+    specs = {m: _bench_spec(args, m, spec_from_args) for m in methods if m in SPEC_METHODS}
     target_model, draft_model = engine.target.model, engine.draft.model if engine.draft else None
     engines = {m: engine for m in methods}
     if tp > 1:
@@ -280,6 +280,21 @@ def cmd_bench(args) -> int:
         raise ValueError("--max-new-tokens must be >= 1")
     run_bench(args)
     return 0
+
+
+def _bench_spec(args, method: str, spec_from_args):
+    """The method's config with the command's flags, leaving out the flags that do not apply to it (a
+    gsd-only --merge-context or --lookup, a --k or --max-width for chain), so one bench command can set them."""
+    import copy
+
+    a = copy.copy(args)
+    if method in ("chain", "tree"):
+        a.merge_context = None
+        a.lookup = None
+    if method == "chain":
+        a.k = None
+        a.max_width = None
+    return spec_from_args(a, method)
 
 
 # ------------------------------------------------------------------------------------------ tune
