@@ -74,17 +74,15 @@ class SpecConfig:
         base = base or cls()
         fields = dataclasses.asdict(base)
         fields["method"] = method
-        if method == "chain":
-            fields.update(k=1, merge_context=-1, max_width=1, lookup=0)
-        elif method == "tree":
-            fields.update(merge_context=-1, lookup=0)
-        elif method == "gsd" and fields["merge_context"] < 0:
-            fields["merge_context"] = cls.merge_context
-        if method == "gsd" and base.method in ("chain", "tree"):
-            fields["lookup"] = cls.lookup
-        fields.update({k: v for k, v in overrides.items() if v is not None})
         if method != "gsd":
-            fields["lookup"] = 0   # the classic single-proposer baselines
+            fields["lookup"] = 0   # context lookup is a gsd proposal
+        if method == "chain":
+            fields.update(k=1, merge_context=-1, max_width=1)
+        elif method == "tree":
+            fields["merge_context"] = -1
+        elif method == "gsd" and fields["merge_context"] < 0:   # from a chain or tree base
+            fields.update(merge_context=cls.merge_context, lookup=cls.lookup)
+        fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 
     def to_dict(self) -> dict:

@@ -31,6 +31,36 @@ def lookup_continuation(history, n: int, max_tokens: int) -> list[int]:
     return []
 
 
+class NgramIndex:
+    """`lookup_continuation` for a sequence that grows by a few tokens per round, without rescanning it:
+    the latest start of every n-gram seen so far, extended incrementally (the decode loop calls it every
+    round). A sequence that got shorter (a rollback) is reindexed from scratch."""
+
+    def __init__(self, n: int = LOOKUP_NGRAM):
+        self.n = n
+        self.latest: dict[tuple[int, ...], int] = {}
+        self.indexed = 0          # n-grams starting before this position are in `latest`
+
+    def reset(self) -> None:
+        self.latest.clear()
+        self.indexed = 0
+
+    def continuation(self, history, max_tokens: int) -> list[int]:
+        n, end = self.n, len(history)
+        if max_tokens <= 0 or end <= n:
+            return []
+        if self.indexed > end - n:
+            self.reset()
+        for j in range(self.indexed, end - n):   # every n-gram before the final one
+            self.latest[tuple(history[j: j + n])] = j
+        self.indexed = end - n
+        key = tuple(history[end - n:])
+        j = self.latest.get(key)
+        if j is None or tuple(history[j: j + n]) != key:
+            return []
+        return list(history[j + n: min(j + n + max_tokens, end)])
+
+
 def add_proposal(graph: TokenGraph, slots: list[int], tokens: list[int], prob: float = LOOKUP_PROB) -> int:
     """Add a chain of tokens proposed under the root by something other than the draft model.
 
@@ -65,6 +95,7 @@ class DraftSession:
     pending: list[int] = field(default_factory=list)
     forwards: int = 0
     tokens_fed: int = 0
+    lookup: NgramIndex = field(default_factory=NgramIndex)
 
     def _forward(self, tokens: torch.Tensor, positions=None, mask=None, last_only=False) -> torch.Tensor:
         self.forwards += 1
@@ -82,7 +113,7 @@ class DraftSession:
         graph, slots = self._draft(root, root_index, context, config, chooser, max_depth)
         depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
         if config.lookup and history and depth_cap > 0:
-            add_proposal(graph, slots, lookup_continuation(history, LOOKUP_NGRAM, min(config.lookup, depth_cap)))
+            add_proposal(graph, slots, self.lookup.continuation(history, min(config.lookup, depth_cap)))
         return graph, slots
 
     def _draft(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
@@ -174,3 +205,4 @@ class DraftSession:
 
     def rollback_to(self, length: int) -> None:
         self.cache.truncate(length)
+        self.lookup.reset()   # the committed sequence diverged: its n-gram positions are stale

@@ -114,6 +114,7 @@ class Engine:
         target = TargetSession(self.target)
         draft = DraftSession(self.draft) if spec.method != "ar" else None
         out: list[int] = []
+        seq = list(prompt)   # prompt + out, kept up to date rather than rebuilt every round
         finish = "length"
         start = time.perf_counter()
 
@@ -126,6 +127,7 @@ class Engine:
                     finish = "stop"
                     break
             out.extend(tokens)
+            seq.extend(tokens)
             return tokens
 
         with torch.inference_mode():
@@ -141,11 +143,10 @@ class Engine:
                     stats.accept_lengths[1] = stats.accept_lengths.get(1, 0) + 1
                 else:
                     t0 = time.perf_counter()
-                    context = tuple((prompt + out)[-1 - max(spec.merge_context, 0):-1]) \
-                        if spec.merge_context > 0 else ()
+                    context = tuple(seq[-1 - spec.merge_context:-1]) if spec.merge_context > 0 else ()
                     graph, slots = draft.propose(root, root_index, context, spec, chooser,
                                                  max_depth=max_new - len(out) - 1,
-                                                 history=prompt + out if spec.lookup else None)
+                                                 history=seq if spec.lookup else None)
                     t1 = time.perf_counter()
                     verdict = target.verify(graph, spec.budget, root_index, chooser)
                     t2 = time.perf_counter()

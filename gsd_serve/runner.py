@@ -72,6 +72,9 @@ class ModelRunner:
             hidden = hidden[-1:]
         self.forwards += 1
         self.tokens_fed += n
+        return self._logits(hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._head is not None:
             return self._head(hidden)
         return F.linear(hidden, self.head_weight, self.head_bias).float()
@@ -86,10 +89,7 @@ class ModelRunner:
         hidden = self._lean.forward_many(caches, tokens, positions, masks)
         self.forwards += 1
         self.tokens_fed += sum(t.numel() for t in tokens)
-        flat = torch.cat(hidden)
-        logits = self._head(flat) if self._head is not None else \
-            F.linear(flat, self.head_weight, self.head_bias).float()
-        return list(logits.split([h.shape[0] for h in hidden]))
+        return list(self._logits(torch.cat(hidden)).split([h.shape[0] for h in hidden]))
 
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.output_ids is None else self.output_ids[ids]

@@ -233,6 +233,8 @@ class DraftWorker:
                 raise BadRequest(f"root_index {req.root_index} does not match the committed tokens ({len(new)})")
             if entry is None:
                 entry = _DraftEntry(DraftSession(self.runner), new)
+            elif req.delta_start < len(entry.committed):
+                entry.session.lookup.reset()   # the router rewrote committed tokens: n-gram positions are stale
             self._sync(entry, new, req.last_path)
             ds = entry.session
             f0, n0 = ds.forwards, ds.tokens_fed

@@ -208,3 +208,21 @@ def test_lookup_proposal_joins_the_graph_without_duplicate_edges():
     assert len(g.edges[0]) == 1 and len(g.edges[a]) == 1 and g.tokens[parent] == 13 and g.parent[parent] == b
     tree = flatten_to_tree(g, 100)
     assert tree.tokens.tolist() == [10, 11, 12, 13]
+
+
+def test_incremental_ngram_index_agrees_with_the_scan():
+    """The decode loop's NgramIndex gives lookup_continuation's answer on a growing sequence and after a
+    rollback, without rescanning."""
+    import random
+
+    from gsd_serve.drafting import NgramIndex, lookup_continuation
+
+    rng = random.Random(0)
+    seq = [rng.randrange(6) for _ in range(5)]
+    index = NgramIndex(2)
+    for step in range(300):
+        assert index.continuation(seq, 4) == lookup_continuation(seq, 2, 4), step
+        if step == 150:
+            del seq[-20:]         # a rollback
+            index.reset()
+        seq.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
