@@ -164,6 +164,11 @@ def _aggregate(rows: list[dict]) -> dict:
             mean_accept_len=tokens / sum(tf) if sum(tf) else 0.0,
             draft_tokens_per_round=sum(r["stats"].get("draft_tokens", 0) for r in rows) / rounds if rounds else 0.0,
             draft_forwards_per_round=sum(r["stats"].get("draft_forwards", 0) for r in rows) / rounds if rounds else 0.0,
+            # per generated token, so methods that commit more per round compare on the same work: the
+            # draft's proposal work (drafted nodes fed to draft their children) and all it was fed after
+            # the prompt (that plus catch-up of committed tokens, which every method feeds once each)
+            drafted_per_token=sum(r["stats"].get("draft_proposal_tokens", 0) for r in rows) / tokens if tokens else 0.0,
+            draft_tokens_per_token=sum(r["stats"].get("draft_tokens", 0) for r in rows) / tokens if tokens else 0.0,
             verified_tokens_per_round=sum(r["stats"].get("verified_tokens", 0) for r in rows) / rounds if rounds else 0.0,
             draft_seconds=round(sum(r["stats"].get("draft_seconds", 0) for r in rows), 3),
             verify_seconds=round(sum(r["stats"].get("verify_seconds", 0) for r in rows), 3),
@@ -208,15 +213,27 @@ def to_markdown(results: dict) -> str:
         if not temp.startswith("T="):
             continue
         lines += [f"### {temp}", "",
-                  "| method | tokens/s | speedup vs ar | mean acceptance length | draft tokens/round | "
-                  "draft forwards/round | verified tokens/round | identical to ar |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | tokens/s | speedup vs ar | mean acceptance length | draft forwards/round | "
+                  "draft tokens/round | draft tokens/output token | drafted tokens/output token | "
+                  "verified tokens/round | identical to ar |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for m, d in per.items():
             o = d["overall"]
             f = lambda k, p=2: (f"{o[k]:.{p}f}" if o.get(k) is not None else "-")  # noqa: E731
             lines.append(f"| {m} | {o['tokens_per_s']:.2f} | {o['speedup']:.2f}x | {f('mean_accept_len')} | "
-                         f"{f('draft_tokens_per_round', 1)} | {f('draft_forwards_per_round', 1)} | "
+                         f"{f('draft_forwards_per_round')} | {f('draft_tokens_per_round')} | "
+                         f"{f('draft_tokens_per_token')} | {f('drafted_per_token', 3)} | "
                          f"{f('verified_tokens_per_round', 1)} | {o['identical']} |")
+        lines += ["", "Draft tokens: fed to the draft after the prompt (catch-up of committed tokens and drafted "
+                  "nodes); drafted: the drafted nodes fed to draft their children, the proposal work merging saves."]
+        if "tree" in per:
+            t = per["tree"]["overall"]
+            for m in [m for m in per if m.startswith("gsd")]:
+                o = per[m]["overall"]
+                if t.get("drafted_per_token") and t.get("draft_tokens_per_token"):
+                    lines.append(f"{m} against tree (same k): {1 - o['drafted_per_token'] / t['drafted_per_token']:.0%} "
+                                 f"fewer drafted tokens, {1 - o['draft_tokens_per_token'] / t['draft_tokens_per_token']:.0%} "
+                                 "fewer draft tokens, per output token.")
         cats = list(next(iter(per.values()))["by_category"])
         lines += ["", "Speedup over ar by category:", "", "| method | " + " | ".join(cats) + " |",
                   "|---|" + "---|" * len(cats)]

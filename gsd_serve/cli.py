@@ -41,7 +41,7 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculation (defaults: the tuned configuration if `gsd-serve tune` saved one)")
     g.add_argument("--k", type=int, help="candidates per drafted node (tree, gsd; default 4)")
     g.add_argument("--merge-context", type=int,
-                   help="gsd merge rule n: 0 merges equal tokens, 1 equal bigrams, ... (default 1)")
+                   help="gsd merge rule n: 0 merges equal tokens, 1 equal bigrams, ... (default 0)")
     g.add_argument("--sibling-threshold", type=float, help="drop candidates below s x best sibling (default 0.2)")
     g.add_argument("--confidence-threshold", type=float,
                    help="stop drafting at a level whose paths all fall below this draft probability (default 0.5)")

@@ -64,9 +64,9 @@ class NgramIndex:
 def add_proposal(graph: TokenGraph, slots: list[int], tokens: list[int], prob: float = LOOKUP_PROB) -> int:
     """Add a chain of tokens proposed under the root by something other than the draft model.
 
-    Where the draft proposed the same token under the same parent the chain follows that node (no second
-    edge); elsewhere `graph.add` applies, merges included. New nodes get draft slot -1 (never fed to the
-    draft: if accepted, they are re-fed with the next round's first forward). Returns the last node.
+    Where the graph already has the same token under the same parent the chain follows that node (no
+    second edge); elsewhere `graph.add` applies, merges included. New nodes get draft slot -1 (never fed
+    to the draft: if accepted, they are fed with the next round's first forward). Returns the last node.
     """
     parent = 0
     for token in tokens:
@@ -95,6 +95,7 @@ class DraftSession:
     pending: list[int] = field(default_factory=list)
     forwards: int = 0
     tokens_fed: int = 0
+    proposal_fed: int = 0
     lookup: NgramIndex = field(default_factory=NgramIndex)
 
     def _forward(self, tokens: torch.Tensor, positions=None, mask=None, last_only=False) -> torch.Tensor:
@@ -110,19 +111,23 @@ class DraftSession:
         `history` is the committed sequence ending with the root (for `config.lookup`).
         Returns the graph and each node's draft-cache slot (-1 for nodes never fed to the draft).
         """
-        graph, slots = self._draft(root, root_index, context, config, chooser, max_depth)
-        depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
-        if config.lookup and history and depth_cap > 0:
-            add_proposal(graph, slots, self.lookup.continuation(history, min(config.lookup, depth_cap)))
-        return graph, slots
-
-    def _draft(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
-               chooser: TokenChooser, max_depth: int | None) -> tuple[TokenGraph, list[int]]:
         depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
         graph = TokenGraph(root, config.merge_context, context)
         slots = [-1]
+        chain = self.lookup.continuation(history, min(config.lookup, depth_cap)) \
+            if config.lookup and history and depth_cap > 0 else []
+        # the lookup chain goes in first: a draft candidate naming the same token in the same context is
+        # merged into it instead of becoming a new node, so the draft never spends forwards extending a
+        # path the lookup already spelled out (the same saving as any GSD merge)
+        add_proposal(graph, slots, chain)
+        self._draft(graph, slots, root_index, config, chooser, depth_cap)
+        return graph, slots
+
+    def _draft(self, graph: TokenGraph, slots: list[int], root_index: int, config: SpecConfig,
+               chooser: TokenChooser, depth_cap: int) -> None:
+        root = graph.tokens[0]
         if depth_cap <= 0:
-            return graph, slots
+            return
         feed = torch.tensor(self.pending + [root], dtype=torch.long)
         if self.cache.length + len(feed) != root_index + 1:
             raise RuntimeError("draft cache out of step with the sequence")
@@ -185,7 +190,7 @@ class DraftSession:
             tokens = torch.tensor([graph.tokens[v] for v in frontier], dtype=torch.long)
             positions = torch.tensor([root_index + graph.depth[v] for v in frontier], dtype=torch.long)
             logits = self._forward(tokens, positions, mask[None, None])
-        return graph, slots
+            self.proposal_fed += len(frontier)
 
     def commit(self, graph: TokenGraph, slots: list[int], path_nodes: list[int]) -> None:
         """Keep the accepted path's draft K/V where it was computed in its own context.

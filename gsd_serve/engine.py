@@ -23,7 +23,9 @@ class GenerationStats:
     target_forwards: int = 0     # prefill included
     rounds: int = 0              # target forwards after the prefill
     draft_forwards: int = 0
-    draft_tokens: int = 0        # tokens fed to the draft
+    draft_tokens: int = 0        # tokens fed to the draft after the prompt: catch-up and proposals
+    draft_proposal_tokens: int = 0  # of those, drafted nodes fed to draft their children
+    draft_prefill_tokens: int = 0   # the prompt, fed with the first round
     verified_tokens: int = 0     # tree tokens fed to the target in verification
     accepted_tokens: int = 0     # draft tokens accepted (bonus tokens not counted)
     merge_edges: int = 0
@@ -168,6 +170,8 @@ class Engine:
         stats.target_forwards = target.forwards
         if draft is not None:
             stats.draft_forwards = draft.forwards
-            stats.draft_tokens = draft.tokens_fed
+            stats.draft_prefill_tokens = len(prompt)
+            stats.draft_tokens = draft.tokens_fed - len(prompt)
+            stats.draft_proposal_tokens = draft.proposal_fed
         stats.finish(time.perf_counter() - start)
         box.append(GenerationResult(out, finish, stats))

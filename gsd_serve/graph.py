@@ -89,6 +89,10 @@ class TokenGraph:
                 if m == parent or self.reaches(m, parent):
                     self.refused_cycles += 1
                     continue
+                for i, (c, q) in enumerate(self.edges[parent]):
+                    if c == m:   # proposed here before (by another proposer): keep the higher probability
+                        self.edges[parent][i] = (m, max(q, prob))
+                        return m, False
                 self.edges[parent].append((m, prob))
                 self.merge_edges += 1
                 return m, False

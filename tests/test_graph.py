@@ -226,3 +226,19 @@ def test_incremental_ngram_index_agrees_with_the_scan():
             del seq[-20:]         # a rollback
             index.reset()
         seq.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
+
+
+def test_a_token_proposed_twice_under_one_parent_keeps_one_edge_with_the_higher_probability():
+    """Two proposers (the lookup chain, then the draft) naming the same child share one node and one edge."""
+    g = TokenGraph(root_token=10, merge_context=1, context=(9,))
+    from gsd_serve.drafting import add_proposal
+
+    slots = [0]
+    lookup_last = add_proposal(g, slots, [11, 12], prob=0.7)
+    a = g.parent[lookup_last]
+    node, created = g.add(0, 11, 0.9)
+    assert (node, created) == (a, False)
+    assert g.edges[0] == [(a, 0.9)]
+    node, created = g.add(0, 11, 0.1)
+    assert g.edges[0] == [(a, 0.9)]
+    assert flatten_to_tree(g, 100).tokens.tolist() == [10, 11, 12]

@@ -89,11 +89,53 @@ def test_gsd_merges_and_feeds_the_draft_fewer_tokens_than_tree(engine, reference
         t = engine.generate(ids, 32, SpecConfig.for_method("tree", **common))
         g = engine.generate(ids, 32, SpecConfig.for_method("gsd", merge_context=0, **common))
         assert g.token_ids == ref.token_ids[:32] == t.token_ids
-        tree_tokens += t.stats.draft_tokens_per_round
-        gsd_tokens += g.stats.draft_tokens_per_round
+        tree_tokens += t.stats.draft_proposal_tokens
+        gsd_tokens += g.stats.draft_proposal_tokens
         merges += g.stats.merge_edges
+        for r in (t, g):
+            assert r.stats.draft_prefill_tokens == len(ids)
+            assert r.stats.draft_proposal_tokens < r.stats.draft_tokens
     assert merges > 0
     assert gsd_tokens < tree_tokens
+
+
+def test_the_draft_does_not_extend_what_the_context_lookup_proposed(engine, tokenizer):
+    """The lookup chain is in the graph before the draft drafts: a draft candidate with the lookup's token
+    joins the lookup node (one edge, with the higher of the two probabilities, never fed to the draft)
+    instead of becoming a second node that the draft would go on extending."""
+    from gsd_serve.drafting import DraftSession
+    from gsd_serve.sampling import SamplingParams, TokenChooser
+
+    ids = encode(tokenizer, "What is the capital of France?") + \
+        tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    chooser = TokenChooser(SamplingParams(), engine.target.vocab_size)
+
+    def propose(history, lookup):
+        # confidence 0: every candidate is expanded, so a candidate that stayed a node would be fed
+        spec = SpecConfig.for_method("gsd", lookup=lookup, confidence_threshold=0.0, max_depth=3)
+        ds = DraftSession(engine.draft)
+        ds.pending = ids[:-1]
+        graph, slots = ds.propose(ids[-1], len(ids) - 1, tuple(ids[:-1]), spec, chooser, history=history)
+        return ds, graph, slots
+
+    alone, g0, _ = propose(ids, 0)
+    first, q = g0.edges[0][0]                     # the draft's favourite continuation and its probability
+    x = g0.tokens[first]
+    # a history whose last two tokens were earlier followed by x: the lookup proposes x, 11, 12, ...
+    ds, graph, slots = propose([ids[-2], ids[-1], x, 11, 12, ids[-2], ids[-1]], 6)
+    chain = [x, 11, 12]                           # max_depth 3 caps the lookup too
+    node, lookup_nodes = 0, []
+    for token in chain:
+        node = next(c for c, _ in graph.edges[node] if graph.tokens[c] == token)
+        lookup_nodes.append(node)
+        assert slots[node] == -1
+    for v in range(len(graph)):                   # no parent has two edges to one token
+        tokens = [graph.tokens[c] for c, _ in graph.edges[v]]
+        assert len(tokens) == len(set(tokens))
+    assert dict(graph.edges[0])[lookup_nodes[0]] == max(q, 0.7)
+    assert {graph.tokens[c] for c, _ in graph.edges[0]} == {g0.tokens[c] for c, _ in g0.edges[0]}
+    assert not any(graph.parent[v] in lookup_nodes for v in range(1, len(graph)) if slots[v] >= 0)
+    assert ds.proposal_fed < alone.proposal_fed   # x's subtree was drafted alone, not with the lookup
 
 
 def test_bad_arguments_are_refused(engine, reference):
