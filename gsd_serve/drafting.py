@@ -11,7 +11,12 @@ from .kv_cache import KVCache
 from .runner import ModelRunner
 from .sampling import TokenChooser
 
-LOOKUP_NGRAM = 2      # the context match that triggers a lookup proposal: the last two committed tokens
+# the context matches that trigger a lookup proposal, longest first: the last 4, else 3, else 2 committed
+# tokens. On 24 greedy bench answers a proposal's first token was right 73-75% of the time (the draft's
+# top-1: 38%); trying longer matches first raised the lookup's correct tokens per position from 1.36 (2
+# only) to 1.51, though end to end (the draft covers many of the same tokens) gsd's acceptance moved only
+# 2.16 -> 2.18 on 12 bench prompts
+LOOKUP_NGRAMS = (4, 3, 2)
 LOOKUP_PROB = 0.7     # the probability a lookup token is ranked with when the verification budget is cut
 
 
@@ -31,34 +36,52 @@ def lookup_continuation(history, n: int, max_tokens: int) -> list[int]:
     return []
 
 
-class NgramIndex:
-    """`lookup_continuation` for a sequence that grows by a few tokens per round, without rescanning it:
-    the latest start of every n-gram seen so far, extended incrementally (the decode loop calls it every
-    round). A sequence that got shorter (a rollback) is reindexed from scratch."""
+def lookup_continuation_longest(history, ngrams, max_tokens: int) -> list[int]:
+    """`lookup_continuation` for the first of `ngrams` (longest first) that has an earlier match."""
+    for n in ngrams:
+        found = lookup_continuation(history, n, max_tokens)
+        if found:
+            return found
+    return []
 
-    def __init__(self, n: int = LOOKUP_NGRAM):
-        self.n = n
+
+class NgramIndex:
+    """`lookup_continuation_longest` for a sequence that grows by a few tokens per round, without
+    rescanning it: the latest start of every n-gram seen so far, extended incrementally (the decode loop
+    calls it every round). A sequence that got shorter (a rollback) is reindexed from scratch."""
+
+    def __init__(self, ngrams: tuple[int, ...] | None = None):
+        self.ngrams = tuple(sorted(set(ngrams or LOOKUP_NGRAMS), reverse=True))
+        if not self.ngrams or self.ngrams[-1] < 1:
+            raise ValueError(f"n-gram sizes must be >= 1, got {ngrams}")
         self.latest: dict[tuple[int, ...], int] = {}
-        self.indexed = 0          # n-grams starting before this position are in `latest`
+        self.indexed = 0          # position up to which the sequence has been indexed
 
     def reset(self) -> None:
         self.latest.clear()
         self.indexed = 0
 
     def continuation(self, history, max_tokens: int) -> list[int]:
-        n, end = self.n, len(history)
-        if max_tokens <= 0 or end <= n:
+        end = len(history)
+        if max_tokens <= 0 or end <= self.ngrams[-1]:
             return []
-        if self.indexed > end - n:
+        if self.indexed > end:
             self.reset()
-        for j in range(self.indexed, end - n):   # every n-gram before the final one
-            self.latest[tuple(history[j: j + n])] = j
-        self.indexed = end - n
-        key = tuple(history[end - n:])
-        j = self.latest.get(key)
-        if j is None or tuple(history[j: j + n]) != key:
-            return []
-        return list(history[j + n: min(j + n + max_tokens, end)])
+        # every n-gram that ends before the final token (so the final n-gram never matches itself);
+        # keys of different lengths never collide
+        for stop in range(max(self.indexed, 1), end):
+            for n in self.ngrams:
+                if stop >= n:
+                    self.latest[tuple(history[stop - n: stop])] = stop - n
+        self.indexed = end
+        for n in self.ngrams:
+            if end <= n:
+                continue
+            key = tuple(history[end - n:])
+            j = self.latest.get(key)
+            if j is not None and tuple(history[j: j + n]) == key:
+                return list(history[j + n: min(j + n + max_tokens, end)])
+        return []
 
 
 def add_proposal(graph: TokenGraph, slots: list[int], tokens: list[int], prob: float = LOOKUP_PROB) -> int:

@@ -211,21 +211,33 @@ def test_lookup_proposal_joins_the_graph_without_duplicate_edges():
 
 
 def test_incremental_ngram_index_agrees_with_the_scan():
-    """The decode loop's NgramIndex gives lookup_continuation's answer on a growing sequence and after a
-    rollback, without rescanning."""
+    """The decode loop's NgramIndex gives the scanning reference's answer (longest match first) on a
+    growing sequence and after a rollback, without rescanning."""
     import random
 
-    from gsd_serve.drafting import NgramIndex, lookup_continuation
+    from gsd_serve.drafting import NgramIndex, lookup_continuation, lookup_continuation_longest
 
-    rng = random.Random(0)
-    seq = [rng.randrange(6) for _ in range(5)]
-    index = NgramIndex(2)
-    for step in range(300):
-        assert index.continuation(seq, 4) == lookup_continuation(seq, 2, 4), step
-        if step == 150:
-            del seq[-20:]         # a rollback
-            index.reset()
-        seq.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
+    for ngrams in [(2,), (4, 3, 2), (3, 1)]:
+        rng = random.Random(0)
+        seq = [rng.randrange(6) for _ in range(5)]
+        index = NgramIndex(ngrams)
+        for step in range(300):
+            want = lookup_continuation_longest(seq, ngrams, 4)
+            assert index.continuation(seq, 4) == want, (ngrams, step)
+            if ngrams == (2,):
+                assert want == lookup_continuation(seq, 2, 4)
+            if step == 150:
+                del seq[-20:]         # a rollback
+            seq.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
+
+
+def test_longer_context_matches_win():
+    from gsd_serve.drafting import lookup_continuation_longest
+
+    seq = [1, 2, 3, 7, 9, 2, 3, 8, 1, 2, 3]
+    assert lookup_continuation_longest(seq, (3, 2), 2) == [7, 9]   # "1 2 3" beats the later "2 3"
+    assert lookup_continuation_longest(seq, (2,), 2) == [8, 1]
+    assert lookup_continuation_longest([5, 6, 7], (3, 2), 2) == []
 
 
 def test_a_token_proposed_twice_under_one_parent_keeps_one_edge_with_the_higher_probability():
