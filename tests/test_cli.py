@@ -89,3 +89,19 @@ def test_a_pair_with_different_tokenizers_is_refused(tmp_path, tokenizer):
         load_pair("smollm2-135m-instruct", str(other))
     r = run("generate", "--prompt", "hi", "--draft", str(other), "--max-new-tokens", "2")
     assert r.returncode == 2 and "different tokenizers" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tune_saves_a_valid_lossless_default(tmp_path):
+    """A short tune (one prompt, a 20 s budget): it measures ar and the starting config, duels candidates
+    and saves a configuration the engine accepts."""
+    from gsd_serve.config import SpecConfig, load_tuned_defaults
+
+    out = tmp_path / "tuned.json"
+    r = run("tune", "--limit", "1", "--max-new-tokens", "8", "--sweeps", "1", "--time-limit", "20",
+            "--save", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tune: ar" in r.stderr and "saved" in r.stderr
+    data = json.loads(out.read_text())
+    assert data["ar_tokens_per_s"] > 0 and data["tokens_per_s"] > 0
+    assert load_tuned_defaults(out) == SpecConfig(**data["config"])
+    assert data["config"]["method"] == "gsd"
