@@ -158,20 +158,26 @@ def _aggregate(rows: list[dict]) -> dict:
            "tokens_per_s": tokens / seconds if seconds else 0.0}
     tf = [r["stats"]["target_forwards"] for r in rows]
     if all(x is not None for x in tf):
-        rounds = sum(r["stats"].get("rounds", 0) for r in rows)
+        def total(key: str) -> float:
+            return sum(r["stats"].get(key, 0) for r in rows)
+
+        def ratio(num: float, den: float) -> float:
+            return num / den if den else 0.0
+
+        rounds = total("rounds")
         agg.update(
             target_forwards=sum(tf),
-            mean_accept_len=tokens / sum(tf) if sum(tf) else 0.0,
-            draft_tokens_per_round=sum(r["stats"].get("draft_tokens", 0) for r in rows) / rounds if rounds else 0.0,
-            draft_forwards_per_round=sum(r["stats"].get("draft_forwards", 0) for r in rows) / rounds if rounds else 0.0,
+            mean_accept_len=ratio(tokens, sum(tf)),
+            draft_tokens_per_round=ratio(total("draft_tokens"), rounds),
+            draft_forwards_per_round=ratio(total("draft_forwards"), rounds),
             # per generated token, so methods that commit more per round compare on the same work: the
             # draft's proposal work (drafted nodes fed to draft their children) and all it was fed after
             # the prompt (that plus catch-up of committed tokens, which every method feeds once each)
-            drafted_per_token=sum(r["stats"].get("draft_proposal_tokens", 0) for r in rows) / tokens if tokens else 0.0,
-            draft_tokens_per_token=sum(r["stats"].get("draft_tokens", 0) for r in rows) / tokens if tokens else 0.0,
-            verified_tokens_per_round=sum(r["stats"].get("verified_tokens", 0) for r in rows) / rounds if rounds else 0.0,
-            draft_seconds=round(sum(r["stats"].get("draft_seconds", 0) for r in rows), 3),
-            verify_seconds=round(sum(r["stats"].get("verify_seconds", 0) for r in rows), 3),
+            drafted_per_token=ratio(total("draft_proposal_tokens"), tokens),
+            draft_tokens_per_token=ratio(total("draft_tokens"), tokens),
+            verified_tokens_per_round=ratio(total("verified_tokens"), rounds),
+            draft_seconds=round(total("draft_seconds"), 3),
+            verify_seconds=round(total("verify_seconds"), 3),
         )
         agg["overhead_seconds"] = round(seconds - agg["draft_seconds"] - agg["verify_seconds"], 3) \
             if agg["draft_seconds"] else None

@@ -50,7 +50,7 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=int, help="tokens verified per round, root included (default 16)")
     g.add_argument("--lookup", type=int,
                    help="gsd: also propose up to N tokens that followed the last earlier occurrence of the "
-                        "last two tokens in the prompt or output (0 = off; default 6)")
+                        "last 4 (else 3, else 2) tokens in the prompt or output (0 = off; default 6)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

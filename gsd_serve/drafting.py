@@ -87,20 +87,15 @@ class NgramIndex:
 def add_proposal(graph: TokenGraph, slots: list[int], tokens: list[int], prob: float = LOOKUP_PROB) -> int:
     """Add a chain of tokens proposed under the root by something other than the draft model.
 
-    Where the graph already has the same token under the same parent the chain follows that node (no
-    second edge); elsewhere `graph.add` applies, merges included. New nodes get draft slot -1 (never fed
-    to the draft: if accepted, they are fed with the next round's first forward). Returns the last node.
+    `graph.add` places each token (following an existing child with that token, or merging). New nodes
+    get draft slot -1 (never fed to the draft: if accepted, they are fed with the next round's first
+    forward). Returns the last node.
     """
     parent = 0
     for token in tokens:
-        same = [c for c, _ in graph.edges[parent] if graph.tokens[c] == token]
-        if same:
-            parent = same[0]
-            continue
-        node, new = graph.add(parent, token, prob)
+        parent, new = graph.add(parent, token, prob)
         if new:
             slots.append(-1)
-        parent = node
     return parent
 
 

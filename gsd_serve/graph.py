@@ -83,16 +83,16 @@ class TokenGraph:
         Returns (node, created): the new node, or the existing node it was merged into (created=False).
         A merge that would close a cycle is refused and a new node is created instead.
         """
+        for i, (c, q) in enumerate(self.edges[parent]):
+            if self.tokens[c] == token:   # proposed here before (by another proposer): one edge, the higher probability
+                self.edges[parent][i] = (c, max(q, prob))
+                return c, False
         if self.merge_context >= 0:
             key = self._key(parent, token)
             for m in self._index.get(key, ()):
                 if m == parent or self.reaches(m, parent):
                     self.refused_cycles += 1
                     continue
-                for i, (c, q) in enumerate(self.edges[parent]):
-                    if c == m:   # proposed here before (by another proposer): keep the higher probability
-                        self.edges[parent][i] = (m, max(q, prob))
-                        return m, False
                 self.edges[parent].append((m, prob))
                 self.merge_edges += 1
                 return m, False
