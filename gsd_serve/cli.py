@@ -155,12 +155,13 @@ def cmd_distill(args) -> int:
         cfg = DistillConfig(target=args.target, out=args.out, prompts=args.prompts, layers=args.layers,
                             vocab=args.vocab, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
                             sampled_passes=args.sampled_passes, max_prompts=args.max_prompts, tokens=args.tokens, steps=args.steps,
-                            batch=args.batch, lr=args.lr, seed=args.seed, time_limit_s=args.time_limit)
+                            batch=args.batch, lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
+                            init=args.init or "", phase=args.phase, follow_data=args.follow_data)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     torch_seed(args.seed)
     model_dir = run(cfg)
-    if args.pack:
+    if args.pack and cfg.phase != "data":
         pack_for_repo(model_dir, __import__("pathlib").Path(args.pack))
         print(f"packed the draft into {args.pack}", file=sys.stderr)
     print(model_dir)
@@ -224,6 +225,12 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=5e-4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--time-limit", type=float, default=0.0, help="stop training after this many seconds")
+    d.add_argument("--init", help="start from this draft checkpoint directory (e.g. gsd_serve/data/draft, the "
+                                  "shipped draft) instead of copies of the target's layers")
+    d.add_argument("--phase", choices=("all", "data", "train"), default="all",
+                   help="run only answer generation (data) or only training (train) on the shards written so far")
+    d.add_argument("--follow-data", action="store_true",
+                   help="with --phase train: pick up shards a concurrent '--phase data' process is still writing")
     d.add_argument("--pack", help="also write the repository form of the draft (without the shared embedding) here")
     d.set_defaults(func=cmd_distill)
 

@@ -48,6 +48,8 @@ class DistillConfig:
     ckpt_every: int = 25
     time_limit_s: float = 0.0       # stop training (with a checkpoint) after this long; 0: no limit
     follow_data: bool = False       # pick up new data shards while a generation process still writes them
+    init: str = ""                  # start the draft's own layers from this draft checkpoint, not the target's
+    phase: str = "all"              # "data", "train" or "all"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.gen_batch < 1:
@@ -58,6 +60,10 @@ class DistillConfig:
             raise ValueError("vocab must be >= 0")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.phase not in ("all", "data", "train"):
+            raise ValueError(f"phase must be 'all', 'data' or 'train', got '{self.phase}'")
+        if self.init and not (Path(self.init) / "model.safetensors").exists():
+            raise ValueError(f"--init: no model.safetensors in '{self.init}'")
         self.layer_list()
 
     def layer_list(self) -> list[int]:
@@ -188,6 +194,21 @@ def build_draft(target, layers: list[int]):
     return draft
 
 
+def load_init(draft, init_dir: str) -> None:
+    """Start from an earlier draft (e.g. the shipped one) instead of copies of the target's layers: a
+    warm start, so that more target text improves a trained draft without paying its first steps again.
+    The embedding and output layer are the target's either way."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(init_dir) / "model.safetensors")
+    own = {k: v.float() for k, v in tensors.items() if "embed_tokens" not in k and k != "lm_head.weight"}
+    expected = {k for k in draft.state_dict() if "embed_tokens" not in k and k != "lm_head.weight"}
+    if set(own) != expected:
+        raise ValueError(f"--init: '{init_dir}' is not a draft of this shape "
+                         f"(missing {sorted(expected - set(own))[:3]}, unexpected {sorted(set(own) - expected)[:3]})")
+    draft.load_state_dict(own, strict=False)
+
+
 def check_layers(layers: list[int], target) -> None:
     n_layers = target.config.num_hidden_layers
     if any(not 0 <= i < n_layers for i in layers):
@@ -245,6 +266,9 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     full_to_small = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     full_to_small[output_ids] = torch.arange(output_ids.numel())
     draft = build_draft(target, layers)
+    if cfg.init and not (out / "ckpt.pt").exists():
+        load_init(draft, cfg.init)
+        print(f"distill: starting from the draft in {cfg.init}", file=sys.stderr)
     for p in draft.model.embed_tokens.parameters():
         p.requires_grad_(False)
     head_weight = draft.get_output_embeddings().weight.detach()[output_ids]
@@ -359,7 +383,15 @@ def run(cfg: DistillConfig) -> Path:
     tokenizer.padding_side = "left"
     target = load_model(cfg.target)
     check_layers(cfg.layer_list(), target)
-    shards = generate_data(cfg, target, tokenizer)
+    if cfg.phase == "train":
+        # Train on the shards already written (and, with follow_data, those a data process still writes).
+        shards = sorted((Path(cfg.out) / "data").glob("shard-*.pt"))
+        if not shards:
+            raise ValueError(f"--phase train: no data shards under {Path(cfg.out) / 'data'}; run --phase data first")
+    else:
+        shards = generate_data(cfg, target, tokenizer)
+        if cfg.phase == "data":
+            return Path(cfg.out) / "data"
     items = load_data(shards)
     for p in target.parameters():
         p.requires_grad_(False)

@@ -67,8 +67,39 @@ def test_tiny_distill_run_lowers_the_loss_and_writes_a_draft_that_drafts(tmp_pat
     assert got.token_ids == ref.token_ids and got.stats.draft_forwards > 0
 
 
+@pytest.mark.skipif(not (SHIPPED_DRAFT_DIR / "config.json").exists(), reason="no shipped draft in this checkout")
+def test_distill_in_two_phases_warm_starts_from_the_shipped_draft(tmp_path):
+    """--phase data then --phase train --init: the way the shipped draft is retrained on more target text.
+    Starting from the shipped draft must begin far better than starting from copies of the target's layers."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in [
+        "Name three colors.", "What is two plus two?", "Say hello to Bob.", "Describe a cat."]) + "\n")
+    base = [sys.executable, "-m", "gsd_serve", "distill", "--prompts", str(prompts), "--max-new-tokens", "16",
+            "--gen-batch", "4", "--batch", "2", "--vocab", "2048", "--seed", "1"]
+    warm, cold = tmp_path / "warm", tmp_path / "cold"
+    r = subprocess.run(base + ["--out", str(warm), "--phase", "data"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list((warm / "data").glob("shard-*.pt")) and not (warm / "ckpt.pt").exists()
+    (cold / "data").mkdir(parents=True)
+    for shard in (warm / "data").iterdir():
+        (cold / "data" / shard.name).write_bytes(shard.read_bytes())
+    r = subprocess.run(base + ["--out", str(warm), "--phase", "train", "--steps", "2", "--init", str(SHIPPED_DRAFT_DIR)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "starting from the draft" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(base + ["--out", str(cold), "--phase", "train", "--steps", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warm_start = json.loads((warm / "history.json").read_text())[0]
+    cold_start = json.loads((cold / "history.json").read_text())[0]
+    assert warm_start["heldout_loss"] < cold_start["heldout_loss"] - 1.0, (warm_start, cold_start)
+    assert load_model(str(warm / "model")).config.num_hidden_layers == 2
+
+
 def test_distill_refuses_bad_arguments(tmp_path):
-    for args, msg in [(["--layers", "0,99"], "layers"), (["--layers", "a"], "layers"), (["--steps", "0"], "steps")]:
+    r = subprocess.run([sys.executable, "-m", "gsd_serve", "distill", "--out", str(tmp_path / "y"), "--phase", "train"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no data shards" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for args, msg in [(["--layers", "0,99"], "layers"), (["--layers", "a"], "layers"), (["--steps", "0"], "steps"),
+                      (["--init", str(tmp_path)], "--init")]:
         r = subprocess.run([sys.executable, "-m", "gsd_serve", "distill", "--out", str(tmp_path / "x"), *args,
                             "--max-prompts", "1", "--max-new-tokens", "2"],
                            capture_output=True, text=True, timeout=300)
