@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-SPEC_METHODS = ("ar", "chain", "tree", "gsd")
+SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-adaptive")   # gsd-adaptive: gsd with SpecConfig.adaptive
 ALL_METHODS = SPEC_METHODS + ("hf-assisted",)
 
 
@@ -176,6 +176,7 @@ def _aggregate(rows: list[dict]) -> dict:
             drafted_per_token=ratio(total("draft_proposal_tokens"), tokens),
             draft_tokens_per_token=ratio(total("draft_tokens"), tokens),
             verified_tokens_per_round=ratio(total("verified_tokens"), rounds),
+            plain_step_share=ratio(total("plain_steps"), rounds),   # adaptive: rounds decoded plainly
             draft_seconds=round(total("draft_seconds"), 3),
             verify_seconds=round(total("verify_seconds"), 3),
         )
@@ -240,6 +241,9 @@ def to_markdown(results: dict) -> str:
                     lines.append(f"{m} against tree (same k): {1 - o['drafted_per_token'] / t['drafted_per_token']:.0%} "
                                  f"fewer drafted tokens, {1 - o['draft_tokens_per_token'] / t['draft_tokens_per_token']:.0%} "
                                  "fewer draft tokens, per output token.")
+        for m in [m for m in per if per[m]["overall"].get("plain_step_share")]:
+            lines.append(f"{m} decoded plainly in {per[m]['overall']['plain_step_share']:.0%} of its rounds "
+                         "(speculation measured slower than plain steps there).")
         cats = list(next(iter(per.values()))["by_category"])
         lines += ["", "Speedup over ar by category:", "", "| method | " + " | ".join(cats) + " |",
                   "|---|" + "---|" * len(cats)]
@@ -317,6 +321,9 @@ def _bench_spec(args, method: str, spec_from_args):
     if method == "chain":
         a.k = None
         a.max_width = None
+    if method == "gsd-adaptive":
+        a.adaptive = True
+        return spec_from_args(a, "gsd")
     return spec_from_args(a, method)
 
 

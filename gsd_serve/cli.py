@@ -51,6 +51,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lookup", type=int,
                    help="gsd: also propose up to N tokens that followed the last earlier occurrence of the "
                         "last 4 (else 3, else 2) tokens in the prompt or output (0 = off; default 6)")
+    g.add_argument("--adaptive", action="store_true", default=None,
+                   help="decode plainly while speculation measures slower than plain steps for a sequence "
+                        "(e.g. at high temperature on a CPU where verification is costly); same output")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +71,7 @@ def spec_from_args(args, method: str):
         method, load_tuned_defaults(),
         k=args.k, merge_context=args.merge_context, sibling_threshold=args.sibling_threshold,
         confidence_threshold=args.confidence_threshold, max_depth=args.max_depth, max_width=args.max_width,
-        budget=args.budget, lookup=getattr(args, "lookup", None))
+        budget=args.budget, lookup=getattr(args, "lookup", None), adaptive=getattr(args, "adaptive", None))
 
 
 def sampling_from_args(args):

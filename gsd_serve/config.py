@@ -26,6 +26,9 @@ class SpecConfig:
     (the root included). lookup (gsd only): up to this many tokens that followed the latest earlier
     occurrence of the last 4 (else 3, else 2) committed tokens (prompt and output) join the graph as one
     more proposal (0: off), before the draft drafts; they cost no draft forward.
+    adaptive (chain, tree, gsd): measure, per sequence, the tokens per second of speculative rounds
+    against plain decoding steps and decode plainly while speculation does not pay (see governor.py);
+    the output is the same either way.
     """
 
     method: str = "gsd"
@@ -42,6 +45,7 @@ class SpecConfig:
     max_width: int = 8
     budget: int = 16
     lookup: int = 6
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +66,8 @@ class SpecConfig:
             raise ConfigError(f"budget must be in [2, 1024], got {self.budget}")
         if not 0 <= self.lookup <= 64:
             raise ConfigError(f"lookup must be in [0, 64], got {self.lookup}")
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
         if self.lookup and self.method != "gsd":
             raise ConfigError("context lookup is a gsd proposal (lookup=0 for chain and tree)")
         if self.method == "chain" and self.k != 1:

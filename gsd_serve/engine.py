@@ -11,6 +11,7 @@ import torch
 
 from .config import SpecConfig
 from .drafting import DraftSession
+from .governor import SpeculationGovernor
 from .runner import ModelRunner
 from .sampling import SamplingParams, TokenChooser
 from .verification import TargetSession
@@ -29,6 +30,7 @@ class GenerationStats:
     verified_tokens: int = 0     # tree tokens fed to the target in verification
     accepted_tokens: int = 0     # draft tokens accepted (bonus tokens not counted)
     merge_edges: int = 0
+    plain_steps: int = 0         # rounds an adaptive speculator (SpecConfig.adaptive) decoded plainly
     mean_accept_len: float = 0.0  # emitted tokens / target forwards
     draft_tokens_per_round: float = 0.0
     seconds: float = 0.0
@@ -89,6 +91,11 @@ class Engine:
         self.draft = ModelRunner(draft, draft_output_ids) if draft is not None else None
         self.stop_token_ids = set(stop_token_ids or ())
         self.spec = spec or SpecConfig()
+        # the latest measured plain-step time, so that an adaptive sequence need not measure it first
+        self.step_seconds: float | None = None
+
+    def new_governor(self) -> SpeculationGovernor:
+        return SpeculationGovernor(step_seconds=self.step_seconds)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
                  sampling: SamplingParams | None = None) -> GenerationResult:
@@ -115,6 +122,7 @@ class Engine:
         chooser = TokenChooser(sampling, self.target.vocab_size)
         target = TargetSession(self.target)
         draft = DraftSession(self.draft) if spec.method != "ar" else None
+        governor = self.new_governor() if draft is not None and spec.adaptive else None
         out: list[int] = []
         seq = list(prompt)   # prompt + out, kept up to date rather than rebuilt every round
         finish = "length"
@@ -140,9 +148,15 @@ class Engine:
                 draft.pending = list(prompt)
             while finish != "stop" and len(out) < max_new:
                 root_index = len(prompt) + len(out) - 1
-                if draft is None:
+                if draft is None or (governor is not None and not governor.speculate()):
+                    t0 = time.perf_counter()
                     chunk = emit([target.step(root, root_index, chooser)])
+                    self.step_seconds = time.perf_counter() - t0
                     stats.accept_lengths[1] = stats.accept_lengths.get(1, 0) + 1
+                    if draft is not None:   # an adaptive sequence decoding plainly for now
+                        governor.record_step(self.step_seconds)
+                        draft.pending.append(root)   # the draft catches up in its next round's first forward
+                        stats.plain_steps += 1
                 else:
                     t0 = time.perf_counter()
                     context = tuple(seq[-1 - spec.merge_context:-1]) if spec.merge_context > 0 else ()
@@ -162,6 +176,8 @@ class Engine:
                     n = len(chunk)
                     stats.accepted_tokens += n - 1
                     stats.accept_lengths[n] = stats.accept_lengths.get(n, 0) + 1
+                    if governor is not None:
+                        governor.record_round(n, t2 - t0)
                 stats.rounds += 1
                 chooser.forget_before(root_index)
                 root = out[-1]

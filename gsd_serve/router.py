@@ -25,6 +25,7 @@ import grpc
 
 from . import rpc
 from .config import SpecConfig
+from .governor import SpeculationGovernor
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,7 @@ class GenerateParams:
 class RunStats:
     rounds: int = 0
     drafted_rounds: int = 0
+    plain_steps: int = 0         # adaptive speculation decoded plainly
     accepted_tokens: int = 0
     verified_tokens: int = 0
     draft_tokens: int = 0
@@ -275,7 +277,8 @@ class RunStats:
         return new_tokens / self.target_forwards if self.target_forwards else 0.0
 
     def to_dict(self, new_tokens: int) -> dict:
-        return {"rounds": self.rounds, "drafted_rounds": self.drafted_rounds, "accepted_tokens": self.accepted_tokens,
+        return {"rounds": self.rounds, "drafted_rounds": self.drafted_rounds, "plain_steps": self.plain_steps,
+                "accepted_tokens": self.accepted_tokens,
                 "verified_tokens": self.verified_tokens, "draft_tokens": self.draft_tokens,
                 "mean_accept_len": round(self.mean_accept_len(new_tokens), 4),
                 "cached_prompt_tokens": self.cached_prompt_tokens, "resyncs": self.resyncs,
@@ -347,10 +350,13 @@ class Run:
             self.stats.ttft = time.perf_counter() - start
             m.ttft.labels(model_name=m.model_name).observe(self.stats.ttft)
             yield self._emit([first])
+            spec = core.config.spec
+            governor = core.new_governor() if spec.adaptive and spec.method != "ar" else None
             while self.finish is None:
                 depth = self.params.max_tokens - len(self.out) - 1
                 graph = None
-                if core.config.spec.method != "ar" and depth > 0:
+                t0 = time.perf_counter()
+                if spec.method != "ar" and depth > 0 and (governor is None or governor.speculate()):
                     resp = await core.propose(self, depth)
                     if resp is not None:
                         graph = resp.graph
@@ -361,6 +367,13 @@ class Run:
                 res = await core.verify(self, graph)
                 self.last_path = list(res.graph_path)
                 n = len(res.emitted)
+                if governor is not None:
+                    if len(graph.tokens) > 1:
+                        governor.record_round(n, time.perf_counter() - t0)
+                    else:   # a plain step (or a round the draft could not serve)
+                        governor.record_step(time.perf_counter() - t0)
+                        core.step_seconds = governor.step_seconds
+                        self.stats.plain_steps += 1
                 self.stats.rounds += 1
                 self.stats.target_forwards += 1
                 self.stats.accepted_tokens += n - 1
@@ -405,9 +418,13 @@ class RouterCore:
         self.metrics = Metrics(config.model_name)
         self.endpoints: dict[str, Endpoint] = {}
         self.inflight = 0
+        self.step_seconds: float | None = None   # latest plain round time, seeds adaptive sequences
         self.batch_sizes: list[int] = []
         self._refreshed = 0.0
         self._refresh_lock: asyncio.Lock | None = None
+
+    def new_governor(self) -> SpeculationGovernor:
+        return SpeculationGovernor(step_seconds=self.step_seconds)
 
     def _stop_ids(self) -> set[int]:
         from .prompts import stop_token_ids

@@ -60,6 +60,27 @@ def test_other_settings_are_lossless_too(engine, reference):
         assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids, spec
 
 
+def test_adaptive_speculation_is_lossless_whichever_way_it_decides(engine, reference, monkeypatch):
+    """Adaptive gsd mixes plain steps and speculative rounds; the tokens must not depend on the mix. The
+    governor is forced to back off after every round (margin 1e9) so that both kinds alternate."""
+    from gsd_serve.governor import SpeculationGovernor
+
+    spec = SpecConfig.for_method("gsd", adaptive=True)
+    monkeypatch.setattr(engine, "new_governor",
+                        lambda: SpeculationGovernor(step_seconds=0.05, margin=1e9, min_backoff=1, max_backoff=2))
+    for i in (0, 5, 7):
+        ids, ref = reference[i]
+        got = engine.generate(ids, NEW_TOKENS, spec)
+        assert got.token_ids == ref.token_ids, f"adaptive gsd differs from ar on prompt {i}"
+        s = got.stats
+        assert 0 < s.plain_steps < s.rounds and s.accept_lengths.get(1, 0) >= s.plain_steps
+        assert s.target_forwards == s.rounds + 1
+        assert sum(n * c for n, c in s.accept_lengths.items()) + 1 == s.new_tokens
+    monkeypatch.undo()
+    ids, ref = reference[1]
+    assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids   # the real, timed governor
+
+
 def test_eos_ends_generation_for_every_method(engine, tokenizer):
     ids = encode(tokenizer, "What is the capital of France? Answer in one sentence.")
     eos = tokenizer.eos_token_id

@@ -201,6 +201,26 @@ def test_router_rounds_exact_batched_greedy_and_sampled(stack, tiny_pair, tokeni
     asyncio.run(main())
 
 
+def test_adaptive_router_mixes_plain_and_speculative_rounds_exactly(stack, tiny_pair, tokenizer):
+    from gsd_serve.governor import SpeculationGovernor
+
+    engine = _engine(tiny_pair, tokenizer)
+    ids = tokenizer("The sea is")["input_ids"]
+    spec = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+
+    async def main():
+        core, _ = _core(stack, tokenizer)
+        core.config.spec = SpecConfig.for_method("gsd", max_depth=4, budget=12, adaptive=True)
+        # forced to back off after every speculative round, so that both kinds of round alternate
+        core.new_governor = lambda: SpeculationGovernor(step_seconds=0.01, margin=1e9, min_backoff=1, max_backoff=2)
+        for sampling in (SamplingParams(), SamplingParams(temperature=0.9, seed=5)):
+            out, run = await _generate(core, ids, 24, sampling)
+            assert out == engine.generate(ids, 24, spec=spec, sampling=sampling).token_ids
+            assert 0 < run.stats.plain_steps < run.stats.rounds and run.stats.drafted_rounds > 0
+        await core.close()
+    asyncio.run(main())
+
+
 def test_resync_and_draft_failover_stay_exact(stack, tiny_pair, tokenizer):
     engine = _engine(tiny_pair, tokenizer)
     ids = tokenizer("Once upon a time")["input_ids"]
