@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 GSD=${GSD:-.venv/bin/gsd-serve}
 LIMIT=${LIMIT:-24}
 "$GSD" bench --limit "$LIMIT" --max-new-tokens 128 --methods ar,chain,tree,gsd,hf-assisted --out bench/results/greedy
-"$GSD" bench --limit 6 --max-new-tokens 64 --temperatures 0,0.7,1.0 --methods ar,chain,tree,gsd \
+"$GSD" bench --limit 6 --max-new-tokens 64 --temperatures 0,0.7,1.0 --methods ar,chain,tree,gsd,gsd-adaptive \
   --out bench/results/sampled

@@ -67,7 +67,7 @@ def test_adaptive_speculation_is_lossless_whichever_way_it_decides(engine, refer
 
     spec = SpecConfig.for_method("gsd", adaptive=True)
     monkeypatch.setattr(engine, "new_governor",
-                        lambda: SpeculationGovernor(step_seconds=0.05, margin=1e9, min_backoff=1, max_backoff=2))
+                        lambda: SpeculationGovernor(step_seconds=0.05, margin=1e9, min_rounds=1, min_backoff=1, max_backoff=2))
     for i in (0, 5, 7):
         ids, ref = reference[i]
         got = engine.generate(ids, NEW_TOKENS, spec)

@@ -212,7 +212,7 @@ def test_adaptive_router_mixes_plain_and_speculative_rounds_exactly(stack, tiny_
         core, _ = _core(stack, tokenizer)
         core.config.spec = SpecConfig.for_method("gsd", max_depth=4, budget=12, adaptive=True)
         # forced to back off after every speculative round, so that both kinds of round alternate
-        core.new_governor = lambda: SpeculationGovernor(step_seconds=0.01, margin=1e9, min_backoff=1, max_backoff=2)
+        core.new_governor = lambda: SpeculationGovernor(step_seconds=0.01, margin=1e9, min_rounds=1, min_backoff=1, max_backoff=2)
         for sampling in (SamplingParams(), SamplingParams(temperature=0.9, seed=5)):
             out, run = await _generate(core, ids, 24, sampling)
             assert out == engine.generate(ids, 24, spec=spec, sampling=sampling).token_ids
