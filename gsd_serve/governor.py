@@ -23,10 +23,11 @@ class SpeculationGovernor:
     tokens per round vary 1..7 from round to round, and averaging per-round rates with a short memory
     backed off on single unlucky rounds (measured: 1.51x instead of gsd's 1.65x ar at T=0).
     After min_rounds speculative rounds (at the start, and again after every back-off: a single probe
-    round says little), when the speculative rate falls below margin / step_seconds the sequence takes `backoff` plain
-    steps; the back-off doubles (up to max_backoff) while speculation keeps losing and resets once it
-    wins again, so a sequence where it never pays spends ~1/max_backoff of its rounds probing. The
-    margin below 1 keeps a sequence near break-even (where either choice costs the same) speculating.
+    round says little), when the speculative rate falls below margin / step_seconds the sequence takes
+    `backoff` plain steps; the back-off doubles (up to max_backoff) while speculation keeps losing and
+    resets once it wins again, so a sequence where it never pays probes with min_rounds speculative
+    rounds per max_backoff plain steps. The margin below 1 keeps a sequence near break-even (where
+    either choice costs the same) speculating.
     """
 
     margin: float = 0.95
