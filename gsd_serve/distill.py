@@ -284,8 +284,10 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
-    held = [it for it in items if held_out(it)][:128]
-    train_items = [it for it in items if not held_out(it)]
+    held, train_items = [], []
+    for it in items:
+        (held if held_out(it) else train_items).append(it)
+    held = held[:128]
     if not held:   # a run too small for the 1-in-50 split measures on (some of) its training answers
         held = items[: max(1, len(items) // 50)]
     if not train_items:
