@@ -18,12 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gsd_serve.bench import _spread  # noqa: E402
-from gsd_serve.config import SpecConfig  # noqa: E402
-from gsd_serve.engine import Engine  # noqa: E402
+from gsd_serve.core.config import SpecConfig  # noqa: E402
+from gsd_serve.core.engine import Engine  # noqa: E402
 from gsd_serve.models import load_pair  # noqa: E402
-from gsd_serve.prompts import BENCH_PROMPTS, encode, load_prompts, stop_token_ids  # noqa: E402
-from gsd_serve.runner import ModelRunner  # noqa: E402
+from gsd_serve.core.prompts import BENCH_PROMPTS, encode, load_prompts, spread, stop_token_ids  # noqa: E402
+from gsd_serve.models.runner import ModelRunner  # noqa: E402
 
 
 def forward_ms(runner: ModelRunner, reps: int = 40) -> float:
@@ -54,8 +53,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     target, draft, tok, output_ids = load_pair(args.target, args.draft)
-    engine = Engine(target, draft, stop_token_ids=stop_token_ids(tok, target), draft_output_ids=output_ids)
-    records = _spread(load_prompts(args.prompts), args.limit)
+    engine = Engine(ModelRunner(target), ModelRunner(draft, output_ids), stop_token_ids=stop_token_ids(tok, target))
+    records = spread(load_prompts(args.prompts), args.limit)
     chain = SpecConfig.for_method("chain", max_depth=4)
     gsd = SpecConfig.for_method("gsd", budget=32)
     top1 = top4 = positions = 0

@@ -16,7 +16,5 @@ extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 "${PIP[@]}" install -e ".${extra}" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch, transformers, gsd_serve" || { echo "install failed" >&2; exit 1; }
-# gRPC stubs: generated from protos/gsd/v1/*.proto into gsd_serve/_generated/ (git-ignored, never edited)
-.venv/bin/python -c "from gsd_serve.rpc import generate; generate(force=True)" || { echo "proto generation failed" >&2; exit 1; }
 # convert the default target once (about 30 s), so the first command does not pay for it
 .venv/bin/python -c "from gsd_serve.models import default_target_dir; default_target_dir()"

@@ -1,6 +1,6 @@
 """The gsd-serve Ray Serve application: Router.bind(args, Draft.bind(args), Target.bind(args)).
 
-`import_path: services.app:build_app` in a Serve config; `args` is this application's configuration:
+`import_path: gsd_serve.services.app:build_app` in a Serve config; `args` is this application's configuration:
 
     target, draft          model specs (default: the embedded SmolLM2-135M-Instruct and its draft)
     model_name             the name clients pass as `model` (default gsd-smollm2-135m)
@@ -16,11 +16,10 @@
 """
 from __future__ import annotations
 
-from services.draft import Draft
-from services.router import Router
-from services.target import Target
-
-from gsd_serve.serve_cli import GRPC_SERVICER_FUNCTIONS  # noqa: E402,F401
+from ..serving.serve_config import GRPC_SERVICER_FUNCTIONS  # noqa: F401 (what a Serve config's grpc_options names)
+from .draft import Draft
+from .router import Router
+from .target import Target
 
 
 def target_bundles(args: dict) -> list[dict] | None:

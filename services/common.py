@@ -114,7 +114,7 @@ def env_setup() -> None:
 
 def load_models(args: dict, want: str):
     """(model, output_ids) of the draft or the target named in the app args."""
-    from gsd_serve.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
+    from ..models import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
 
     target_spec = args.get("target", DEFAULT_TARGET)
     draft_spec = args.get("draft", DEFAULT_DRAFT)
@@ -137,7 +137,7 @@ class GrpcReplica:
     kind = ""
 
     def _serve(self, worker, args: dict, port_key: str) -> None:
-        from gsd_serve.workers import serve_grpc
+        from ..serving.grpc_server import serve_grpc
 
         self.worker = worker
         bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))

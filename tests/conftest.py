@@ -17,13 +17,13 @@ def default_pair():
 
 @pytest.fixture(scope="session")
 def engine(default_pair):
-    from gsd_serve.engine import Engine
-    from gsd_serve.models import DEFAULT_DRAFT, SHIPPED_DRAFT_DIR, draft_output_ids
-    from gsd_serve.prompts import stop_token_ids
+    from gsd_serve.core.engine import Engine
+    from gsd_serve.core.prompts import stop_token_ids
+    from gsd_serve.models import DEFAULT_DRAFT, ModelRunner, draft_output_ids
 
     target, draft, tokenizer = default_pair
-    ids = draft_output_ids(DEFAULT_DRAFT) if (SHIPPED_DRAFT_DIR / "config.json").exists() else None
-    return Engine(target, draft, stop_token_ids=stop_token_ids(tokenizer, target), draft_output_ids=ids)
+    return Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids(DEFAULT_DRAFT)),
+                  stop_token_ids=stop_token_ids(tokenizer, target))
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +106,7 @@ def ray_serve():
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from services.app import GRPC_SERVICER_FUNCTIONS
+    from gsd_serve.services.app import GRPC_SERVICER_FUNCTIONS
 
     http_port, grpc_port = free_port(), free_port()
     # a busy 2-core machine can starve Serve's proxy past its 5 s ready check: give it time

@@ -94,7 +94,7 @@ def test_a_pair_with_different_tokenizers_is_refused(tmp_path, tokenizer):
 def test_tune_saves_a_valid_lossless_default(tmp_path):
     """A short tune (one prompt, a 20 s budget): it measures ar and the starting config, duels candidates
     and saves a configuration the engine accepts."""
-    from gsd_serve.config import SpecConfig, load_tuned_defaults
+    from gsd_serve.core.config import SpecConfig, load_tuned_defaults
 
     out = tmp_path / "tuned.json"
     r = run("tune", "--limit", "1", "--max-new-tokens", "8", "--sweeps", "1", "--time-limit", "20",

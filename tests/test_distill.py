@@ -55,13 +55,14 @@ def test_tiny_distill_run_lowers_the_loss_and_writes_a_draft_that_drafts(tmp_pat
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0 and "resuming at step 12" in r2.stderr
 
-    from gsd_serve.config import SpecConfig
-    from gsd_serve.engine import Engine
-    from gsd_serve.prompts import encode, stop_token_ids
+    from gsd_serve.core.config import SpecConfig
+    from gsd_serve.core.engine import Engine
+    from gsd_serve.models import ModelRunner
+    from gsd_serve.core.prompts import encode, stop_token_ids
 
     target = load_model("smollm2-135m-instruct")
-    engine = Engine(target, draft, stop_token_ids=stop_token_ids(tokenizer, target),
-                    draft_output_ids=draft_output_ids(str(model_dir)))
+    engine = Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids(str(model_dir))),
+                    stop_token_ids=stop_token_ids(tokenizer, target))
     ids = encode(tokenizer, "Name three colors.")
     ref = engine.generate(ids, 12, SpecConfig.for_method("ar"))
     got = engine.generate(ids, 12, SpecConfig.for_method("gsd"))

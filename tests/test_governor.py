@@ -1,7 +1,7 @@
 """The adaptive-speculation governor, on synthetic timings (it is pure: timings in, decisions out)."""
 import pytest
 
-from gsd_serve.governor import SpeculationGovernor
+from gsd_serve.core.governor import SpeculationGovernor
 
 
 def decisions(g: SpeculationGovernor, n: int, step_s: float = 0.1) -> list[bool]:

@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from gsd_serve.acceptance import accept_greedy, accept_path
-from gsd_serve.graph import TokenGraph, ancestor_matrix, flatten_to_tree, tree_attention_mask
+from gsd_serve.core.acceptance import accept_greedy, accept_path
+from gsd_serve.core.graph import TokenGraph, ancestor_matrix, flatten_to_tree, tree_attention_mask
 
 R, X, Y, THE, CAT, A, DOG = 100, 1, 2, 3, 4, 5, 6
 
@@ -185,7 +185,7 @@ def test_accept_follows_target_choices():
 
 
 def test_lookup_continuation_takes_the_latest_earlier_match():
-    from gsd_serve.drafting import lookup_continuation
+    from gsd_serve.core.drafting import lookup_continuation
 
     seq = [1, 2, 3, 4, 9, 1, 2, 5, 6, 7, 1, 2]
     assert lookup_continuation(seq, 2, 3) == [5, 6, 7]          # the latest earlier "1 2" is followed by 5 6 7
@@ -200,7 +200,7 @@ def test_lookup_proposal_joins_the_graph_without_duplicate_edges():
     g = TokenGraph(root_token=10, merge_context=1, context=(9,))
     a, _ = g.add(0, 11, 0.6)
     b, _ = g.add(a, 12, 0.5)
-    from gsd_serve.drafting import add_proposal
+    from gsd_serve.core.drafting import add_proposal
 
     slots = [5, 6, 7]
     parent = add_proposal(g, slots, [11, 12, 13])
@@ -215,7 +215,7 @@ def test_incremental_ngram_index_agrees_with_the_scan():
     growing sequence and after a rollback, without rescanning."""
     import random
 
-    from gsd_serve.drafting import NgramIndex, lookup_continuation, lookup_continuation_longest
+    from gsd_serve.core.drafting import NgramIndex, lookup_continuation, lookup_continuation_longest
 
     for ngrams in [(2,), (4, 3, 2), (3, 1)]:
         rng = random.Random(0)
@@ -232,7 +232,7 @@ def test_incremental_ngram_index_agrees_with_the_scan():
 
 
 def test_longer_context_matches_win():
-    from gsd_serve.drafting import lookup_continuation_longest
+    from gsd_serve.core.drafting import lookup_continuation_longest
 
     seq = [1, 2, 3, 7, 9, 2, 3, 8, 1, 2, 3]
     assert lookup_continuation_longest(seq, (3, 2), 2) == [7, 9]   # "1 2 3" beats the later "2 3"
@@ -243,7 +243,7 @@ def test_longer_context_matches_win():
 def test_a_token_proposed_twice_under_one_parent_keeps_one_edge_with_the_higher_probability():
     """Two proposers (the lookup chain, then the draft) naming the same child share one node and one edge."""
     g = TokenGraph(root_token=10, merge_context=1, context=(9,))
-    from gsd_serve.drafting import add_proposal
+    from gsd_serve.core.drafting import add_proposal
 
     slots = [0]
     lookup_last = add_proposal(g, slots, [11, 12], prob=0.7)

@@ -1,8 +1,8 @@
 """Greedy losslessness on the real default pair: every speculative method emits exactly plain decoding."""
 import pytest
 
-from gsd_serve.config import SpecConfig
-from gsd_serve.prompts import encode
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.prompts import encode
 
 PROMPTS = [
     "What is the capital of France?",
@@ -63,7 +63,7 @@ def test_other_settings_are_lossless_too(engine, reference):
 def test_adaptive_speculation_is_lossless_whichever_way_it_decides(engine, reference, monkeypatch):
     """Adaptive gsd mixes plain steps and speculative rounds; the tokens must not depend on the mix. The
     governor is forced to back off after every round (margin 1e9) so that both kinds alternate."""
-    from gsd_serve.governor import SpeculationGovernor
+    from gsd_serve.core.governor import SpeculationGovernor
 
     spec = SpecConfig.for_method("gsd", adaptive=True)
     monkeypatch.setattr(engine, "new_governor",
@@ -124,8 +124,8 @@ def test_the_draft_does_not_extend_what_the_context_lookup_proposed(engine, toke
     """The lookup chain is in the graph before the draft drafts: a draft candidate with the lookup's token
     joins the lookup node (one edge, with the higher of the two probabilities, never fed to the draft)
     instead of becoming a second node that the draft would go on extending."""
-    from gsd_serve.drafting import DraftSession
-    from gsd_serve.sampling import SamplingParams, TokenChooser
+    from gsd_serve.core.drafting import DraftSession
+    from gsd_serve.core.sampling import SamplingParams, TokenChooser
 
     ids = encode(tokenizer, "What is the capital of France?") + \
         tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
@@ -172,10 +172,10 @@ def test_fused_verification_of_several_sequences_equals_one_by_one(engine, token
     each sequence's logits, verdict and compacted cache are those it gets verified alone."""
     import torch
 
-    from gsd_serve.drafting import DraftSession
-    from gsd_serve.graph import flatten_to_tree
-    from gsd_serve.sampling import SamplingParams, TokenChooser
-    from gsd_serve.verification import TargetSession, verify_batch
+    from gsd_serve.core.drafting import DraftSession
+    from gsd_serve.core.graph import flatten_to_tree
+    from gsd_serve.core.sampling import SamplingParams, TokenChooser
+    from gsd_serve.core.verification import TargetSession, verify_batch
 
     assert engine.target._lean is not None   # the fused path (Llama family); others fall back to a loop
     spec = SpecConfig.for_method("gsd")
@@ -214,7 +214,7 @@ def test_lean_forward_is_bit_identical_to_transformers_forward(default_pair, mon
     q/k/v projections and grouped KV heads)."""
     import torch
 
-    from gsd_serve.runner import ModelRunner
+    from gsd_serve.models.runner import ModelRunner
 
     if model == "tiny-qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM

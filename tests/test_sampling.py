@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gsd_serve.config import SpecConfig
-from gsd_serve.engine import Engine
-from gsd_serve.prompts import encode
-from gsd_serve.runner import ModelRunner
-from gsd_serve.sampling import SamplingParams, TokenChooser
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.engine import Engine
+from gsd_serve.core.prompts import encode
+from gsd_serve.models.runner import ModelRunner
+from gsd_serve.core.sampling import SamplingParams, TokenChooser
 
 VOCAB = 10
 PREFIX = [1, 2, 3]
@@ -95,7 +95,7 @@ def assert_matches(counts: Counter, exact: dict, n: int, alpha: float = 1e-7):
                                     SamplingParams(temperature=0.7, top_k=5, top_p=0.9)])
 def test_joint_distribution_of_first_tokens_is_exactly_the_targets(tiny, params):
     target, draft = tiny
-    engine = Engine(target, draft)
+    engine = Engine(ModelRunner(target), ModelRunner(draft))
     exact = exact_joint(target, params, n=3)
     n = 600
     for method in ["ar", *SPECS]:
@@ -109,7 +109,7 @@ def test_joint_distribution_of_first_tokens_is_exactly_the_targets(tiny, params)
 
 def test_same_seed_gives_the_same_tokens_for_every_method(tiny):
     target, draft = tiny
-    engine = Engine(target, draft)
+    engine = Engine(ModelRunner(target), ModelRunner(draft))
     for seed in range(25):
         sp = SamplingParams(temperature=0.9, top_p=0.95, seed=seed)
         ref = engine.generate(PREFIX, 12, SpecConfig.for_method("ar"), sp).token_ids
@@ -119,7 +119,7 @@ def test_same_seed_gives_the_same_tokens_for_every_method(tiny):
 
 def test_top_p_leaving_fewer_candidates_than_k(tiny):
     target, draft = tiny
-    engine = Engine(target, draft)
+    engine = Engine(ModelRunner(target), ModelRunner(draft))
     sp = SamplingParams(temperature=1.0, top_p=0.05, seed=3)  # one candidate survives top-p
     ref = engine.generate(PREFIX, 10, SpecConfig.for_method("ar"), sp).token_ids
     got = engine.generate(PREFIX, 10, SpecConfig.for_method("gsd", k=8, merge_context=0), sp).token_ids
@@ -130,7 +130,7 @@ def test_top_p_leaving_fewer_candidates_than_k(tiny):
 
 def test_tiny_temperature_equals_greedy(tiny):
     target, draft = tiny
-    engine = Engine(target, draft)
+    engine = Engine(ModelRunner(target), ModelRunner(draft))
     greedy = engine.generate(PREFIX, 16, SpecConfig.for_method("ar")).token_ids
     for method, spec in SPECS.items():
         got = engine.generate(PREFIX, 16, spec, SamplingParams(temperature=1e-4, seed=5)).token_ids
@@ -140,9 +140,9 @@ def test_tiny_temperature_equals_greedy(tiny):
 def test_eos_drawn_by_sampling_stops_every_method(tiny):
     target, draft = tiny
     sp = SamplingParams(temperature=1.0, seed=0)
-    ar = Engine(target, draft).generate(PREFIX, 20, SpecConfig.for_method("ar"), sp).token_ids
+    ar = Engine(ModelRunner(target), ModelRunner(draft)).generate(PREFIX, 20, SpecConfig.for_method("ar"), sp).token_ids
     eos = ar[4]  # declare the 5th sampled token a stop token: it was drawn by sampling
-    engine = Engine(target, draft, stop_token_ids={eos})
+    engine = Engine(ModelRunner(target), ModelRunner(draft), stop_token_ids={eos})
     ref = engine.generate(PREFIX, 20, SpecConfig.for_method("ar"), sp)
     assert ref.finish_reason == "stop" and ref.token_ids[-1] == eos and len(ref.token_ids) <= 5
     for spec in SPECS.values():

@@ -15,8 +15,8 @@ import uuid
 import grpc
 import pytest
 
-from gsd_serve.config import SpecConfig
-from gsd_serve.prompts import encode
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.prompts import encode
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]   # a starved 2-core machine needs the room
 
@@ -31,7 +31,7 @@ def app(ray_serve, redis_server):
     import httpx
     from ray import serve
 
-    from services.app import build_app
+    from gsd_serve.services.app import build_app
 
     args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(),
             "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16,
@@ -89,9 +89,9 @@ def metric(text: str, name: str, **labels) -> float:
 def registry_entries(kind: str):
     import ray
 
-    from services.common import REGISTRY_NAMESPACE, registry_name
+    from gsd_serve.services.common import REGISTRY_NAMESPACE, registry_name
 
-    from gsd_serve.rpc import pb, pb_grpc
+    from gsd_serve.serving.rpc import pb, pb_grpc
 
     reg = ray.get_actor(registry_name(APP), namespace=REGISTRY_NAMESPACE)
     live = []
@@ -129,7 +129,7 @@ def test_openai_client_matches_engine(app, engine, tokenizer):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
 
     # seeded sampling is reproducible through the services too (draft and target draw the same noise)
-    from gsd_serve.sampling import SamplingParams
+    from gsd_serve.core.sampling import SamplingParams
 
     sampled = reference(engine, tokenizer, ids, sampling=SamplingParams(temperature=0.8, top_p=0.9, seed=5))[0]
     r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0.8, top_p=0.9, seed=5)
@@ -160,7 +160,7 @@ def test_sse_wire_format(app):
 def test_grpc_generate_and_health(app, engine, tokenizer):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from gsd_serve.rpc import CHANNEL_OPTIONS, pb, pb_grpc
+    from gsd_serve.serving.rpc import CHANNEL_OPTIONS, pb, pb_grpc
 
     _, ids = chat_ids(tokenizer, "Name a fruit.")
     text, tokens, finish = reference(engine, tokenizer, ids)
@@ -254,7 +254,7 @@ def test_redis_stopped_mid_run(app, engine, tokenizer, redis_server):
 def test_draft_replica_killed_mid_request(app, engine, tokenizer):
     import ray
 
-    from gsd_serve.rpc import pb, pb_grpc
+    from gsd_serve.serving.rpc import pb, pb_grpc
 
     c = client(app)
     msgs, ids = chat_ids(tokenizer, "Tell me a short story about a brave mouse.")
@@ -286,7 +286,7 @@ def test_draft_replica_killed_mid_request(app, engine, tokenizer):
 def test_client_disconnect_cancels_and_releases(app):
     import httpx
 
-    from gsd_serve.rpc import pb, pb_grpc
+    from gsd_serve.serving.rpc import pb, pb_grpc
 
     cancelled = metric(metrics(app), "gsd_request_cancelled_total", reason="client")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
@@ -315,7 +315,7 @@ def test_bad_requests_get_400_and_service_keeps_serving(app, engine, tokenizer):
     import httpx
     import openai
 
-    from gsd_serve.rpc import pb, pb_grpc
+    from gsd_serve.serving.rpc import pb, pb_grpc
 
     url = app["http"]
     ok_chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from gsd_serve.config import SpecConfig
-from gsd_serve.prompts import encode
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.prompts import encode
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -25,7 +25,7 @@ SPEC = SpecConfig.for_method("gsd", max_depth=4, budget=12)
 def _rank_actors() -> list[dict]:
     import ray
 
-    from gsd_serve.tp_ray import RANK_ACTOR_PREFIX
+    from gsd_serve.models.tensor_parallel.ray_actors import RANK_ACTOR_PREFIX
 
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(RANK_ACTOR_PREFIX)]
 
@@ -49,7 +49,7 @@ def _wait_health(base: str, timeout_s: float = 400) -> dict:
 def tp_app(ray_serve):
     from ray import serve
 
-    from services.app import build_app
+    from gsd_serve.services.app import build_app
 
     args = {"model_name": MODEL, "spec": SPEC.to_dict(), "replicas": {"draft": 1}, "max_sessions": 16,
             "tensor_parallel_size": 3, "cpus_per_rank": 0.25,

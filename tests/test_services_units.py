@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from gsd_serve import rpc
-from gsd_serve.config import SpecConfig
-from gsd_serve.graph import TokenGraph, flatten_to_tree
-from gsd_serve.prefix_cache import PrefixCache, block_hashes, export_kv, import_kv
-from gsd_serve.runner import ModelRunner
-from gsd_serve.sampling import SamplingParams
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.graph import TokenGraph, flatten_to_tree
+from gsd_serve.serving.prefix_cache import PrefixCache, block_hashes, export_kv, import_kv
+from gsd_serve.models.runner import ModelRunner
+from gsd_serve.core.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 pb = rpc.pb
@@ -123,7 +123,7 @@ def test_graph_proto_roundtrip_and_validation():
 
 
 def test_session_table_ttl_and_lru():
-    from gsd_serve.workers import SessionTable
+    from gsd_serve.serving.sessions import SessionTable
 
     t = SessionTable(max_sessions=2, ttl_s=0.2)
     t.put("a", 1)
@@ -141,7 +141,9 @@ def test_session_table_ttl_and_lru():
 
 @pytest.fixture(scope="module")
 def stack(tiny_pair, tokenizer):
-    from gsd_serve.workers import DraftWorker, TargetWorker, serve_grpc
+    from gsd_serve.serving.draft_worker import DraftWorker
+    from gsd_serve.serving.grpc_server import serve_grpc
+    from gsd_serve.serving.target_worker import TargetWorker
 
     target, draft = tiny_pair
     servers = {}
@@ -154,7 +156,7 @@ def stack(tiny_pair, tokenizer):
 
 
 def _core(stack, tokenizer, **cfg):
-    from gsd_serve.router import RouterConfig, RouterCore
+    from gsd_serve.serving.router import RouterConfig, RouterCore
 
     live = dict(stack)
 
@@ -167,14 +169,15 @@ def _core(stack, tokenizer, **cfg):
 
 
 def _engine(tiny_pair, tokenizer):
-    from gsd_serve.engine import Engine
+    from gsd_serve.core.engine import Engine
+    from gsd_serve.models import ModelRunner
 
     target, draft = tiny_pair
-    return Engine(target, draft, stop_token_ids={tokenizer.eos_token_id})
+    return Engine(ModelRunner(target), ModelRunner(draft), stop_token_ids={tokenizer.eos_token_id})
 
 
 async def _generate(core, ids, n, sampling=None):
-    from gsd_serve.router import GenerateParams
+    from gsd_serve.serving.router import GenerateParams
 
     run = core.start(GenerateParams(ids, n, sampling or SamplingParams()))
     out = []
@@ -202,7 +205,7 @@ def test_router_rounds_exact_batched_greedy_and_sampled(stack, tiny_pair, tokeni
 
 
 def test_adaptive_router_mixes_plain_and_speculative_rounds_exactly(stack, tiny_pair, tokenizer):
-    from gsd_serve.governor import SpeculationGovernor
+    from gsd_serve.core.governor import SpeculationGovernor
 
     engine = _engine(tiny_pair, tokenizer)
     ids = tokenizer("The sea is")["input_ids"]
@@ -238,7 +241,7 @@ def test_resync_and_draft_failover_stay_exact(stack, tiny_pair, tokenizer):
 
     async def main():
         core, live = _core(stack, tokenizer)
-        from gsd_serve.router import GenerateParams
+        from gsd_serve.serving.router import GenerateParams
 
         run = core.start(GenerateParams(ids, 24, SamplingParams()))
         out = []
@@ -260,8 +263,8 @@ def test_resync_and_draft_failover_stay_exact(stack, tiny_pair, tokenizer):
 
 
 def test_admission_control_and_http_errors(stack, tokenizer):
-    from gsd_serve.openai_api import OpenAIFrontend
-    from gsd_serve.router import GenerateParams, Overloaded
+    from gsd_serve.serving.openai_api import OpenAIFrontend
+    from gsd_serve.serving.router import GenerateParams, Overloaded
 
     async def main():
         core, _ = _core(stack, tokenizer, max_inflight=1, max_prompt_tokens=50)
@@ -288,7 +291,7 @@ def test_admission_control_and_http_errors(stack, tokenizer):
 
 
 def test_detokenizer_stream_equals_full_decode(tokenizer):
-    from gsd_serve.router import Detokenizer
+    from gsd_serve.serving.openai_api import Detokenizer
 
     ids = tokenizer("Grüße, 世界! Ça va? 🙂 fine.")["input_ids"]
     d = Detokenizer(tokenizer)
@@ -328,10 +331,10 @@ def test_deploy_manifests_are_valid_serve_configs():
     for config in configs:
         schema = ServeDeploySchema.model_validate(config)
         app = schema.applications[0]
-        assert app.import_path == "services.app:build_app"
+        assert app.import_path == "gsd_serve.services.app:build_app"
         assert {d["name"] for d in app.model_dump()["deployments"]} == {"Router", "Draft", "Target"}
-        assert "gsd_serve.rpc.add_RouterServicer_to_server" in config["grpc_options"]["grpc_servicer_functions"]
-        from gsd_serve.router import RouterConfig
+        assert "gsd_serve.serving.rpc.add_RouterServicer_to_server" in config["grpc_options"]["grpc_servicer_functions"]
+        from gsd_serve.serving.router import RouterConfig
 
         RouterConfig.from_dict(app.args.get("router"))   # the router section is what the router accepts
     for config in configs[1:]:   # GPU: fractional drafts, one 8-bundle STRICT_PACK target, autoscaling everywhere
@@ -351,7 +354,7 @@ def test_deploy_manifests_are_valid_serve_configs():
 def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
     """A request whose deadline passes while the target is busy fails with DEADLINE_EXCEEDED; the replica is
     not blamed (no failover), skips the stale work, keeps no session, and the next request is exact."""
-    from gsd_serve.router import DeadlineExceeded, GenerateParams
+    from gsd_serve.serving.router import DeadlineExceeded, GenerateParams
 
     engine = _engine(tiny_pair, tokenizer)
     ids = tokenizer("The weather today")["input_ids"]

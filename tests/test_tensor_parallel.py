@@ -1,4 +1,4 @@
-"""Tensor-parallel target on CPU: SmolLM2-135M at TP=3 (gloo, rank 0 here, ranks 1-2 spawned processes).
+"""Tensor-parallel target on CPU: SmolLM2-135M at TP=3 (gloo; pipe transport: rank 0 here, ranks 1-2 spawned processes).
 
 One TP=3 runner is shared by the module (start-up costs ~20 s here). The file takes ~2 minutes on an idle
 2-core machine, several times that on a starved one: the timeouts (pytest-timeout) leave room for that; the test that kills one of its ranks
@@ -11,11 +11,12 @@ import signal
 import pytest
 import torch
 
-from gsd_serve.config import SpecConfig
-from gsd_serve.prompts import encode
-from gsd_serve.runner import ModelRunner
-from gsd_serve.tensor_parallel import (TensorParallelError, TensorParallelRunner, TensorParallelSizeError,
-                                       check_tp_size, make_target_runner, valid_tp_sizes)
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.prompts import encode
+from gsd_serve.models.runner import ModelRunner
+from gsd_serve.models.tensor_parallel import (PipeTransport, TensorParallelError, TensorParallelRunner,
+                                              TensorParallelSizeError, check_tp_size, make_target_runner,
+                                              valid_tp_sizes)
 
 TARGET = "smollm2-135m-instruct"
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."]
@@ -28,7 +29,7 @@ def _tp_children():
 
 @pytest.fixture(scope="module")
 def tp_runner():
-    runner = TensorParallelRunner(TARGET, 3)
+    runner = TensorParallelRunner(PipeTransport(TARGET, 3))
     yield runner
     runner.close()
     assert not _tp_children()
@@ -36,11 +37,10 @@ def tp_runner():
 
 @pytest.fixture(scope="module")
 def tp_engine(tp_runner, engine):
-    from gsd_serve.engine import Engine
+    from gsd_serve.core.engine import Engine
 
     # the draft and stop tokens of the shared TP=1 engine; only the target differs
-    return Engine(tp_runner, engine.draft.model, stop_token_ids=engine.stop_token_ids,
-                  draft_output_ids=engine.draft.output_ids)
+    return Engine(tp_runner, engine.draft, stop_token_ids=engine.stop_token_ids)
 
 
 @pytest.mark.timeout(180)
@@ -52,7 +52,7 @@ def test_sizes_that_do_not_divide_the_heads_are_refused_at_start_up(default_pair
         with pytest.raises(TensorParallelSizeError, match=r"9 attention heads and 3 KV heads.*: 1, 3$"):
             check_tp_size(config, bad)
     with pytest.raises(TensorParallelSizeError, match="1, 3"):
-        TensorParallelRunner(TARGET, 2)
+        PipeTransport(TARGET, 2)
     with pytest.raises(ValueError, match="1, 3"):
         make_target_runner(TARGET, 2)
     assert not _tp_children(), "a refused size must not start any rank"
@@ -79,7 +79,7 @@ def test_tree_masked_forward_with_cache_matches_unsharded(tp_runner, default_pai
     assert b.shape == a.shape and b.dtype == torch.float32
     torch.testing.assert_close(b, a, atol=1e-3, rtol=0)
     # each rank holds its own heads: 3 KV heads over 3 ranks, one per rank
-    assert c_tp.local.layers[0].keys.shape[1] == 1 and c_tp.length == 9
+    assert tp_runner.transport.local.caches[c_tp.id].layers[0].keys.shape[1] == 1 and c_tp.length == 9
     # a tree: 0 -> {1, 2}, 2 -> 3, with explicit positions by depth
     tree = torch.tensor([5, 6, 7, 8])
     pos = torch.tensor([9, 10, 10, 11])
@@ -165,7 +165,7 @@ def make_tiny_qwen2():
 @pytest.mark.timeout(240)
 def test_other_llama_like_model_and_a_rank_failing_mid_forward():
     ref = ModelRunner(make_tiny_qwen2())
-    runner = TensorParallelRunner(make_tiny_qwen2, 2, timeout_s=30)
+    runner = TensorParallelRunner(PipeTransport(make_tiny_qwen2, 2, timeout_s=30))
     try:
         c_ref, c_tp = ref.new_cache(), runner.new_cache()
         with torch.inference_mode():
@@ -173,21 +173,21 @@ def test_other_llama_like_model_and_a_rank_failing_mid_forward():
         torch.testing.assert_close(runner.forward(c_tp, torch.arange(10)), a, atol=1e-4, rtol=0)
         # rank 1 fails on a command (a cache it does not have) while rank 0 goes into the next forward:
         # the all-reduce sees the closed connection at once (no timeout wait) and the rank's error is reported
-        runner._conns[0].send(("truncate", 10 ** 6, 0))
+        runner.transport.conns[0].send(("truncate", 10 ** 6, 0))
         with pytest.raises(TensorParallelError, match="rank 1: KeyError"):
             runner.forward(c_tp, torch.tensor([4]))
         with pytest.raises(TensorParallelError):
             runner.forward(c_tp, torch.tensor([4]))
     finally:
         runner.close()
-    assert not any(p.is_alive() for p in runner._procs)
+    assert not any(p.is_alive() for p in runner.transport.procs)
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_ray_actor_ranks_in_a_strict_pack_placement_group(tmp_path):
     ray = pytest.importorskip("ray")
-    from gsd_serve.tp_ray import RayTensorParallelRunner
+    from gsd_serve.models.tensor_parallel.ray_actors import RayTransport
 
     model = make_tiny_qwen2()
     model.save_pretrained(tmp_path / "tiny")
@@ -201,11 +201,11 @@ def test_ray_actor_ranks_in_a_strict_pack_placement_group(tmp_path):
             pytest.skip(f"the local Ray cluster did not start: {str(exc).splitlines()[0]}")
     try:
         with pytest.raises(TensorParallelSizeError, match="1, 2"):
-            RayTensorParallelRunner(str(tmp_path / "tiny"), 3)
-        runner = RayTensorParallelRunner(str(tmp_path / "tiny"), 2, timeout_s=30)
+            RayTransport(str(tmp_path / "tiny"), 3)
+        runner = TensorParallelRunner(RayTransport(str(tmp_path / "tiny"), 2, timeout_s=30))
         try:
             from ray.util.placement_group import placement_group_table
-            table = placement_group_table(runner.placement_group)
+            table = placement_group_table(runner.transport.placement_group)
             assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2
             c_ref, c_tp = ref.new_cache(), runner.new_cache()
             tree, pos = torch.tensor([5, 6, 7, 8]), torch.tensor([10, 11, 11, 12])
@@ -223,14 +223,14 @@ def test_ray_actor_ranks_in_a_strict_pack_placement_group(tmp_path):
             assert c_tp.length == 13
             torch.testing.assert_close(runner.forward(c_tp, torch.tensor([9])), b_next, atol=1e-4, rtol=0)
             runner.check_health()
-            ray.kill(runner.actors[1], no_restart=True)
+            ray.kill(runner.transport.actors[1], no_restart=True)
             with pytest.raises(TensorParallelError):
                 runner.forward(c_tp, torch.tensor([4]))
             with pytest.raises(TensorParallelError):
                 runner.new_cache()
         finally:
             runner.close()
-        assert placement_group_table(runner.placement_group)["state"] == "REMOVED"
+        assert placement_group_table(runner.transport.placement_group)["state"] == "REMOVED"
     finally:
         if started:
             ray.shutdown()
@@ -241,9 +241,9 @@ def test_a_killed_rank_makes_the_next_call_raise_not_hang(tp_runner):
     # runs last: it breaks the shared runner
     cache = tp_runner.new_cache()
     tp_runner.forward(cache, torch.tensor([1, 2, 3]))
-    pid = tp_runner.rank_pids[1]
+    pid = tp_runner.transport.rank_pids[1]
     os.kill(pid, signal.SIGKILL)
-    tp_runner._procs[1].join(timeout=10)
+    tp_runner.transport.procs[1].join(timeout=10)
     with pytest.raises(TensorParallelError, match=r"rank 2 \(pid \d+\) died"):
         tp_runner.forward(cache, torch.tensor([4]))
     with pytest.raises(TensorParallelError):

@@ -1,9 +1,9 @@
-"""The Draft deployment: a gsd_serve.workers.DraftWorker served over gRPC (gsd.v1.Draft) by each replica."""
+"""The Draft deployment: a gsd_serve.serving.draft_worker.DraftWorker served over gRPC (gsd.v1.Draft) by each replica."""
 from __future__ import annotations
 
 from ray import serve
 
-from services.common import GrpcReplica, env_setup, load_models
+from ..common import GrpcReplica, env_setup, load_models
 
 
 class DraftReplica(GrpcReplica):
@@ -11,7 +11,7 @@ class DraftReplica(GrpcReplica):
 
     def __init__(self, args: dict | None = None):
         env_setup()
-        from gsd_serve.workers import DraftWorker
+        from ...serving.draft_worker import DraftWorker
 
         args = dict(args or {})
         model, ids = load_models(args, "draft")

@@ -1,6 +1,6 @@
 """The Router deployment: OpenAI-compatible HTTP (FastAPI ingress) and gsd.v1.Router over Serve's gRPC proxy.
 
-Thin adapter: gsd_serve.router.RouterCore runs the requests, gsd_serve.openai_api.OpenAIFrontend parses
+Thin adapter: gsd_serve.serving.router.RouterCore runs the requests, gsd_serve.serving.openai_api.OpenAIFrontend parses
 and formats them. Replicas of Draft and Target are found through the application's registry actor.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from services.common import app_name, env_setup, get_registry
+from ..common import app_name, env_setup, get_registry
 
 app = FastAPI(title="gsd-serve", description="Graph-structured speculative decoding, OpenAI-compatible")
 
@@ -17,8 +17,8 @@ app = FastAPI(title="gsd-serve", description="Graph-structured speculative decod
 class RouterReplica:
     def __init__(self, args: dict | None = None, draft=None, target=None):
         env_setup()
-        from gsd_serve.openai_api import OpenAIFrontend
-        from gsd_serve.router import RouterConfig, RouterCore
+        from ...serving.openai_api import OpenAIFrontend
+        from ...serving.router import RouterConfig, RouterCore
 
         args = dict(args or {})
         conf = dict(args.get("router") or {})
@@ -71,24 +71,24 @@ class RouterReplica:
 
     # gsd.v1.Router over Serve's gRPC proxy: methods named exactly like the RPCs
     async def Generate(self, request, grpc_context=None):  # noqa: N802
-        from gsd_serve.rpc import pb
-        from gsd_serve.router import RouterError
+        from ...serving.errors import ServingError
+        from ...serving.rpc import pb
 
         try:
             return await self.front.grpc_generate(request)
-        except RouterError as exc:
+        except ServingError as exc:
             if grpc_context is not None:
                 grpc_context.set_code(exc.grpc_code)
                 grpc_context.set_details(exc.message)
             return pb.GenerateResponse()
 
     async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
-        from gsd_serve.router import RouterError
+        from ...serving.errors import ServingError
 
         try:
             async for chunk in self.front.grpc_generate_stream(request):
                 yield chunk
-        except RouterError as exc:
+        except ServingError as exc:
             if grpc_context is not None:
                 grpc_context.set_code(exc.grpc_code)
                 grpc_context.set_details(exc.message)

@@ -1,4 +1,4 @@
-"""The Target deployment: a gsd_serve.workers.TargetWorker served over gRPC (gsd.v1.Target) by each replica.
+"""The Target deployment: a gsd_serve.serving.target_worker.TargetWorker served over gRPC (gsd.v1.Target) by each replica.
 
 A replica holds the whole target model; with tensor_parallel_size N it spans N ranks (Ray actors, one per
 placement-group bundle of the replica: GPUs on a node, CPUs here). A dead rank fails the replica's health
@@ -10,7 +10,7 @@ import os
 
 from ray import serve
 
-from services.common import GrpcReplica, env_setup, load_models
+from ..common import GrpcReplica, env_setup, load_models
 
 
 class TargetReplica(GrpcReplica):
@@ -18,8 +18,8 @@ class TargetReplica(GrpcReplica):
 
     def __init__(self, args: dict | None = None):
         env_setup()
-        from gsd_serve.prefix_cache import PrefixCache, model_fingerprint
-        from gsd_serve.workers import TargetWorker
+        from ...serving.prefix_cache import PrefixCache, model_fingerprint
+        from ...serving.target_worker import TargetWorker
 
         args = dict(args or {})
         name = str(args.get("target", "smollm2-135m-instruct"))
@@ -31,13 +31,14 @@ class TargetReplica(GrpcReplica):
             # ranks as Ray actors in this replica's placement group (bundle i holds rank i)
             from ray.util import get_current_placement_group
 
-            from gsd_serve.models import resolve
-            from gsd_serve.tp_ray import make_ray_target_runner
             from transformers import AutoConfig
 
-            runner = make_ray_target_runner(name, tp, gpus_per_rank=gpus_per_rank,
-                                            cpus_per_rank=float(args.get("cpus_per_rank", 1)),
-                                            placement_group=get_current_placement_group())
+            from ...models import resolve
+            from ...models.tensor_parallel import make_target_runner
+
+            runner = make_target_runner(name, tp, transport="ray", gpus_per_rank=gpus_per_rank,
+                                        cpus_per_rank=float(args.get("cpus_per_rank", 1)),
+                                        placement_group=get_current_placement_group())
             config = AutoConfig.from_pretrained(resolve(name), local_files_only=True)
             worker = TargetWorker(runner=runner, max_seq_len=int(config.max_position_embeddings), **common)
         else:

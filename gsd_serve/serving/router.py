@@ -1,14 +1,15 @@
-"""The router: owns each request's committed tokens and drives its rounds over gRPC.
+"""The router: owns each request's committed tokens and drives its decode loop over gRPC.
 
-One round of one request: Draft.Propose (the tokens committed since the last call to that draft replica,
-and the last round's accepted graph path) -> a token graph; Target.Verify -> the accepted path and the
-emitted tokens. The Verify items of concurrent requests that go to the same target replica are batched
-into one call: while a Verify is in flight, the next items queue and leave together.
+Each request runs the shared decode loop (gsd_serve.core.decode); the router answers its requests with
+calls to replicas: Propose -> Draft.Propose (the tokens committed since the last call to that draft
+replica, and the last round's accepted graph path); Verify and Step -> Target.Verify (a plain step is the
+root alone). The Verify items of concurrent requests that go to the same target replica are batched into
+one call: while a Verify is in flight, the next items queue and leave together.
 
 Replicas are found through a `discover()` coroutine (in Ray: the registry actor the replicas heartbeat
 to). A replica that fails a call is marked dead for a while; the request moves to another replica, which
 rebuilds the session from the committed tokens (STATUS_RESYNC -> resend from 0). Without any draft
-replica a round verifies the root alone (plain decoding, still exact) until a draft is back.
+replica a round decodes plainly (still exact) until a draft is back.
 """
 from __future__ import annotations
 
@@ -23,54 +24,16 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from ..core.config import SpecConfig
+from ..core.decode import Chunk, DecodeStats, Prefill, Propose, Sequence, Step, Verify, decode
+from ..core.governor import SpeculationGovernor
+from ..core.sampling import SamplingParams
 from . import rpc
-from .config import SpecConfig
-from .governor import SpeculationGovernor
-from .sampling import SamplingParams
+from .errors import BadRequest, DeadlineExceeded, Overloaded, ServingError, Unavailable
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 pb = rpc.pb
-
-
-# ---------------------------------------------------------------- errors
-
-class RouterError(Exception):
-    http_status = 500
-    grpc_code = grpc.StatusCode.INTERNAL
-    type = "internal_error"
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def to_openai(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class BadRequest(RouterError):
-    http_status = 400
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    type = "invalid_request_error"
-
-
-class Overloaded(RouterError):
-    http_status = 429
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    type = "rate_limit_error"
-
-
-class DeadlineExceeded(RouterError):
-    http_status = 504
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-    type = "timeout"
-
-
-class Unavailable(RouterError):
-    http_status = 503
-    grpc_code = grpc.StatusCode.UNAVAILABLE
-    type = "service_unavailable"
 
 
 # ---------------------------------------------------------------- config
@@ -117,55 +80,6 @@ class RouterConfig:
         elif isinstance(spec, SpecConfig):
             cfg.spec = spec
         return cfg
-
-
-# ---------------------------------------------------------------- metrics
-
-class Metrics:
-    """Prometheus metrics, named after vLLM's spec-decode metrics (gsd_ prefix)."""
-
-    def __init__(self, model_name: str):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        r = self.registry = CollectorRegistry()
-        m = ["model_name"]
-        self.model_name = model_name
-        lat = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-        self._c = {
-            "drafts": Counter("gsd_num_drafts", "Speculation rounds with a draft", m, registry=r),
-            "draft_tokens": Counter("gsd_num_draft_tokens", "Draft tokens verified by the target", m, registry=r),
-            "accepted": Counter("gsd_num_accepted_tokens", "Draft tokens accepted", m, registry=r),
-            "per_pos": Counter("gsd_num_accepted_tokens_per_pos", "Draft tokens accepted per position",
-                               m + ["position"], registry=r),
-            "prompt_tokens": Counter("gsd_prompt_tokens", "Prompt tokens", m, registry=r),
-            "generation_tokens": Counter("gsd_generation_tokens", "Generated tokens", m, registry=r),
-            "success": Counter("gsd_request_success", "Finished requests", m + ["finished_reason"], registry=r),
-            "rejected": Counter("gsd_request_rejected", "Refused requests", m + ["reason"], registry=r),
-            "cancelled": Counter("gsd_request_cancelled", "Requests cancelled (client gone) or failed", m + ["reason"],
-                                 registry=r),
-            "failovers": Counter("gsd_replica_failovers", "Calls that failed over to another replica",
-                                 m + ["kind"], registry=r),
-            "resyncs": Counter("gsd_session_resyncs", "Sessions rebuilt on a replica", m + ["kind"], registry=r),
-            "pc_queries": Counter("gsd_prefix_cache_queries", "Prefills that asked the prefix cache", m, registry=r),
-            "pc_hits": Counter("gsd_prefix_cache_hits", "Prefills that restored cached blocks", m, registry=r),
-            "pc_saved": Counter("gsd_prefix_cache_tokens_saved", "Prompt tokens not prefilled", m, registry=r),
-        }
-        self.running = Gauge("gsd_num_requests_running", "Requests in flight", m, registry=r)
-        self.latency = Histogram("gsd_e2e_request_latency_seconds", "Request latency", m, buckets=lat, registry=r)
-        self.ttft = Histogram("gsd_time_to_first_token_seconds", "Time to first token", m, buckets=lat, registry=r)
-        self.batch = Histogram("gsd_verify_batch_size", "Sessions per Verify call", m,
-                               buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
-        self.draft_s = Histogram("gsd_draft_seconds", "Propose call latency", m, buckets=lat, registry=r)
-        self.verify_s = Histogram("gsd_verify_seconds", "Verify call latency", m, buckets=lat, registry=r)
-
-    def inc(self, name: str, n: float = 1, **labels) -> None:
-        if n:
-            self._c[name].labels(model_name=self.model_name, **labels).inc(n)
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------- replicas
@@ -257,67 +171,43 @@ class GenerateParams:
     timeout_s: float | None = None     # the client's deadline (capped by RouterConfig.request_timeout_s)
 
 
-@dataclass
-class RunStats:
-    rounds: int = 0
-    drafted_rounds: int = 0
-    plain_steps: int = 0         # adaptive speculation decoded plainly
-    accepted_tokens: int = 0
-    verified_tokens: int = 0
-    draft_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    resyncs: int = 0
-    failovers: int = 0
-    seconds: float = 0.0
-    ttft: float = 0.0
-    target_forwards: int = 0
-    accept_lengths: dict = field(default_factory=dict)
-
-    def mean_accept_len(self, new_tokens: int) -> float:
-        return new_tokens / self.target_forwards if self.target_forwards else 0.0
-
-    def to_dict(self, new_tokens: int) -> dict:
-        return {"rounds": self.rounds, "drafted_rounds": self.drafted_rounds, "plain_steps": self.plain_steps,
-                "accepted_tokens": self.accepted_tokens,
-                "verified_tokens": self.verified_tokens, "draft_tokens": self.draft_tokens,
-                "mean_accept_len": round(self.mean_accept_len(new_tokens), 4),
-                "cached_prompt_tokens": self.cached_prompt_tokens, "resyncs": self.resyncs,
-                "failovers": self.failovers, "seconds": round(self.seconds, 4), "ttft": round(self.ttft, 4),
-                "accept_lengths": {str(k): v for k, v in sorted(self.accept_lengths.items())}}
-
-    def to_proto(self, new_tokens: int) -> "pb.GenerateStats":
-        return pb.GenerateStats(rounds=self.rounds, accepted_tokens=self.accepted_tokens,
-                                verified_tokens=self.verified_tokens, draft_tokens=self.draft_tokens,
-                                mean_accept_len=self.mean_accept_len(new_tokens),
-                                cached_prompt_tokens=self.cached_prompt_tokens, resyncs=self.resyncs,
-                                seconds=self.seconds)
-
-
 class Run:
-    """One request: its committed tokens, the replicas holding its sessions, and how far each is synced."""
+    """One request: its sequence, the replicas holding its sessions, and how far each is synced."""
 
     def __init__(self, core: "RouterCore", params: GenerateParams):
         self.core = core
         self.params = params
         self.id = params.request_id or uuid.uuid4().hex
-        self.prompt = list(params.prompt_ids)
-        self.committed = list(params.prompt_ids)
-        self.out: list[int] = []
-        self.finish: str | None = None
-        self.stats = RunStats()
+        self.seq = Sequence(params.prompt_ids, params.max_tokens, core.stop_ids)
+        self.stats = DecodeStats(method=core.config.spec.method)
         self.key = bytes(str(self.prompt[: core.config.affinity_block]), "ascii")
         self.draft: Endpoint | None = None
         self.target: Endpoint | None = None
         self.d_synced = 0
         self.t_synced = 0
         self.last_path: list[int] = []
-        sp = params.sampling
-        self.sampling_pb = rpc.sampling_to_proto(sp)
+        self.sampling_pb = rpc.sampling_to_proto(params.sampling)
         self.spec_pb = rpc.spec_to_proto(core.config.spec)
         budget = core.config.request_timeout_s
         if params.timeout_s is not None and params.timeout_s > 0:
             budget = min(budget, params.timeout_s)
         self.deadline = time.monotonic() + budget
+
+    @property
+    def committed(self) -> list[int]:
+        return self.seq.tokens
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.seq.prompt
+
+    @property
+    def out(self) -> list[int]:
+        return self.seq.output
+
+    @property
+    def finish(self) -> str | None:
+        return self.seq.finish_reason
 
     def rpc_timeout(self) -> float:
         """The timeout of the next downstream call: the per-call cap or what is left of the request's deadline."""
@@ -326,69 +216,48 @@ class Run:
             raise DeadlineExceeded("the request's deadline passed before it finished")
         return min(self.core.config.rpc_timeout_s, left)
 
-    def _emit(self, tokens: list[int]) -> list[int]:
-        tokens = tokens[: self.params.max_tokens - len(self.out)]
-        for i, t in enumerate(tokens):
-            if t in self.core.stop_ids:
-                tokens = tokens[: i + 1]
-                self.finish = "stop"
-                break
-        self.out.extend(tokens)
-        self.committed.extend(tokens)
-        if self.finish is None and len(self.out) >= self.params.max_tokens:
-            self.finish = "length"
-        return tokens
-
     async def chunks(self) -> AsyncIterator[list[int]]:
+        """The request's committed tokens, chunk by chunk: the decode loop, answered over gRPC."""
         core = self.core
         m = core.metrics
-        start = time.perf_counter()
+        spec = core.config.spec
+        governor = core.new_governor() if spec.adaptive and spec.method != "ar" else None
+        loop = decode(self.seq, spec, governor, self.stats)
+        started = time.perf_counter()
+        answer = None
         try:
-            first, cached = await core.prefill(self)
-            self.stats.target_forwards += 1
-            self.stats.cached_prompt_tokens = cached
-            self.stats.ttft = time.perf_counter() - start
-            m.ttft.labels(model_name=m.model_name).observe(self.stats.ttft)
-            yield self._emit([first])
-            spec = core.config.spec
-            governor = core.new_governor() if spec.adaptive and spec.method != "ar" else None
-            while self.finish is None:
-                depth = self.params.max_tokens - len(self.out) - 1
-                graph = None
-                t0 = time.perf_counter()
-                if spec.method != "ar" and depth > 0 and (governor is None or governor.speculate()):
-                    resp = await core.propose(self, depth)
+            while True:
+                try:
+                    request = loop.send(answer)
+                except StopIteration:
+                    break
+                answer = None
+                if isinstance(request, Chunk):
+                    if request.tokens:
+                        yield request.tokens
+                elif isinstance(request, Propose):
+                    resp = await core.propose(self, request.max_depth)
                     if resp is not None:
-                        graph = resp.graph
-                        self.stats.drafted_rounds += 1
+                        answer = resp.graph
                         m.inc("drafts")
-                if graph is None:
-                    graph = rpc.root_graph_proto(self.committed[-1])
-                res = await core.verify(self, graph)
-                self.last_path = list(res.graph_path)
-                n = len(res.emitted)
-                if governor is not None:
-                    if len(graph.tokens) > 1:
-                        governor.record_round(n, time.perf_counter() - t0)
-                    else:   # a plain step (or a round the draft could not serve)
-                        governor.record_step(time.perf_counter() - t0)
-                        core.step_seconds = governor.step_seconds
-                        self.stats.plain_steps += 1
-                self.stats.rounds += 1
-                self.stats.target_forwards += 1
-                self.stats.accepted_tokens += n - 1
-                self.stats.verified_tokens += res.verified_tokens
-                self.stats.draft_tokens += max(res.verified_tokens - 1, 0)
-                self.stats.cached_prompt_tokens += res.cached_tokens
-                self.stats.accept_lengths[n] = self.stats.accept_lengths.get(n, 0) + 1
-                m.inc("draft_tokens", max(res.verified_tokens - 1, 0))
-                m.inc("accepted", n - 1)
-                for pos in range(n - 1):
-                    m.inc("per_pos", position=str(pos))
-                chunk = self._emit(list(res.emitted))
-                if chunk:
-                    yield chunk
-            self.stats.seconds = time.perf_counter() - start
+                elif isinstance(request, Verify):
+                    answer = await core.verify(self, request.graph)
+                    self.last_path = list(answer.graph_path)
+                    n = len(answer.emitted)
+                    m.inc("draft_tokens", max(answer.verified_tokens - 1, 0))
+                    m.inc("accepted", n - 1)
+                    for pos in range(n - 1):
+                        m.inc("per_pos", position=str(pos))
+                elif isinstance(request, Step):
+                    t0 = time.perf_counter()
+                    res = await core.verify(self, rpc.root_graph_proto(self.seq.root))
+                    self.last_path = list(res.graph_path)
+                    answer = res.emitted[0]
+                    core.step_seconds = time.perf_counter() - t0
+                elif isinstance(request, Prefill):
+                    answer, cached = await core.prefill(self)
+                    self.stats.cached_prompt_tokens = cached
+                    m.ttft.labels(model_name=m.model_name).observe(time.perf_counter() - started)
             m.latency.labels(model_name=m.model_name).observe(self.stats.seconds)
             m.inc("success", finished_reason=self.finish)
             m.inc("generation_tokens", len(self.out))
@@ -399,6 +268,7 @@ class Run:
             m.inc("cancelled", reason="error")
             raise
         finally:
+            loop.close()
             core.finished(self)
 
 
@@ -409,7 +279,7 @@ class RouterCore:
         self.config = config
         self.discover = discover
         if tokenizer is None:
-            from .models import load_tokenizer
+            from ..models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(config.target)
         self.tokenizer = tokenizer
@@ -427,7 +297,7 @@ class RouterCore:
         return SpeculationGovernor(step_seconds=self.step_seconds)
 
     def _stop_ids(self) -> set[int]:
-        from .prompts import stop_token_ids
+        from ..core.prompts import stop_token_ids
 
         model = None
         try:
@@ -435,7 +305,7 @@ class RouterCore:
 
             from transformers import GenerationConfig
 
-            from .models import resolve
+            from ..models.loading import resolve
 
             model = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(resolve(self.config.target)))
         except Exception:  # noqa: BLE001 (no generation config: the tokenizer's EOS only)
@@ -567,7 +437,6 @@ class RouterCore:
                 await self._backoff(attempt)
                 continue
             run.target = ep
-            run.committed = run.prompt + []     # the first token is committed by _emit
             run.t_synced = len(run.prompt)      # the target holds prompt + first; the next delta resends first
             m = self.metrics
             m.inc("pc_queries")
@@ -596,7 +465,7 @@ class RouterCore:
             except grpc.aio.AioRpcError as exc:
                 run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):
-                    raise RouterError(f"draft replica refused a round: {exc.details()}") from None
+                    raise ServingError(f"draft replica refused a round: {exc.details()}") from None
                 self.mark_dead(ep, exc)
                 run.stats.failovers += 1
                 run.draft, run.d_synced = None, 0
@@ -608,6 +477,11 @@ class RouterCore:
                 continue
             m = self.metrics
             m.draft_s.labels(model_name=m.model_name).observe(time.perf_counter() - t0)
+            # a fresh session on this replica was fed the whole sequence before the root: its prefill
+            prefill = len(run.committed) - 1 if req.delta_start == 0 else 0
+            run.stats.draft_forwards += resp.draft_forwards
+            run.stats.draft_prefill_tokens += prefill
+            run.stats.draft_tokens += max(resp.draft_tokens - prefill, 0)
             run.d_synced = len(run.committed)
             return resp
         return None
@@ -629,7 +503,7 @@ class RouterCore:
             except grpc.aio.AioRpcError as exc:
                 run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):
-                    raise RouterError(f"target replica refused a round: {exc.details()}") from None
+                    raise ServingError(f"target replica refused a round: {exc.details()}") from None
                 last = exc
                 self.mark_dead(ep, exc)
                 run.stats.failovers += 1
@@ -637,7 +511,7 @@ class RouterCore:
                 await self._backoff(attempt)
                 continue
             if res is None:
-                raise RouterError("target replica returned no result for the session")
+                raise ServingError("target replica returned no result for the session")
             if res.status == rpc.RESYNC:
                 run.t_synced = 0
                 run.stats.resyncs += 1
@@ -653,26 +527,3 @@ class RouterCore:
         self.endpoints.clear()
 
 
-# ---------------------------------------------------------------- detokenization
-
-class Detokenizer:
-    """Incremental text of a growing token list; holds back an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def push(self, ids: list[int], final: bool = False) -> str:
-        self.ids.extend(ids)
-        text = self.text()
-        if not final and text.endswith("\ufffd"):
-            return ""
-        if not text.startswith(self.sent):
-            return ""
-        delta = text[len(self.sent):]
-        self.sent = text
-        return delta

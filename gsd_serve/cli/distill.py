@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .models import DRAFT_VOCAB_FILE, load_model, load_tokenizer
-from .prompts import TRAIN_PROMPTS, encode, load_prompts
+from ..core.prompts import TRAIN_PROMPTS, encode, load_prompts
+from ..models.loading import DRAFT_VOCAB_FILE, load_model, load_tokenizer
+from .args import CliError, positive_int
 
 
 @dataclass
@@ -98,7 +99,7 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
     start = time.time()
     produced = 0
     print(f"distill: target writes answers to {len(jobs)} prompts -> {out}", file=sys.stderr)
-    from .cpu_linear import pack_linears
+    from ..models.cpu_linear import pack_linears
     pack_linears(target)   # inference only from here on in this process: oneDNN-packed linears on CPU
     counts_file = out / "tokens.json"
     counts = json.loads(counts_file.read_text()) if counts_file.exists() else {}
@@ -408,3 +409,61 @@ def run(cfg: DistillConfig) -> Path:
     for p in target.parameters():
         p.requires_grad_(False)
     return train(cfg, target, tokenizer, items, shards)
+
+
+# ---------------------------------------------------------------- command line
+def cmd_distill(args) -> int:
+    try:
+        cfg = DistillConfig(target=args.target, out=args.out, prompts=args.prompts, layers=args.layers,
+                            vocab=args.vocab, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
+                            sampled_passes=args.sampled_passes, max_prompts=args.max_prompts, tokens=args.tokens, steps=args.steps,
+                            batch=args.batch, lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
+                            init=args.init or "", phase=args.phase, follow_data=args.follow_data)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    torch_seed(args.seed)
+    model_dir = run(cfg)
+    if args.pack and cfg.phase != "data":
+        pack_for_repo(model_dir, Path(args.pack))
+        print(f"packed the draft into {args.pack}", file=sys.stderr)
+    print(model_dir)
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def register(sub) -> None:
+    d = sub.add_parser("distill", help="distill a small draft model from a target",
+                       description="Train a draft that shares the target's tokenizer by distillation from the "
+                                   "target's own answers. Resumable: rerun the same command to continue.")
+    d.add_argument("--target", default="smollm2-135m-instruct")
+    d.add_argument("--out", required=True, help="working directory (data, checkpoints, model/)")
+    d.add_argument("--prompts", default=str(TRAIN_PROMPTS), help="JSONL prompt set the target answers")
+    d.add_argument("--layers", default="0,29", help="target layers copied into the draft (default 0,29)")
+    d.add_argument("--vocab", type=int, default=8192, help="reduced output vocabulary size (0 = full)")
+    d.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
+    d.add_argument("--gen-batch", type=positive_int("--gen-batch"), default=32)
+    d.add_argument("--sampled-passes", type=int, default=0, help="extra answer passes at temperature 0.8")
+    d.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    d.add_argument("--tokens", type=int, default=0,
+                   help="stop generating training text once the target has written this many tokens (0 = no limit)")
+    d.add_argument("--steps", type=positive_int("--steps"), default=1000)
+    d.add_argument("--batch", type=positive_int("--batch"), default=8)
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--time-limit", type=float, default=0.0, help="stop training after this many seconds")
+    d.add_argument("--init", help="start from this draft checkpoint directory (e.g. gsd_serve/data/draft, the "
+                                  "shipped draft) instead of copies of the target's layers")
+    d.add_argument("--phase", choices=("all", "data", "train"), default="all",
+                   help="run only answer generation (data) or only training (train) on the shards written so far")
+    d.add_argument("--follow-data", action="store_true",
+                   help="with --phase train: pick up shards a concurrent '--phase data' process is still writing")
+    d.add_argument("--pack", help="also write the repository form of the draft (without the shared embedding) here")
+    d.set_defaults(func=cmd_distill)

@@ -7,8 +7,7 @@ import torch
 
 from .config import SpecConfig
 from .graph import TokenGraph
-from .kv_cache import KVCache
-from .runner import ModelRunner
+from .runner import Cache, Runner
 from .sampling import TokenChooser
 
 # the context matches that trigger a lookup proposal, longest first: the last 4, else 3, else 2 committed
@@ -108,13 +107,17 @@ class DraftSession:
     forward, so catching up after a merged path costs no extra forward.
     """
 
-    runner: ModelRunner
-    cache: KVCache = field(default_factory=KVCache)
+    runner: Runner
+    cache: Cache | None = None
     pending: list[int] = field(default_factory=list)
     forwards: int = 0
     tokens_fed: int = 0
     proposal_fed: int = 0
     lookup: NgramIndex = field(default_factory=NgramIndex)
+
+    def __post_init__(self) -> None:
+        if self.cache is None:
+            self.cache = self.runner.new_cache()
 
     def _forward(self, tokens: torch.Tensor, positions=None, mask=None, last_only=False) -> torch.Tensor:
         self.forwards += 1

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 BENCH_PROMPTS = DATA_DIR / "bench_prompts.jsonl"
 TRAIN_PROMPTS = DATA_DIR / "train_prompts.jsonl"
 
@@ -80,3 +81,17 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     elif isinstance(eos, (list, tuple)):
         ids.update(int(e) for e in eos)
     return ids
+
+
+def spread(records: list[dict], n: int) -> list[dict]:
+    """n records spread evenly over the categories (round robin)."""
+    by_cat = defaultdict(list)
+    for r in records:
+        by_cat[r.get("category", "all")].append(r)
+    out, i = [], 0
+    while len(out) < min(n, len(records)):
+        for cat in list(by_cat):
+            if i < len(by_cat[cat]) and len(out) < n:
+                out.append(by_cat[cat][i])
+        i += 1
+    return out

@@ -2,7 +2,7 @@
 
 Without --config it runs the equivalent of deploy/local-cpu.yaml (ports from the flags). With --config it
 takes any Ray Serve config file (the schema `serve run`/`serve deploy` use: http_options, grpc_options,
-applications with import_path services.app:build_app, args and per-deployment overrides). REDIS_URL (or
+applications with import_path gsd_serve.services.app:build_app, args and per-deployment overrides). REDIS_URL (or
 --redis-url) becomes the prefix cache of every application that does not name one.
 """
 from __future__ import annotations
@@ -11,91 +11,7 @@ import os
 import sys
 import time
 
-DEFAULT_APP = "gsd"
-GRPC_SERVICER_FUNCTIONS = ["gsd_serve.rpc.add_RouterServicer_to_server",
-                           "gsd_serve.rpc.add_HealthServicer_to_server"]
-
-
-def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
-                   draft_replicas: int = 1) -> dict:
-    """The one-CPU-machine configuration (deploy/local-cpu.yaml)."""
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": host, "port": http_port},
-        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)},
-        "applications": [{
-            "name": DEFAULT_APP,
-            "route_prefix": "/",
-            "import_path": "services.app:build_app",
-            "args": {"model_name": "gsd-smollm2-135m", "grpc_host": "127.0.0.1", "spec": {"method": "gsd"}},
-            "deployments": [
-                {"name": "Router", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
-                {"name": "Draft", "num_replicas": draft_replicas, "ray_actor_options": {"num_cpus": 0}},
-                {"name": "Target", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
-            ],
-        }],
-    }
-
-
-def load_config(args) -> dict:
-    if args.config:
-        import yaml
-
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                config = yaml.safe_load(f)
-        except OSError as exc:
-            raise ValueError(f"cannot read {args.config}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{args.config}: not valid YAML ({exc})") from None
-        if not isinstance(config, dict) or not config.get("applications"):
-            raise ValueError(f"{args.config}: a Ray Serve config needs an 'applications' list")
-    else:
-        config = default_config(args.host, args.http_port, args.grpc_port, args.draft_replicas)
-    redis_url = args.redis_url or os.environ.get("REDIS_URL")
-    tp = getattr(args, "tensor_parallel_size", None)
-    for app in config["applications"]:
-        app_args = app.setdefault("args", {}) or {}
-        app["args"] = app_args
-        if redis_url and not app_args.get("redis_url"):
-            app_args["redis_url"] = redis_url
-        if tp is not None:
-            app_args["tensor_parallel_size"] = tp
-            if tp > 1 and "cpus_per_rank" not in app_args and not app_args.get("gpus_per_rank"):
-                # one machine: the ranks share its cores (a bundle may hold a fraction of a CPU)
-                app_args["cpus_per_rank"] = max(0.25, min(1.0, (os.cpu_count() or 1) / tp))
-        size = int(app_args.get("tensor_parallel_size", 1))
-        if size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
-        if size > 1:
-            from .tensor_parallel import check_spec_tp_size
-
-            check_spec_tp_size(str(app_args.get("target", "smollm2-135m-instruct")), size)
-    from ray.serve.schema import ServeDeploySchema
-
-    try:
-        ServeDeploySchema.model_validate(config)
-    except Exception as exc:  # noqa: BLE001 (pydantic's error, shown to the user)
-        raise ValueError(f"invalid Serve config: {str(exc).splitlines()[0]} ...") from None
-    return config
-
-
-def endpoints(config: dict) -> list[str]:
-    http = config.get("http_options") or {}
-    host = http.get("host", "127.0.0.1")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    port = http.get("port", 8000)
-    grpc_port = (config.get("grpc_options") or {}).get("port", 9000)
-    lines = []
-    for app in config["applications"]:
-        prefix = (app.get("route_prefix") or "/").rstrip("/")
-        base = f"http://{host}:{port}{prefix}"
-        lines += [f"{app['name']}: OpenAI-compatible HTTP  {base}/v1  (completions, chat/completions, models)",
-                  f"{app['name']}: health {base}/health   metrics {base}/metrics",
-                  f"{app['name']}: gRPC gsd.v1.Router     {host}:{grpc_port}  (metadata application={app['name']})"]
-    redis = {a["args"].get("redis_url") for a in config["applications"] if a["args"].get("redis_url")}
-    lines.append("prefix cache: " + (", ".join(sorted(redis)) if redis else "off (set REDIS_URL or --redis-url)"))
-    return lines
+from ..serving.serve_config import endpoints, load_config
 
 
 def _wait_running(names: list[str], timeout_s: float) -> None:
@@ -117,7 +33,9 @@ def _wait_running(names: list[str], timeout_s: float) -> None:
 
 
 def cmd_serve(args) -> int:
-    config = load_config(args)
+    config = load_config(args.config, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                         draft_replicas=args.draft_replicas, redis_url=args.redis_url,
+                         tensor_parallel_size=args.tensor_parallel_size)
     if args.dry_run:
         print("\n".join(endpoints(config)))
         return 0

@@ -10,10 +10,11 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from ..core.prompts import PromptError, encode
+from ..core.sampling import SamplingParams
 from . import rpc
-from .prompts import PromptError, encode
-from .router import BadRequest, Detokenizer, GenerateParams, RouterCore, RouterError
-from .sampling import SamplingParams
+from .errors import BadRequest, ServingError
+from .router import GenerateParams, RouterCore
 
 pb = rpc.pb
 
@@ -146,7 +147,7 @@ class OpenAIFrontend:
             prefix = "chatcmpl-" if chat else "cmpl-"
             params = GenerateParams(ids, max_tokens, sampling, prefix + uuid.uuid4().hex)
             run = self.core.start(params)
-        except RouterError as exc:
+        except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
         if stream:
             return "sse", 200, self._sse(run, chat, include_usage)
@@ -154,7 +155,7 @@ class OpenAIFrontend:
             detok = Detokenizer(self.core.tokenizer)
             async for chunk in run.chunks():
                 detok.ids.extend(chunk)
-        except RouterError as exc:
+        except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
         text = detok.text()
         created = int(time.time())
@@ -167,7 +168,7 @@ class OpenAIFrontend:
             obj = "text_completion"
         return "json", 200, {"id": run.id, "object": obj, "created": created, "model": self.cfg.model_name,
                              "choices": [choice], "usage": self._usage(run, len(ids)),
-                             "gsd_stats": run.stats.to_dict(len(run.out)), "token_ids": run.out}
+                             "gsd_stats": run.stats.to_dict(), "token_ids": run.out}
 
     async def _sse(self, run, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
@@ -200,10 +201,10 @@ class OpenAIFrontend:
             tail = detok.push([], final=True)
             if tail:
                 yield event(choice(tail))
-            yield event(choice(None if chat else "", finish=run.finish), gsd_stats=run.stats.to_dict(len(run.out)))
+            yield event(choice(None if chat else "", finish=run.finish), gsd_stats=run.stats.to_dict())
             if include_usage:
                 yield event(None, usage=self._usage(run, len(run.prompt)))
-        except RouterError as exc:
+        except ServingError as exc:
             yield f"data: {json.dumps(exc.to_openai())}\n\n"
         finally:
             await gen.aclose()
@@ -251,7 +252,7 @@ class OpenAIFrontend:
             out.extend(chunk)
         return pb.GenerateResponse(id=run.id, text=self.core.tokenizer.decode(out, skip_special_tokens=True),
                                    token_ids=out, finish_reason=run.finish, prompt_tokens=len(run.prompt),
-                                   completion_tokens=len(out), stats=run.stats.to_proto(len(out)))
+                                   completion_tokens=len(out), stats=rpc.stats_to_proto(run.stats))
 
     async def grpc_generate_stream(self, req: "pb.GenerateRequest") -> AsyncIterator["pb.GenerateChunk"]:
         run = self.core.start(self._grpc_params(req))
@@ -264,5 +265,28 @@ class OpenAIFrontend:
         finally:
             await gen.aclose()
         yield pb.GenerateChunk(id=run.id, text=detok.push([], final=True), finish_reason=run.finish,
-                               stats=run.stats.to_proto(len(run.out)), prompt_tokens=len(run.prompt),
+                               stats=rpc.stats_to_proto(run.stats), prompt_tokens=len(run.prompt),
                                completion_tokens=len(run.out))
+
+
+class Detokenizer:
+    """Incremental text of a growing token list; holds back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        self.ids.extend(ids)
+        text = self.text()
+        if not final and text.endswith("\ufffd"):
+            return ""
+        if not text.startswith(self.sent):
+            return ""
+        delta = text[len(self.sent):]
+        self.sent = text
+        return delta

@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 METHODS = ("ar", "chain", "tree", "gsd")
+
+
+def cache_dir() -> Path:
+    """Where converted models and tuned settings live: $GSD_SERVE_CACHE, else ~/.cache/gsd-serve."""
+    root = os.environ.get("GSD_SERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gsd-serve")
+    return Path(root)
 
 
 class ConfigError(ValueError):
@@ -100,8 +108,6 @@ class SpecConfig:
 
 def load_tuned_defaults(path: Path | None = None) -> SpecConfig | None:
     """The configuration `gsd-serve tune` saved, if any (explicit flags still override it)."""
-    from .models import cache_dir
-
     path = path or cache_dir() / "tuned.json"
     if not path.exists():
         return None

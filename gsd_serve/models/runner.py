@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.kv_cache import KVCache
 from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_available
-from .kv_cache import KVCache
 from .llama_forward import lean_decoder
 
 
@@ -54,10 +54,17 @@ class ModelRunner:
         Without `positions` and `mask` the new tokens are causal and continue the cache. `mask` is the
         boolean [1, 1, n, cache.length + n] attention mask (True = attend).
         """
+        hidden = self.hidden(cache, tokens, positions, mask)
+        return self.logits(hidden[-1:] if last_only else hidden)
+
+    @torch.inference_mode()
+    def hidden(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states [n, d] of `tokens` (the forward without the output layer)."""
         start = cache.length
         n = tokens.numel()
         if positions is None:
-            positions = torch.arange(start, start + n)
+            positions = torch.arange(start, start + n, device=tokens.device)
         if self._lean is not None:
             hidden = self._lean(cache, tokens, positions, mask)
         else:
@@ -68,13 +75,12 @@ class ModelRunner:
                 past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state[0]
-        if last_only:
-            hidden = hidden[-1:]
         self.forwards += 1
         self.tokens_fed += n
-        return self._logits(hidden)
+        return hidden
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states (over `output_ids` when the vocabulary is reduced)."""
         if self._head is not None:
             return self._head(hidden)
         return F.linear(hidden, self.head_weight, self.head_bias).float()
@@ -89,7 +95,33 @@ class ModelRunner:
         hidden = self._lean.forward_many(caches, tokens, positions, masks)
         self.forwards += 1
         self.tokens_fed += sum(t.numel() for t in tokens)
-        return list(self._logits(torch.cat(hidden)).split([h.shape[0] for h in hidden]))
+        return list(self.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden]))
 
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.output_ids is None else self.output_ids[ids]
+
+
+class DeviceModelRunner(ModelRunner):
+    """A ModelRunner for a model on an accelerator: the core builds token/position/mask tensors on the CPU,
+    so they are moved to the model's device here and the logits come back to the CPU."""
+
+    def __init__(self, model, output_ids=None, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        super().__init__(model.to(self.device), output_ids)
+
+    def forward(self, cache, tokens, positions=None, mask=None, last_only=False):
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + tokens.numel())
+        dev = self.device
+        out = super().forward(cache, tokens.to(dev), positions.to(dev), None if mask is None else mask.to(dev),
+                              last_only=last_only)
+        return out.cpu()
+
+
+def make_runner(model, output_ids=None, device: str | None = None) -> ModelRunner:
+    """A runner for `model` on `device` (None or "cpu": here; "auto": CUDA when there is one)."""
+    if device in (None, "", "cpu"):
+        return ModelRunner(model, output_ids)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return DeviceModelRunner(model, output_ids, device)

@@ -7,8 +7,7 @@ import torch
 
 from .acceptance import accept_path
 from .graph import TokenGraph, VerifyTree, ancestor_matrix, flatten_to_tree
-from .kv_cache import KVCache
-from .runner import ModelRunner
+from .runner import Cache, Runner
 from .sampling import TokenChooser
 
 
@@ -26,8 +25,8 @@ class Verdict:
 class TargetSession:
     """The target's state for one sequence: its cache covers every committed token but the last."""
 
-    runner: ModelRunner
-    cache: KVCache | None = None
+    runner: Runner
+    cache: Cache | None = None
     forwards: int = 0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,84 @@
+"""What the subcommands share: exit codes, the user-facing error, and the model/speculation/sampling flags."""
+from __future__ import annotations
+
+import argparse
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code EXIT_USAGE."""
+
+
+def positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+    return parse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--target", default="smollm2-135m-instruct",
+                   help="target model: 'smollm2-135m-instruct' (default, embedded), a local checkpoint directory, "
+                        "or a model id already in the local Hugging Face cache")
+    g.add_argument("--draft", default="default",
+                   help="draft model sharing the target's tokenizer: 'default' (the shipped distilled draft of the "
+                        "default target) or a local checkpoint directory")
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculation (defaults: the tuned configuration if `gsd-serve tune` saved one)")
+    g.add_argument("--k", type=int, help="candidates per drafted node (tree, gsd; default 4)")
+    g.add_argument("--merge-context", type=int,
+                   help="gsd merge rule n: 0 merges equal tokens, 1 equal bigrams, ... (default 0)")
+    g.add_argument("--sibling-threshold", type=float, help="drop candidates below s x best sibling (default 0.2)")
+    g.add_argument("--confidence-threshold", type=float,
+                   help="stop drafting at a level whose paths all fall below this draft probability (default 0.5)")
+    g.add_argument("--max-depth", type=int, help="draft levels per round (default 6)")
+    g.add_argument("--max-width", type=int, help="nodes expanded per level (default 8)")
+    g.add_argument("--budget", type=int, help="tokens verified per round, root included (default 16)")
+    g.add_argument("--lookup", type=int,
+                   help="gsd: also propose up to N tokens that followed the last earlier occurrence of the "
+                        "last 4 (else 3, else 2) tokens in the prompt or output (0 = off; default 6)")
+    g.add_argument("--adaptive", action="store_true", default=None,
+                   help="decode plainly while speculation measures slower than plain steps for a sequence "
+                        "(e.g. at high temperature on a CPU where verification is costly); same output")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (temperature 0 = greedy)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="makes sampled output reproducible")
+
+
+def spec_from_args(args, method: str):
+    from ..core.config import SpecConfig, load_tuned_defaults
+
+    return SpecConfig.for_method(
+        method, load_tuned_defaults(),
+        k=args.k, merge_context=args.merge_context, sibling_threshold=args.sibling_threshold,
+        confidence_threshold=args.confidence_threshold, max_depth=args.max_depth, max_width=args.max_width,
+        budget=args.budget, lookup=getattr(args, "lookup", None), adaptive=getattr(args, "adaptive", None))
+
+
+def sampling_from_args(args):
+    from ..core.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def build_engine(args, method: str | None = None):
+    """Load the models named by args; returns (engine, tokenizer)."""
+    from ..models import load_engine
+
+    return load_engine(args.target, args.draft if method != "ar" else None,
+                       tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1)

@@ -1,0 +1,84 @@
+"""`gsd-serve generate`: generate in process with any method."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .args import (CliError, add_model_args, add_sampling_args, add_spec_args, build_engine, positive_int,
+                   sampling_from_args, spec_from_args)
+
+
+def cmd_generate(args) -> int:
+    from ..core.prompts import encode, load_prompts
+
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise CliError("--prompt is empty")
+        records = [{"prompt": args.prompt}]
+    else:
+        records = load_prompts(args.prompts)
+    spec = spec_from_args(args, args.method)
+    sampling = sampling_from_args(args)
+    engine, tokenizer = build_engine(args, args.method)
+    multi = len(records) > 1
+    start = time.time()
+    for i, rec in enumerate(records):
+        ids = encode(tokenizer, rec, raw=args.raw)
+        if args.json or multi:
+            result = engine.generate(ids, args.max_new_tokens, spec, sampling)
+        else:
+            gen = engine.stream(ids, args.max_new_tokens, spec, sampling)
+            text_so_far = ""
+            all_ids: list[int] = []
+            for chunk in gen:
+                all_ids.extend(chunk)
+                text = tokenizer.decode(all_ids, skip_special_tokens=True)
+                sys.stdout.write(text[len(text_so_far):])
+                sys.stdout.flush()
+                text_so_far = text
+            sys.stdout.write("\n")
+            result = gen.result
+        text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if args.json:
+            row = {k: v for k, v in rec.items() if k not in ("prompt",)}
+            row.update(prompt=rec.get("prompt", rec.get("messages")), text=text, token_ids=result.token_ids,
+                       finish_reason=result.finish_reason, stats=result.stats.to_dict())
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        elif multi:
+            print(text, flush=True)
+        s = result.stats
+        line = (f"[{args.method}] {s.new_tokens} tokens in {s.seconds:.2f}s ({s.tokens_per_s:.1f} tok/s), "
+                f"mean acceptance length {s.mean_accept_len:.2f}, draft tokens/round {s.draft_tokens_per_round:.1f}")
+        if multi:
+            elapsed = time.time() - start
+            eta = elapsed / (i + 1) * (len(records) - i - 1)
+            print(f"[{i + 1}/{len(records)}, ETA {eta:.0f}s] {line}", file=sys.stderr, flush=True)
+        elif not args.json:
+            print(line, file=sys.stderr)
+    return 0
+
+
+
+def register(sub) -> None:
+    from ..core.config import METHODS
+
+    g = sub.add_parser("generate", help="generate text in process (CPU is fine)",
+                       description="Generate with plain decoding (ar) or speculation (chain, tree, gsd). "
+                                   "Every method emits exactly the target's own tokens.")
+    g.add_argument("--method", choices=METHODS, default="gsd")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="JSONL file: one object per line with a 'prompt' (or 'messages') field")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.add_argument("--tensor-parallel-size", type=positive_int("--tensor-parallel-size"), default=1,
+                   help="run the target as N tensor-parallel ranks (processes; gloo on CPU, NCCL on GPUs); "
+                        "N must divide the target's attention and KV heads (default target: 1 or 3)")
+    add_model_args(g)
+    add_spec_args(g)
+    add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)

@@ -1,0 +1,225 @@
+"""The decode loop, written once: one round, the stop/length rule and the statistics.
+
+`decode()` asks for model work instead of doing it: it yields a request (Prefill, Propose, Verify,
+Step) and is sent back the answer, and it yields a Chunk each time tokens are committed. The in-process
+Engine answers the requests with local model calls; the router answers them with gRPC calls to draft
+and target replicas (batched, with failover). Both run exactly this loop, so what a round does and
+what it counts cannot drift apart between them.
+
+One speculative round:
+
+    graph   = propose(root)        the draft's TokenGraph (gsd: merged DAG plus the context lookup)
+    verdict = verify(graph)        one target forward over the flattened tree, then acceptance
+    commit(verdict.emitted)        the accepted draft tokens and the bonus token
+
+A round decodes plainly (one target step on the root) for `ar`, when the adaptive governor says
+speculation does not pay, when only the bonus token still fits, or when no draft is available.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generator, Protocol
+
+from .config import SpecConfig
+from .governor import SpeculationGovernor
+
+
+# ---------------------------------------------------------------- what the loop asks for
+
+@dataclass(frozen=True)
+class Prefill:
+    """Feed the prompt to the target. Answer: the first generated token."""
+
+    sequence: "Sequence"
+
+
+@dataclass(frozen=True)
+class Propose:
+    """Draft a graph under the root (the last committed token), at most `max_depth` levels deep.
+
+    Answer: the graph (a TokenGraph, or anything with `tokens` and `merge_edges`), or None when no
+    draft can serve the round (it then decodes plainly)."""
+
+    sequence: "Sequence"
+    max_depth: int
+
+
+@dataclass(frozen=True)
+class Verify:
+    """Verify `graph` with one target forward. Answer: a Verdict-like object (`emitted`,
+    `graph_path`, `verified_tokens`)."""
+
+    sequence: "Sequence"
+    graph: Any
+
+
+@dataclass(frozen=True)
+class Step:
+    """One plain decoding step on the root. Answer: the next token."""
+
+    sequence: "Sequence"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens just committed (deliver them). Answer: None."""
+
+    tokens: list[int]
+
+
+class VerdictLike(Protocol):
+    emitted: list[int]
+    graph_path: list[int]
+    verified_tokens: int
+
+
+# ---------------------------------------------------------------- the sequence
+
+class Sequence:
+    """The committed tokens of one request (prompt, then output) and when it is finished.
+
+    `tokens` is the authoritative list: drivers read it while answering a request and never change it.
+    """
+
+    def __init__(self, prompt: list[int], max_new_tokens: int, stop_token_ids=()):
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.tokens = list(prompt)
+        self.prompt_len = len(prompt)
+        self.max_new_tokens = max_new_tokens
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.finish_reason: str | None = None    # "stop" (a stop token) or "length"
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.tokens[: self.prompt_len]
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def root(self) -> int:
+        return self.tokens[-1]
+
+    @property
+    def root_index(self) -> int:
+        return len(self.tokens) - 1
+
+    @property
+    def room(self) -> int:
+        """Tokens that may still be generated."""
+        return self.max_new_tokens - (len(self.tokens) - self.prompt_len)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def commit(self, tokens: list[int]) -> list[int]:
+        """Append what a round produced, cut at the length limit and after a stop token; returns the
+        tokens actually committed."""
+        tokens = list(tokens[: self.room])
+        for i, t in enumerate(tokens):
+            if t in self.stop_token_ids:
+                tokens = tokens[: i + 1]
+                self.finish_reason = "stop"
+                break
+        self.tokens.extend(tokens)
+        if self.finish_reason is None and self.room <= 0:
+            self.finish_reason = "length"
+        return tokens
+
+
+# ---------------------------------------------------------------- statistics
+
+@dataclass
+class DecodeStats:
+    """What one request cost. The loop fills the round counts and times; drivers add what only they
+    see (draft work, prefix-cache hits, failovers)."""
+
+    method: str = "ar"
+    new_tokens: int = 0
+    rounds: int = 0              # decoding rounds after the prefill (speculative rounds and plain steps)
+    drafted_rounds: int = 0      # rounds that verified a drafted graph
+    plain_steps: int = 0         # rounds of a speculative method that decoded plainly (governor, no draft)
+    target_forwards: int = 0     # prefill + rounds (+ rebuilds a driver reports)
+    verified_tokens: int = 0     # tree tokens the target verified, roots included
+    accepted_tokens: int = 0     # draft tokens accepted (bonus tokens not counted)
+    merge_edges: int = 0
+    draft_forwards: int = 0
+    draft_tokens: int = 0        # tokens fed to the draft after the prompt: catch-up and proposals
+    draft_proposal_tokens: int = 0  # of those, drafted nodes fed so that the draft proposes their children
+    draft_prefill_tokens: int = 0   # prompt tokens fed to the draft
+    cached_prompt_tokens: int = 0   # prompt tokens restored from the prefix cache
+    resyncs: int = 0             # sessions rebuilt on a replica
+    failovers: int = 0           # calls that moved to another replica
+    seconds: float = 0.0
+    ttft: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    mean_accept_len: float = 0.0  # emitted tokens / target forwards
+    draft_tokens_per_round: float = 0.0
+    tokens_per_s: float = 0.0
+    accept_lengths: dict[int, int] = field(default_factory=dict)  # tokens committed by a round -> rounds
+
+    def finish(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.mean_accept_len = self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+        self.draft_tokens_per_round = self.draft_tokens / self.rounds if self.rounds else 0.0
+        self.tokens_per_s = self.new_tokens / seconds if seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["accept_lengths"] = {str(k): v for k, v in sorted(self.accept_lengths.items())}
+        return d
+
+
+# ---------------------------------------------------------------- the loop
+
+def decode(seq: Sequence, spec: SpecConfig, governor: SpeculationGovernor | None = None,
+           stats: DecodeStats | None = None) -> Generator[Any, Any, DecodeStats]:
+    """Generate into `seq` until it is finished; returns the stats (StopIteration.value)."""
+    stats = stats if stats is not None else DecodeStats(method=spec.method)
+    start = time.perf_counter()
+    first = yield Prefill(seq)
+    stats.target_forwards += 1
+    stats.ttft = time.perf_counter() - start
+    yield Chunk(seq.commit([first]))
+    speculative = spec.method != "ar"
+    while not seq.finished:
+        t0 = time.perf_counter()
+        graph = None
+        if speculative and seq.room > 1 and (governor is None or governor.speculate()):
+            graph = yield Propose(seq, max_depth=seq.room - 1)   # the bonus token takes the last place
+        t1 = time.perf_counter()
+        if graph is None:
+            emitted = [(yield Step(seq))]
+            stats.plain_steps += speculative
+        else:
+            verdict = yield Verify(seq, graph)
+            emitted = list(verdict.emitted)
+            stats.drafted_rounds += 1
+            stats.verified_tokens += verdict.verified_tokens
+            stats.merge_edges += int(getattr(graph, "merge_edges", 0))
+        t2 = time.perf_counter()
+        chunk = seq.commit(emitted)
+        n = len(chunk)       # a round cut short by a stop token or the length limit counts what it gave
+        stats.rounds += 1
+        stats.target_forwards += 1
+        stats.accepted_tokens += n - 1
+        stats.accept_lengths[n] = stats.accept_lengths.get(n, 0) + 1
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
+        if governor is not None:
+            if graph is None:
+                governor.record_step(t2 - t0)
+            else:
+                governor.record_round(n, t2 - t0)
+        yield Chunk(chunk)
+    stats.new_tokens = len(seq.tokens) - seq.prompt_len
+    stats.finish(time.perf_counter() - start)
+    return stats

@@ -1,0 +1,1 @@
+# GENERATED package marker (gsd_serve/serving/rpc.py); do not edit

@@ -1,0 +1,193 @@
+"""The target worker: per-session target state behind the gsd.v1.Target service (Prefill, Verify).
+
+A Verify call carries the graphs of several sessions and verifies them in one fused target forward.
+Plain Python (no Ray): `services/target` wraps it in a Ray Serve deployment and `grpc_server` serves it.
+Model work is serialised by one lock per worker.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.graph import flatten_to_tree
+from ..core.verification import TargetSession, verify_batch
+from ..models.runner import ModelRunner, make_runner
+from . import rpc
+from .errors import BadRequest
+from .prefix_cache import PrefixCache, export_kv, import_kv, model_fingerprint
+from .sessions import (SessionTable, check_tokens, chooser_from_proto, committed_tokens, common_prefix,
+                       replica_identity, still_wanted)
+
+log = logging.getLogger(__name__)
+pb = rpc.pb
+
+
+@dataclass
+class _TargetEntry:
+    session: TargetSession
+    committed: list[int]
+    cache_tokens: list[int] = field(default_factory=list)
+
+
+class TargetWorker:
+    """`target_model` (a transformers model, run by ModelRunner) or `runner`: any runner with the
+    ModelRunner interface, e.g. a TensorParallelRunner over Ray actors for a tensor-parallel target
+    (its caches live on the ranks, so the prefix cache is off for it)."""
+
+    def __init__(self, target_model=None, *, runner=None, name: str = "target", max_sessions: int = 64,
+                 ttl_s: float = 300.0, prefix_cache: PrefixCache | None = None, redis_url: str | None = None,
+                 block_size: int = 32, replica_id: str | None = None, max_seq_len: int | None = None,
+                 device: str | None = None):
+        if runner is None:
+            runner = make_runner(target_model, None, device)
+        self.runner = runner
+        self.vocab_size = int(runner.vocab_size)
+        config = getattr(target_model, "config", None)
+        self.n_layers = int(getattr(config, "num_hidden_layers", 0))
+        self.max_seq_len = max_seq_len or int(getattr(config, "max_position_embeddings", 8192))
+        self.name = name
+        self.sessions = SessionTable(max_sessions, ttl_s)
+        self.lock = threading.Lock()
+        self.replica_id = replica_id or replica_identity()
+        if target_model is None or not isinstance(runner, ModelRunner):
+            prefix_cache = PrefixCache(None, "none")        # K/V lives on the ranks: not exportable here
+        self.prefix_cache = prefix_cache or PrefixCache(redis_url, model_fingerprint(target_model, name),
+                                                        block_size=block_size)
+
+    def _new_session(self) -> TargetSession:
+        return TargetSession(self.runner, cache=self.runner.new_cache())
+
+    # state rebuilding --------------------------------------------------------
+    def _build(self, entry: _TargetEntry, tokens: list[int], need_logits: bool):
+        """Make the (empty) cache hold `tokens`; restore what the prefix cache has. Returns (logits, cached)."""
+        ts = entry.session
+        cached = 0
+        limit = len(tokens) - 1 if need_logits else len(tokens)
+        blocks = self.prefix_cache.lookup(tokens, limit)
+        if blocks:
+            try:
+                cached = import_kv(ts.cache, blocks, self.n_layers, getattr(self.runner, "device", None))
+            except Exception as exc:  # noqa: BLE001 (a bad entry is a miss)
+                log.warning("prefix cache: unusable blocks (%s)", exc)
+                ts.cache = self.runner.new_cache()
+                cached = 0
+        rest = torch.tensor(tokens[cached:], dtype=torch.long)
+        logits = None
+        if len(rest):
+            logits = self.runner.forward(ts.cache, rest, last_only=True)
+            ts.forwards += 1
+        entry.cache_tokens = list(tokens)
+        self.prefix_cache.store(tokens, lambda s, e: export_kv(ts.cache, s, e),
+                                first_block=cached // self.prefix_cache.block_size)
+        return logits, cached
+
+    def _sync(self, entry: _TargetEntry, new: list[int]) -> int:
+        """Bring the cache to new[:-1]; returns tokens restored from the prefix cache."""
+        ts = entry.session
+        keep = common_prefix(entry.cache_tokens, new[:-1])
+        if keep < ts.cache.length:
+            ts.cache.truncate(keep)
+            entry.cache_tokens = entry.cache_tokens[:keep]
+        cached = 0
+        if ts.cache.length == 0 and len(new) > 1:
+            _, cached = self._build(entry, new[:-1], need_logits=False)
+        elif ts.cache.length < len(new) - 1:
+            ts.extend(new[ts.cache.length:-1])
+            entry.cache_tokens = list(new[:-1])
+        entry.committed = new
+        return cached
+
+    # RPCs --------------------------------------------------------------------
+    def prefill(self, req: "pb.PrefillRequest", expired=None) -> "pb.PrefillResponse":
+        t0 = time.perf_counter()
+        if not req.session_id:
+            raise BadRequest("session_id is empty")
+        if not req.tokens:
+            raise BadRequest("the prompt is empty")
+        if len(req.tokens) >= self.max_seq_len:
+            raise BadRequest(f"the prompt has {len(req.tokens)} tokens; the model takes fewer than {self.max_seq_len}")
+        check_tokens(req.tokens, self.vocab_size, "tokens")
+        chooser = chooser_from_proto(req.sampling, self.vocab_size)
+        tokens = list(req.tokens)
+        with self.lock, torch.inference_mode():
+            still_wanted(expired)
+            self.sessions.pop(req.session_id)
+            entry = _TargetEntry(self._new_session(), tokens)
+            logits, cached = self._build(entry, tokens, need_logits=True)
+            first = int(chooser.choose(logits, torch.tensor([len(tokens)]))[0])
+            entry.committed = tokens + [first]
+            self.sessions.put(req.session_id, entry)
+        return pb.PrefillResponse(first_token=first, cached_tokens=cached, seconds=time.perf_counter() - t0,
+                                  replica_id=self.replica_id)
+
+    def _prepare_item(self, item: "pb.VerifyItem"):
+        """Validate one item and bring its session up to date: a RESYNC result, or the job to verify."""
+        sid = item.session_id
+        if not sid:
+            raise BadRequest("session_id is empty")
+        check_tokens(item.delta, self.vocab_size, "delta")
+        try:
+            graph = rpc.graph_from_proto(item.graph)
+        except rpc.GraphError as exc:
+            raise BadRequest(f"session {sid}: {exc}") from None
+        check_tokens(graph.tokens, self.vocab_size, "graph")
+        budget = item.budget if item.budget > 0 else 16
+        if not 1 <= budget <= 1024:
+            raise BadRequest(f"budget must be in [1, 1024], got {budget}")
+        chooser = chooser_from_proto(item.sampling, self.vocab_size)
+        entry = self.sessions.get(sid)
+        if item.delta_start == 0 and entry is not None:
+            entry = None
+        new = committed_tokens(entry.committed if entry else None, item.delta_start, item.delta)
+        if new is None:
+            return pb.VerifyResult(session_id=sid, status=rpc.RESYNC)
+        root_index = len(new) - 1
+        if item.root_index != root_index or graph.tokens[0] != new[-1]:
+            raise BadRequest(f"session {sid}: root does not match the committed tokens")
+        if len(new) + max(graph.depth) >= self.max_seq_len:
+            raise BadRequest(f"session {sid}: the sequence would exceed {self.max_seq_len} tokens")
+        if entry is None:
+            entry = _TargetEntry(self._new_session(), new)
+        cached = self._sync(entry, new)
+        return sid, entry, graph, flatten_to_tree(graph, budget), root_index, chooser, cached
+
+    def verify(self, req: "pb.VerifyRequest", expired=None) -> "pb.VerifyResponse":
+        """One call verifies the graphs of several sessions: one fused target forward over all their trees
+        (each tree attends only to its own session's cache), then each session's own acceptance."""
+        t0 = time.perf_counter()
+        if not req.items:
+            raise BadRequest("no items")
+        if len({i.session_id for i in req.items}) != len(req.items):
+            raise BadRequest("a session appears twice in one Verify")
+        with self.lock, torch.inference_mode():
+            still_wanted(expired)
+            prepared = [self._prepare_item(item) for item in req.items]
+            jobs = [p for p in prepared if not isinstance(p, pb.VerifyResult)]
+            verdicts = verify_batch([(entry.session, tree, root, chooser)
+                                     for _, entry, _, tree, root, chooser, _ in jobs])
+            done = {}
+            for (sid, entry, graph, _, root, _, cached), verdict in zip(jobs, verdicts):
+                entry.cache_tokens = entry.cache_tokens[:root] + [graph.tokens[v] for v in verdict.graph_path]
+                self.sessions.put(sid, entry)
+                done[sid] = pb.VerifyResult(session_id=sid, status=rpc.OK, graph_path=verdict.graph_path,
+                                            emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
+                                            cached_tokens=cached)
+            results = [p if isinstance(p, pb.VerifyResult) else done[p[0]] for p in prepared]
+        return pb.VerifyResponse(results=results, seconds=time.perf_counter() - t0, replica_id=self.replica_id)
+
+    def release(self, ids) -> int:
+        with self.lock:
+            return sum(self.sessions.pop(s) is not None for s in ids)
+
+    def info(self) -> "pb.InfoResponse":
+        with self.lock:
+            self.sessions.sweep()
+            st = self.prefix_cache.stats
+            return pb.InfoResponse(replica_id=self.replica_id, kind="target", model=self.name,
+                                   session_ids=self.sessions.ids(), max_sessions=self.sessions.max_sessions,
+                                   prefix_cache_hits=st.hits, prefix_cache_queries=st.queries,
+                                   prefix_tokens_saved=st.tokens_saved)
