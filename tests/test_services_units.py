@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from gsd_serve import rpc
+from gsd_serve.serving import rpc
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.graph import TokenGraph, flatten_to_tree
 from gsd_serve.serving.prefix_cache import PrefixCache, block_hashes, export_kv, import_kv
