@@ -3,6 +3,8 @@
 `import_path: gsd_serve.services.app:build_app` in a Serve config; `args` is this application's configuration:
 
     target, draft          model specs (default: the embedded SmolLM2-135M-Instruct and its draft)
+    dtype                  auto | float32 | bfloat16 | float16 for both models (default auto: bf16 on GPUs and
+                           on CPUs with fast bf16 units, else fp32)
     model_name             the name clients pass as `model` (default gsd-smollm2-135m)
     redis_url              the prefix cache (default: $REDIS_URL; none = no prefix cache)
     grpc_host              where replicas bind their gRPC port: 127.0.0.1 (one machine) or auto (cluster)

@@ -118,10 +118,11 @@ def load_models(args: dict, want: str):
 
     target_spec = args.get("target", DEFAULT_TARGET)
     draft_spec = args.get("draft", DEFAULT_DRAFT)
+    dtype = args.get("dtype", "auto")
     if want == "target":
-        target, _, _, _ = load_pair(target_spec, None)
+        target, _, _, _ = load_pair(target_spec, None, dtype)
         return target, None
-    target, draft, _, ids = load_pair(target_spec, draft_spec)
+    target, draft, _, ids = load_pair(target_spec, draft_spec, dtype)
     del target
     return draft, ids
 

@@ -33,7 +33,7 @@ def app(ray_serve, redis_server):
 
     from gsd_serve.services.app import build_app
 
-    args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(),
+    args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(), "dtype": "float32",
             "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16,
             "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": MAX}}
     serve.run(build_app(args), name=APP, route_prefix="/")

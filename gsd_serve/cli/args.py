@@ -31,6 +31,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", default="default",
                    help="draft model sharing the target's tokenizer: 'default' (the shipped distilled draft of the "
                         "default target) or a local checkpoint directory")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and activations of both models. auto: bfloat16 on GPUs, and on CPUs whose "
+                        "bf16 matrix units measure faster than fp32 (AMX, AVX512_BF16), else float32. float32 "
+                        "is the exact reference (every method token-identical to ar); in bf16 a near-tie can "
+                        "flip between a one-token step and a tree (default: auto)")
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -80,5 +85,5 @@ def build_engine(args, method: str | None = None):
     """Load the models named by args; returns (engine, tokenizer)."""
     from ..models import load_engine
 
-    return load_engine(args.target, args.draft if method != "ar" else None,
+    return load_engine(args.target, args.draft if method != "ar" else None, dtype=getattr(args, "dtype", "auto"),
                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1)

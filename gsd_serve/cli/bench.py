@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+# A divergence from ar in a non-fp32 mode is a near-tie when the target's top-2 choice scores at the first
+# differing token lie within this many logits (bf16 keeps 8 significant bits: logits of ~20 round to 0.125)
+NEAR_TIE_EPS = 0.25
 SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-adaptive")   # gsd-adaptive: gsd with SpecConfig.adaptive
 ALL_METHODS = SPEC_METHODS + ("hf-assisted",)
 
@@ -37,6 +40,26 @@ def _hf_assisted(target, draft, ids: list[int], max_new: int, stop_ids: set[int]
     seconds = time.perf_counter() - start
     tokens = out[0, len(ids):].tolist()
     return {"token_ids": tokens, "seconds": seconds, "new_tokens": len(tokens)}
+
+
+def divergence(runner, prompt: list[int], ref: list[int], got: list[int], sampling) -> dict:
+    """Where `got` first leaves the reference `ref`, and the target's top-2 gap there: the difference of the
+    two best choice scores (logits for greedy; warped logits plus the token's sampling noise otherwise) of a
+    plain forward over the prompt and ref's tokens before that point."""
+    from ..core.sampling import TokenChooser
+
+    i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+    out = {"index": i, "ar_token": ref[i] if i < len(ref) else None, "token": got[i] if i < len(got) else None}
+    if out["ar_token"] is None or out["token"] is None:
+        out["top2_gap"] = None     # one stopped early at the same text: a length difference, not a choice
+        return out
+    with torch.inference_mode():
+        logits = runner.forward(runner.new_cache(), torch.tensor(prompt + ref[:i]), last_only=True)[0]
+    chooser = TokenChooser(sampling, logits.shape[-1])
+    scores = logits if sampling.greedy else chooser.warp(logits[None])[0] + chooser.noise(len(prompt) + i)
+    top = torch.topk(scores, 2).values
+    out["top2_gap"] = round(float(top[0] - top[1]), 5)
+    return out
 
 
 def run_bench(args) -> dict:
@@ -69,7 +92,8 @@ def run_bench(args) -> dict:
         # the same methods with the target as tp ranks (TP=1 above is the reference)
         from ..core.engine import Engine
         from ..models.tensor_parallel import make_target_runner
-        tp_engine = Engine(make_target_runner(args.target, tp), engine.draft, stop_token_ids=engine.stop_token_ids)
+        tp_engine = Engine(make_target_runner(args.target, tp, dtype=engine.target.dtype), engine.draft,
+                           stop_token_ids=engine.stop_token_ids)
         for m in [m for m in methods if m in SPEC_METHODS]:
             name = f"{m}@tp{tp}"
             specs[name], engines[name] = specs[m], tp_engine
@@ -108,8 +132,11 @@ def run_bench(args) -> dict:
                     ref = tokens
                 # sampled hf-assisted draws other random numbers: its text is not comparable token by token
                 identical = None if (m == "hf-assisted" and t > 0) else tokens == ref
-                rows.append({"temperature": t, "prompt": rec.get("id", i), "category": rec.get("category", "all"),
-                             "method": m, "identical": identical, "stats": stats})
+                row = {"temperature": t, "prompt": rec.get("id", i), "category": rec.get("category", "all"),
+                       "method": m, "identical": identical, "stats": stats, "token_ids": tokens}
+                if identical is False and m != "hf-assisted":
+                    row["divergence"] = divergence(engine.target, ids, ref, tokens, sp)
+                rows.append(row)
             done += 1
             el = time.time() - start
             print(f"\r  [{done}/{total}] T={t} {rec.get('id', i)}  ETA {el / done * (total - done):.0f}s   ",
@@ -120,6 +147,7 @@ def run_bench(args) -> dict:
         "prompts": str(args.prompts or BENCH_PROMPTS), "n_prompts": len(records),
         "max_new_tokens": args.max_new_tokens, "methods": methods, "temperatures": temps,
         "specs": {m: s.to_dict() for m, s in specs.items()}, "target": args.target, "draft": args.draft,
+        "dtype": engine.dtype_name,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": torch.get_num_threads()},
         "command": "gsd-serve " + " ".join(sys.argv[1:]),
@@ -170,6 +198,7 @@ def _aggregate(rows: list[dict]) -> dict:
     ident = [r["identical"] for r in rows if r["identical"] is not None]
     agg["identical"] = f"{sum(ident)}/{len(ident)}" if ident else "n/a"
     agg["mismatches"] = [r["prompt"] for r in rows if r["identical"] is False]
+    agg["divergences"] = [dict(prompt=r["prompt"], **r["divergence"]) for r in rows if "divergence" in r]
     return agg
 
 
@@ -226,6 +255,16 @@ def to_markdown(results: dict) -> str:
                     lines.append(f"{m} against tree (same k): {1 - o['drafted_per_token'] / t['drafted_per_token']:.0%} "
                                  f"fewer drafted tokens, {1 - o['draft_tokens_per_token'] / t['draft_tokens_per_token']:.0%} "
                                  "fewer draft tokens, per output token.")
+        divs = [(m, d) for m in per for d in per[m]["overall"].get("divergences", [])]
+        if divs:
+            lines += ["", f"Divergences from ar (the first differing token; a near-tie when the target's top-2 "
+                          f"gap there is below {NEAR_TIE_EPS}):", "",
+                      "| method | prompt | token index | ar token | its token | top-2 gap | near-tie |", "|---|---|---|---|---|---|---|"]
+            for m, d in divs:
+                gap = d["top2_gap"]
+                tie = "length only" if gap is None else ("yes" if gap < NEAR_TIE_EPS else "**NO**")
+                lines.append(f"| {m} | {d['prompt']} | {d['index']} | {d['ar_token']} | {d['token']} | "
+                             f"{'-' if gap is None else f'{gap:.4f}'} | {tie} |")
         for m in [m for m in per if per[m]["overall"].get("plain_step_share")]:
             lines.append(f"{m} decoded plainly in {per[m]['overall']['plain_step_share']:.0%} of its rounds "
                          "(speculation measured slower than plain steps there).")

@@ -35,7 +35,7 @@ def _wait_running(names: list[str], timeout_s: float) -> None:
 def cmd_serve(args) -> int:
     config = load_config(args.config, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                          draft_replicas=args.draft_replicas, redis_url=args.redis_url,
-                         tensor_parallel_size=args.tensor_parallel_size)
+                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
     if args.dry_run:
         print("\n".join(endpoints(config)))
         return 0
@@ -100,6 +100,8 @@ def register(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="shard each target replica over N ranks (Ray actors in one STRICT_PACK placement group; "
                         "GPUs with gpus_per_rank in the config, else CPUs); overrides the config's field")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="both models' dtype in every replica (overrides the config's `dtype` arg; default auto)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the applications to run")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print the endpoints, start nothing")
     p.add_argument("--exit-when-ready", action="store_true", help=argparse_suppress())

@@ -62,6 +62,11 @@ class Engine:
         # the latest measured plain-step time, so that an adaptive sequence need not measure it first
         self.step_seconds: float | None = None
 
+    @property
+    def dtype_name(self) -> str:
+        """The target's dtype ("float32", "bfloat16", ...), for reports."""
+        return str(getattr(self.target, "dtype", "float32")).removeprefix("torch.")
+
     def new_governor(self) -> SpeculationGovernor:
         return SpeculationGovernor(step_seconds=self.step_seconds)
 

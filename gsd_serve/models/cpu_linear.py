@@ -1,11 +1,13 @@
-"""fp32 linear layers with weights prepacked for oneDNN: the CPU's answer to verification's small GEMMs.
+"""CPU linear layers with weights prepacked for oneDNN (fp32, and bf16 where the CPU has bf16 units): the
+CPU's answer to verification's small GEMMs.
 
 Verification multiplies a handful of rows (the tree's 8-32 tokens) by every weight of the target. With
 the default kernels (MKL, called with an unpacked row-major weight) such a GEMM costs on an AMD EPYC
 2x-3x a one-row GEMV, which is what makes a verification tree expensive on CPU. oneDNN with the weight
 reordered once into its blocked layout is ~2x faster for 1-32 rows (measured on the 2-core dev machine,
 SmolLM2-135M: one forward over 1 token 67 -> 46 ms, over 16 tokens 117 -> 63 ms). It changes no
-arithmetic that matters here: plain decoding and verification use the same kernels.
+arithmetic that matters here: plain decoding and verification use the same kernels. bf16 weights are
+packed the same way where oneDNN runs bf16 natively (AMX / AVX512_BF16): 1.2-1.6x faster than unpacked bf16.
 
 Set GSD_SERVE_PACKED_LINEAR=0 to keep the stock kernels (for A/B runs and for debugging).
 """
@@ -24,9 +26,12 @@ BATCH_HINT = 32
 def packing_available(weight: torch.Tensor) -> bool:
     if os.environ.get("GSD_SERVE_PACKED_LINEAR", "1").lower() in ("0", "false", "no", "off"):
         return False
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedWeight:
@@ -37,10 +42,11 @@ class PackedWeight:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
         self.bias = None if bias is None else bias.detach()
         self.out_features = weight.shape[0]
+        self.dtype = weight.dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.requires_grad:
-            raise RuntimeError("PackedWeight is for fp32 inference")
+        if x.dtype != self.dtype or x.requires_grad:
+            raise RuntimeError(f"PackedWeight is for {self.dtype} inference, got {x.dtype} input")
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()

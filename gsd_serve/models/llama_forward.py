@@ -86,6 +86,16 @@ class LeanDecoder:
                 masks[j] = torch.ones(size, start + size, dtype=torch.bool, device=h.device).tril(start)[None, None]
         bounds = [(sum(sizes[:j]), sum(sizes[: j + 1])) for j in range(len(sizes))]
         hd = self.head_dim
+        # In bf16/fp16 attention runs in float64. CPU attention kernels sum a query's scores in an order that
+        # depends on how many queries come together and where masked keys sit, so a token verified in a tree
+        # and the same token decoded alone differ by ~1e-7 in fp32; a bf16 model rounds that to a whole ulp
+        # now and then, and near-ties flip between speculation and plain decoding (3 of 6 prompts differed
+        # within 48 tokens). In float64 those differences vanish below fp32 rounding: with oneDNN's bf16 GEMMs,
+        # which are batch-invariant up to 32 rows, a tree computes each token bit-identically to a decoding
+        # step. It costs ~5% of a one-token step and ~12% of a 16-token tree on the 2-core dev CPU. fp32 models
+        # keep fp32 attention (the ~1e-7 differences only matter at near-ties of that size). K/V are cached
+        # in the attention dtype (exact upcasts).
+        adt = torch.float64 if h.dtype in (torch.bfloat16, torch.float16) else h.dtype
         for i, layer in enumerate(dec.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = _rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
@@ -96,11 +106,11 @@ class LeanDecoder:
             k = k * cos + _rotate_half(k) * sin
             outs = []
             for cache, (a, b), m in zip(caches, bounds, masks):
-                keys, values = cache.update(k[:, :, a:b], v[:, :, a:b], i)
-                outs.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=m,
+                keys, values = cache.update(k[:, :, a:b].to(adt), v[:, :, a:b].to(adt), i)
+                outs.append(F.scaled_dot_product_attention(q[:, :, a:b].to(adt), keys, values, attn_mask=m,
                                                            scale=self.scaling,
                                                            enable_gqa=keys.shape[1] != q.shape[1]))
-            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            o = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).to(h.dtype)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
             x = _rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))

@@ -84,9 +84,13 @@ def resolve(spec: str) -> Path | str:
     return spec
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
+def load_model(spec: str, dtype: torch.dtype | str = torch.float32):
+    """A transformers causal LM in `dtype` (a torch dtype or a --dtype name, "auto" included)."""
     from transformers import AutoModelForCausalLM
 
+    from .dtypes import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     where = resolve(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
@@ -170,31 +174,31 @@ def default_draft_dir() -> Path:
     return out
 
 
-def load_default_pair():
+def load_default_pair(dtype: torch.dtype | str = torch.float32):
     """(target, draft, tokenizer) as transformers objects: the default target and its shipped draft.
 
     Without a shipped draft the draft is the target's first two layers (a weak stand-in).
     """
     tokenizer = load_tokenizer(DEFAULT_TARGET)
-    target = load_model(DEFAULT_TARGET)
+    target = load_model(DEFAULT_TARGET, dtype)
     if (SHIPPED_DRAFT_DIR / "config.json").exists():
-        draft = load_model(DEFAULT_DRAFT)
+        draft = load_model(DEFAULT_DRAFT, dtype)
     else:
         draft = truncated_copy(target)
     return target, draft, tokenizer
 
 
-def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT):
-    """Load a target, its tokenizer and (unless draft_spec is None) a draft that shares the tokenizer.
-
-    Returns (target, draft or None, tokenizer, draft_output_ids or None).
+def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT,
+              dtype: torch.dtype | str = torch.float32):
+    """Load a target, its tokenizer and (unless draft_spec is None) a draft that shares the tokenizer, both in
+    `dtype`. Returns (target, draft or None, tokenizer, draft_output_ids or None).
     """
     if target_spec == DEFAULT_TARGET and draft_spec == DEFAULT_DRAFT:
-        target, draft, tokenizer = load_default_pair()
+        target, draft, tokenizer = load_default_pair(dtype)
         ids = draft_output_ids(DEFAULT_DRAFT) if (SHIPPED_DRAFT_DIR / "config.json").exists() else None
         return target, draft, tokenizer, ids
     tokenizer = load_tokenizer(target_spec)
-    target = load_model(target_spec)
+    target = load_model(target_spec, dtype)
     if draft_spec is None:
         return target, None, tokenizer, None
     if draft_spec == DEFAULT_DRAFT and target_spec != DEFAULT_TARGET:
@@ -208,7 +212,7 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
         raise ModelLoadError(
             f"target '{target_spec}' and draft '{draft_spec}' use different tokenizers; "
             "speculative decoding here needs a draft with the target's tokenizer")
-    draft = load_model(draft_spec)
+    draft = load_model(draft_spec, dtype)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ModelLoadError(
             f"draft vocabulary ({draft.config.vocab_size}) differs from the target's ({target.config.vocab_size})")
@@ -216,9 +220,13 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
 
 
 def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
-                tensor_parallel_size: int = 1, spec=None):
+                dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
-    the tokenizer. With tensor_parallel_size > 1 the target runs as that many ranks (processes)."""
+    the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
+    target runs as that many ranks (processes)."""
+    from .dtypes import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     from ..core.engine import Engine
     from ..core.prompts import stop_token_ids
     from .runner import ModelRunner
@@ -226,11 +234,12 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
     if tensor_parallel_size != 1:
         from .tensor_parallel import check_spec_tp_size
         check_spec_tp_size(target_spec, tensor_parallel_size)  # refuse a size that does not divide the heads first
-    target, draft, tokenizer, output_ids = load_pair(target_spec, draft_spec)
+    target, draft, tokenizer, output_ids = load_pair(target_spec, draft_spec, dtype)
     stops = stop_token_ids(tokenizer, target)
     if tensor_parallel_size != 1:
         from .tensor_parallel import make_target_runner
-        target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target)  # rank 0 shards it
+        target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target,  # rank 0 shards it
+                                           dtype=dtype)
     else:
         target_runner = ModelRunner(target)
     draft_runner = ModelRunner(draft, output_ids) if draft is not None else None

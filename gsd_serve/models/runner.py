@@ -9,6 +9,9 @@ from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_availa
 from .llama_forward import lean_decoder
 
 
+REFINE = 8   # logits per row recomputed in fp32 when the model runs in bf16/fp16 (see ModelRunner.logits)
+
+
 class ModelRunner:
     """Runs a decoder-only transformers model over a KVCache.
 
@@ -16,9 +19,9 @@ class ModelRunner:
     logits come back over that list and callers map positions back with `output_ids[i]`. The output
     layer is most of a small draft's cost, so this is its main cost lever.
 
-    On CPU in fp32 the model's linear layers are swapped in place for oneDNN-prepacked ones
-    (`cpu_linear`, ~1.5-2x faster for the few-row GEMMs of decoding and verification); `pack=False` keeps
-    the model untouched.
+    On CPU in fp32 (and bf16 where the CPU has bf16 units) the model's linear layers are swapped in place
+    for oneDNN-prepacked ones (`cpu_linear`, ~1.5-2x faster for the few-row GEMMs of decoding and
+    verification); `pack=False` keeps the model untouched.
     """
 
     def __init__(self, model: torch.nn.Module, output_ids: torch.Tensor | None = None, pack: bool = True):
@@ -39,6 +42,7 @@ class ModelRunner:
         elif pack and packing_available(self.head_weight):
             self._head = PackedWeight(self.head_weight, self.head_bias)
         self.output_ids = output_ids
+        self.dtype = self.head_weight.dtype
         self.vocab_size = int(model.config.vocab_size)
         self.forwards = 0
         self.tokens_fed = 0
@@ -80,10 +84,21 @@ class ModelRunner:
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of final hidden states (over `output_ids` when the vocabulary is reduced)."""
-        if self._head is not None:
-            return self._head(hidden)
-        return F.linear(hidden, self.head_weight, self.head_bias).float()
+        """fp32 logits of final hidden states (over `output_ids` when the vocabulary is reduced).
+
+        In bf16/fp16 the output layer rounds each logit to 8 (11) significant bits: two logits 0.1 apart
+        tie, and a one-token step and a tree forward would break such ties by chance. The best REFINE
+        logits of each row are therefore recomputed with fp32 sums of the same weights, so choices among
+        the top candidates are as sharp as fp32 arithmetic on these weights allows."""
+        out = self._head(hidden) if self._head is not None else F.linear(hidden, self.head_weight, self.head_bias)
+        out = out.float()
+        if self.dtype != torch.float32 and hidden.shape[0]:
+            top = out.topk(min(REFINE, out.shape[-1]), dim=-1).indices                 # [n, R]
+            exact = torch.einsum("nd,nrd->nr", hidden.float(), self.head_weight[top].float())
+            if self.head_bias is not None:
+                exact = exact + self.head_bias[top].float()
+            out.scatter_(1, top, exact)
+        return out
 
     @torch.inference_mode()
     def forward_many(self, caches: list[KVCache], tokens: list[torch.Tensor], positions: list[torch.Tensor],

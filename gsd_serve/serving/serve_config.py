@@ -33,7 +33,7 @@ def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: in
 
 def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http_port: int = 8000,
                 grpc_port: int = 9000, draft_replicas: int = 1, redis_url: str | None = None,
-                tensor_parallel_size: int | None = None) -> dict:
+                tensor_parallel_size: int | None = None, dtype: str | None = None) -> dict:
     """A validated Serve config: the file's, else this machine's default; REDIS_URL (or redis_url) becomes
     the prefix cache of every application that names none, and tensor_parallel_size overrides the apps'."""
     if config_file:
@@ -55,6 +55,8 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
     for app in config["applications"]:
         app_args = app.setdefault("args", {}) or {}
         app["args"] = app_args
+        if dtype is not None:
+            app_args["dtype"] = dtype
         if redis_url and not app_args.get("redis_url"):
             app_args["redis_url"] = redis_url
         if tp is not None:

@@ -38,6 +38,7 @@ class TargetReplica(GrpcReplica):
 
             runner = make_target_runner(name, tp, transport="ray", gpus_per_rank=gpus_per_rank,
                                         cpus_per_rank=float(args.get("cpus_per_rank", 1)),
+                                        dtype=args.get("dtype", "auto"),
                                         placement_group=get_current_placement_group())
             config = AutoConfig.from_pretrained(resolve(name), local_files_only=True)
             worker = TargetWorker(runner=runner, max_seq_len=int(config.max_position_embeddings), **common)

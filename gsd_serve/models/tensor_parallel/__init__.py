@@ -6,6 +6,8 @@ ray_actors.py carry its commands to the ranks. Imports Ray only in ray_actors.py
 """
 from __future__ import annotations
 
+import torch
+
 from .pipes import PipeTransport
 from .runner import ShardedCache, TensorParallelRunner
 from .sharding import (TensorParallelError, TensorParallelSizeError, TPGroup, check_spec_tp_size, check_tp_size,
@@ -16,11 +18,13 @@ def make_target_runner(spec: str, tp_size: int = 1, model=None, *, transport: st
     """The target runner for a model spec: a ModelRunner at tp_size 1, else a TensorParallelRunner whose
     ranks are processes (transport="pipes") or Ray actors ("ray"). Refuses (TensorParallelSizeError, a
     ValueError) a size that does not divide the heads, before starting anything."""
+    from ..dtypes import resolve_dtype
+
+    kwargs["dtype"] = resolve_dtype(kwargs.get("dtype", torch.float32))
     if tp_size == 1 and transport == "pipes":
         from ..loading import load_model
         from ..runner import ModelRunner
-        dtype = kwargs.get("dtype")
-        return ModelRunner(model if model is not None else load_model(spec, **({"dtype": dtype} if dtype else {})))
+        return ModelRunner(model if model is not None else load_model(spec, kwargs["dtype"]))
     if transport == "ray":
         from .ray_actors import RayTransport
         return TensorParallelRunner(RayTransport(spec, tp_size, **kwargs))

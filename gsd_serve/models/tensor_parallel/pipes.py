@@ -89,6 +89,7 @@ class PipeTransport:
         if config is not None:
             check_tp_size(config, tp_size)        # refuse before starting anything
         self.world = tp_size
+        self.dtype = dtype
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.timeout_s = timeout_s
         self.procs: list = []

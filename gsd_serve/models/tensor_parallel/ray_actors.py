@@ -62,7 +62,7 @@ class RayTransport:
         config = model_config(source)
         if config is not None:
             check_tp_size(config, tp_size)
-        self.world, self.timeout_s = tp_size, timeout_s
+        self.world, self.timeout_s, self.dtype = tp_size, timeout_s, dtype
         self.backend = backend or ("nccl" if gpus_per_rank else "gloo")
         self._broken: str | None = None
         self._closed = False

@@ -50,6 +50,7 @@ class TensorParallelRunner:
         self.transport = transport
         self.tp_size = transport.world
         self.vocab_size = transport.vocab_size
+        self.dtype = transport.dtype
         self.output_ids = None
         self.forwards = 0
         self.tokens_fed = 0

@@ -1,0 +1,88 @@
+"""--dtype: resolution (auto measured per CPU), and the exactness rule of non-fp32 modes on the real pair.
+
+fp32 is the exact reference (tests/test_lossless_greedy.py). In bf16 a one-token step and a tree forward
+round differently, so a near-tie can flip: every speculative output must equal bf16 plain decoding, or
+leave it first at a token where the target's top-2 gap is a near-tie (below bench.NEAR_TIE_EPS).
+"""
+import json
+
+import pytest
+import torch
+
+from gsd_serve.cli.bench import NEAR_TIE_EPS, divergence
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.engine import Engine
+from gsd_serve.core.prompts import encode, stop_token_ids
+from gsd_serve.core.sampling import SamplingParams
+from gsd_serve.models import DEFAULT_DRAFT, ModelRunner, draft_output_ids, load_default_pair
+from gsd_serve.models.dtypes import resolve_dtype
+
+
+def test_dtype_names_and_errors():
+    assert resolve_dtype("float32") is torch.float32 and resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        resolve_dtype("float8")
+
+
+def test_auto_on_cpu_is_measured_once_and_can_be_forced(monkeypatch, tmp_path):
+    monkeypatch.setenv("GSD_SERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("GSD_SERVE_CPU_BF16", raising=False)
+    got = resolve_dtype("auto", "cpu")
+    assert got in (torch.float32, torch.bfloat16)
+    known = json.loads((tmp_path / "cpu-dtype.json").read_text())
+    (entry,) = known.values()
+    assert entry["prefers_bf16"] == (got is torch.bfloat16) and entry["bf16_gain"] > 0
+    # remembered: a forged entry is what auto answers next time (no second measurement)
+    (key,) = known
+    known[key]["prefers_bf16"] = not entry["prefers_bf16"]
+    (tmp_path / "cpu-dtype.json").write_text(json.dumps(known))
+    assert resolve_dtype("auto", "cpu") is (torch.float32 if got is torch.bfloat16 else torch.bfloat16)
+    monkeypatch.setenv("GSD_SERVE_CPU_BF16", "0")
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setenv("GSD_SERVE_CPU_BF16", "1")
+    assert resolve_dtype("auto", "cpu") is torch.bfloat16
+
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
+           "Explain how a bicycle works to a child.", "List three tips for learning a new language.",
+           "Give me a recipe for pancakes.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def bf16_engine():
+    target, draft, tokenizer = load_default_pair(torch.bfloat16)
+    assert next(target.parameters()).dtype is torch.bfloat16
+    engine = Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids(DEFAULT_DRAFT)),
+                    stop_token_ids=stop_token_ids(tokenizer, target))
+    return engine, tokenizer
+
+
+@pytest.mark.timeout(900)
+def test_bf16_speculation_equals_bf16_plain_decoding_up_to_near_ties(bf16_engine):
+    engine, tokenizer = bf16_engine
+    identical, checked = 0, 0
+    for p in PROMPTS:
+        ids = encode(tokenizer, p)
+        ref = engine.generate(ids, 48, SpecConfig.for_method("ar")).token_ids
+        got = engine.generate(ids, 48, SpecConfig.for_method("gsd")).token_ids
+        checked += 1
+        if got == ref:
+            identical += 1
+            continue
+        d = divergence(engine.target, ids, ref, got, SamplingParams())
+        assert d["top2_gap"] is not None and d["top2_gap"] < NEAR_TIE_EPS, (p, d)
+    assert identical >= checked - 1, f"only {identical}/{checked} identical"
+
+
+def test_bf16_logits_are_sharpened_to_fp32_sums_among_the_top_candidates(bf16_engine):
+    engine, _ = bf16_engine
+    runner = engine.target
+    with torch.inference_mode():
+        hidden = runner.hidden(runner.new_cache(), torch.tensor([1, 504, 3458, 282]))
+        got = runner.logits(hidden)
+        exact = hidden.float() @ runner.head_weight.float().T
+    top = exact.topk(8, dim=-1).indices
+    # the best candidates carry fp32 sums of the bf16 weights (not values rounded to 8 significant bits)
+    torch.testing.assert_close(got.gather(1, top), exact.gather(1, top), atol=1e-3, rtol=0)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
