@@ -111,7 +111,7 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
         if shard.exists():
             shards.append(shard)
             if shard.name not in counts:
-                counts[shard.name] = sum(len(it["cont"]) for it in torch.load(shard, weights_only=False))
+                counts[shard.name] = sum(len(it["cont"]) for it in torch.load(shard, weights_only=True))
             continue
         sampled = batch[0][0] > 0
         prompts = [encode(tokenizer, r) for _, r in batch]
@@ -154,7 +154,7 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
 def load_data(shards: list[Path]) -> list[dict]:
     items = []
     for s in shards:
-        items.extend(torch.load(s, weights_only=False))
+        items.extend(torch.load(s, weights_only=True))
     return [it for it in items if len(it["cont"]) > 0]
 
 
@@ -297,7 +297,7 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     step, history = 0, []
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         draft.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["opt"])
         step, history = state["step"], state["history"]
