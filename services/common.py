@@ -21,14 +21,24 @@ MAX_AGE_S = 4.0
 
 
 class Registry:
-    """kind -> replicas {replica_id: (address, actor_name, last heartbeat)}."""
+    """kind -> replicas {replica_id: (address, actor_name, last heartbeat)}, and the application's worker
+    secret (made here, handed to replicas with each heartbeat and to routers with each discovery)."""
 
     def __init__(self):
-        self.entries: dict[str, dict] = {}
+        from ..serving.auth import new_secret
 
-    def register(self, kind: str, replica_id: str, address: str, actor_name: str = "") -> None:
+        self.entries: dict[str, dict] = {}
+        self.token = new_secret()
+
+    def register(self, kind: str, replica_id: str, address: str, actor_name: str = "") -> str:
+        """Record a heartbeat; returns the worker secret the replica must require."""
         self.entries[replica_id] = {"kind": kind, "replica_id": replica_id, "address": address,
                                     "actor_name": actor_name, "ts": time.time()}
+        return self.token
+
+    def view(self) -> dict:
+        """What a router needs: the live replicas and the secret their calls must carry."""
+        return {"entries": self.list(), "token": self.token}
 
     def unregister(self, replica_id: str) -> None:
         self.entries.pop(replica_id, None)
@@ -39,6 +49,13 @@ class Registry:
             del self.entries[rid]
         return [dict(e) for e in self.entries.values()
                 if (kind is None or e["kind"] == kind) and now - e["ts"] <= max_age_s]
+
+
+def new_secret_placeholder() -> str:
+    """A secret nobody knows, held until the registry's arrives."""
+    from ..serving.auth import new_secret
+
+    return new_secret()
 
 
 def registry_name(app: str) -> str:
@@ -69,29 +86,34 @@ def advertise_host(bind: str) -> tuple[str, str]:
 class Heartbeat:
     """Registers a replica's gRPC address with the registry every second, until stopped."""
 
-    def __init__(self, kind: str, replica_id: str, address: str):
+    def __init__(self, kind: str, replica_id: str, address: str, secret=None):
         self.kind, self.replica_id, self.address = kind, replica_id, address
+        self.secret = secret      # a SharedSecret: kept equal to the registry's
         try:
             self.actor_name = ray.get_runtime_context().get_actor_name() or ""
         except Exception:  # noqa: BLE001
             self.actor_name = ""
         self.registry = get_registry(app_name())
         self._stop = threading.Event()
-        ray.get(self.registry.register.remote(kind, replica_id, address, self.actor_name))
+        self._beat(ray.get(self.registry.register.remote(kind, replica_id, address, self.actor_name)))
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"gsd-heartbeat-{kind}")
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                ray.get(self.registry.register.remote(self.kind, self.replica_id, self.address, self.actor_name),
-                        timeout=5)
+                self._beat(ray.get(self.registry.register.remote(self.kind, self.replica_id, self.address,
+                                                                 self.actor_name), timeout=5))
             except Exception as exc:  # noqa: BLE001 (the registry comes back; keep beating)
                 log.warning("heartbeat failed: %s", exc)
                 try:
                     self.registry = get_registry(app_name())
                 except Exception:  # noqa: BLE001
                     pass
+
+    def _beat(self, token: str) -> None:
+        if self.secret is not None and token and token != self.secret.value:
+            self.secret.value = token
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,13 +160,16 @@ class GrpcReplica:
     kind = ""
 
     def _serve(self, worker, args: dict, port_key: str) -> None:
+        from ..serving.auth import SharedSecret
         from ..serving.grpc_server import serve_grpc
 
         self.worker = worker
         bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))
-        self.server, port = serve_grpc(worker, bind, int(args.get(port_key, 0)))
+        # the port refuses every call until the first heartbeat has fetched the application's secret
+        self.secret = SharedSecret(new_secret_placeholder())
+        self.server, port = serve_grpc(worker, bind, int(args.get(port_key, 0)), secret=self.secret)
         self.address = f"{host}:{port}"
-        self.heartbeat = Heartbeat(self.kind, worker.replica_id, self.address)
+        self.heartbeat = Heartbeat(self.kind, worker.replica_id, self.address, self.secret)
 
     def endpoint(self) -> str:
         return self.address

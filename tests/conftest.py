@@ -133,3 +133,57 @@ def ray_serve():
         if ray.is_initialized():
             serve.shutdown()
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- a tiny random Llama with the real tokenizer
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """(target, draft): a 3-layer random Llama over the default target's tokenizer and its 1-layer copy.
+    Fast enough to serve hundreds of requests; exactness is checked against the engine on the same pair."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gsd_serve.models import DEFAULT_TARGET, load_tokenizer, truncated_copy
+
+    vocab = len(load_tokenizer(DEFAULT_TARGET))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    target = LlamaForCausalLM(cfg).eval()
+    draft = truncated_copy(target, 1)
+    return target, draft
+
+
+def start_workers(tiny_pair, secret: str | None = None, names=("d1", "d2", "t1"), **target_kw) -> dict:
+    """In-process gRPC draft ("d...") and target ("t...") workers on loopback: {name: (worker, server, port)}."""
+    from gsd_serve.serving.auth import SharedSecret
+    from gsd_serve.serving.draft_worker import DraftWorker
+    from gsd_serve.serving.grpc_server import serve_grpc
+    from gsd_serve.serving.target_worker import TargetWorker
+
+    target, draft = tiny_pair
+    servers = {}
+    for name in names:
+        worker = DraftWorker(draft, replica_id=name) if name.startswith("d") else \
+            TargetWorker(target, replica_id=name, **target_kw)
+        servers[name] = (worker,) + serve_grpc(worker, secret=SharedSecret(secret) if secret else None)
+    return servers
+
+
+def router_core(servers: dict, tokenizer, secret: str | None = None, **cfg):
+    """A RouterCore over `servers` (start_workers); returns (core, live): drop a name from `live` to hide it."""
+    from gsd_serve.core.config import SpecConfig
+    from gsd_serve.serving.router import RouterConfig, RouterCore
+
+    live = dict(servers)
+
+    async def discover():
+        return [("draft" if n.startswith("d") else "target", n, f"127.0.0.1:{port}")
+                for n, (_, _, port) in live.items()]
+
+    cfg.setdefault("spec", SpecConfig.for_method("gsd", max_depth=4, budget=12))
+    config = RouterConfig(batch_wait_s=0.01, **cfg)
+    return RouterCore(config, discover, tokenizer=tokenizer, stop_ids={tokenizer.eos_token_id},
+                      worker_token=secret), live

@@ -86,6 +86,17 @@ def metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def worker_md(app_name: str = APP):
+    """The gRPC metadata that opens the application's worker ports (the registry's secret)."""
+    import ray
+
+    from gsd_serve.serving.auth import METADATA_KEY, bearer
+    from gsd_serve.services.common import REGISTRY_NAMESPACE, registry_name
+
+    reg = ray.get_actor(registry_name(app_name), namespace=REGISTRY_NAMESPACE)
+    return ((METADATA_KEY, bearer(ray.get(reg.view.remote())["token"])),)
+
+
 def registry_entries(kind: str):
     import ray
 
@@ -100,7 +111,7 @@ def registry_entries(kind: str):
         with grpc.insecure_channel(e["address"]) as ch:
             stub = (pb_grpc.DraftStub if e["kind"] == "draft" else pb_grpc.TargetStub)(ch)
             try:
-                stub.Info(pb.InfoRequest(), timeout=10)
+                stub.Info(pb.InfoRequest(), timeout=10, metadata=worker_md())
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -204,7 +215,7 @@ def test_concurrent_requests_exact_and_batched(app, engine, tokenizer):
     calls = metric(after, "gsd_verify_batch_size_count") - metric(before, "gsd_verify_batch_size_count")
     singles = metric(after, "gsd_verify_batch_size_bucket", le="1.0") - \
         metric(before, "gsd_verify_batch_size_bucket", le="1.0")
-    assert calls > singles > -1, "no Verify call carried more than one session"
+    assert calls > singles, "no Verify call carried more than one session"
     items = metric(after, "gsd_verify_batch_size_sum") - metric(before, "gsd_verify_batch_size_sum")
     assert items > calls  # on average more than one session per Verify
     assert metric(after, "gsd_num_drafts_total") > 0 and metric(after, "gsd_num_draft_tokens_total") > 0
@@ -267,7 +278,8 @@ def test_draft_replica_killed_mid_request(app, engine, tokenizer):
     while victim is None:
         for e in registry_entries("draft"):
             with grpc.insecure_channel(e["address"]) as ch:
-                if sid in pb_grpc.DraftStub(ch).Info(pb.InfoRequest(), timeout=10).session_ids:
+                if sid in pb_grpc.DraftStub(ch).Info(pb.InfoRequest(), timeout=10,
+                                                     metadata=worker_md()).session_ids:
                     victim = e
         assert victim is not None or time.time() < deadline, "no draft replica holds the session"
         if victim is None:
@@ -304,7 +316,7 @@ def test_client_disconnect_cancels_and_releases(app):
         for e in registry_entries("draft") + registry_entries("target"):
             with grpc.insecure_channel(e["address"]) as ch:
                 stub = (pb_grpc.DraftStub if e["kind"] == "draft" else pb_grpc.TargetStub)(ch)
-                held.update(stub.Info(pb.InfoRequest(), timeout=10).session_ids)
+                held.update(stub.Info(pb.InfoRequest(), timeout=10, metadata=worker_md()).session_ids)
         if sid not in held and metric(metrics(app), "gsd_request_cancelled_total", reason="client") > cancelled:
             break
         assert time.time() < deadline, "the abandoned request still holds sessions or was not cancelled"
@@ -369,12 +381,12 @@ def test_bad_requests_get_400_and_service_keeps_serving(app, engine, tokenizer):
                           (t.Verify, pb.VerifyRequest(items=[pb.VerifyItem(session_id="y", delta=[1],
                                                                           graph=pb.TokenGraph())]))):
             with pytest.raises(grpc.RpcError) as err:
-                call(req, timeout=60)
+                call(req, timeout=60, metadata=worker_md())
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     with grpc.insecure_channel(draft) as ch:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.DraftStub(ch).Propose(pb.ProposeRequest(session_id="z", delta=[1], spec=pb.SpecConfig(
-                method="bogus")), timeout=60)
+                method="bogus")), timeout=60, metadata=worker_md())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # still serving, exactly
     msgs, ids = chat_ids(tokenizer, "Write a short poem about the sea.")

@@ -14,7 +14,7 @@ import torch
 from gsd_serve.serving import rpc
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.graph import TokenGraph, flatten_to_tree
-from gsd_serve.serving.prefix_cache import PrefixCache, block_hashes, export_kv, import_kv
+from gsd_serve.serving.prefix_cache import KVLayout, PrefixCache, block_hashes, export_kv, import_kv
 from gsd_serve.models.runner import ModelRunner
 from gsd_serve.core.sampling import SamplingParams
 
@@ -29,21 +29,6 @@ def tokenizer():
     return load_tokenizer(DEFAULT_TARGET)
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gsd_serve.models import truncated_copy
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True)
-    target = LlamaForCausalLM(cfg).eval()
-    draft = truncated_copy(target, 1)
-    return target, draft
-
-
 # ---------------------------------------------------------------- prefix cache
 
 def test_prefix_cache_roundtrip_is_exact(redis_server, tiny_pair):
@@ -54,6 +39,7 @@ def test_prefix_cache_roundtrip_is_exact(redis_server, tiny_pair):
     with torch.inference_mode():
         full = runner.new_cache()
         ref = runner.forward(full, torch.tensor(tokens), last_only=True)
+        cache.layout = KVLayout.of(export_kv(full, 0, 1))
         assert cache.store(tokens, lambda s, e: export_kv(full, s, e)) == 5
         assert cache.store(tokens, lambda s, e: export_kv(full, s, e)) == 0      # already there
         blocks = cache.lookup(tokens, len(tokens) - 1)
@@ -92,7 +78,8 @@ def test_prefix_cache_outage_and_size_cap(tiny_pair):
 
 
 def test_prefix_cache_size_cap(redis_server):
-    cache = PrefixCache(redis_server.url, f"cap-{time.time_ns()}", block_size=4, max_entry_bytes=64)
+    cache = PrefixCache(redis_server.url, f"cap-{time.time_ns()}", block_size=4, max_entry_bytes=64,
+                        layout=KVLayout(2, 2, 8, "float32"))
     assert cache.store(list(range(8)), lambda s, e: torch.zeros(2, 2, 2, e - s, 8)) == 0
     assert cache.lookup(list(range(8)), 8) == []
 
@@ -125,47 +112,41 @@ def test_graph_proto_roundtrip_and_validation():
 def test_session_table_ttl_and_lru():
     from gsd_serve.serving.sessions import SessionTable
 
-    t = SessionTable(max_sessions=2, ttl_s=0.2)
+    now = [0.0]
+    t = SessionTable(max_sessions=2, ttl_s=2.0, clock=lambda: now[0])
     t.put("a", 1)
     t.put("b", 2)
     assert t.get("a") == 1
     t.put("c", 3)                      # evicts b, the least recently used
     assert t.ids() == ["a", "c"] and t.get("b") is None
-    time.sleep(0.25)
-    assert t.get("a") is None and len(t) == 1
+    now[0] += 2.0                      # exactly the TTL: still leased
+    assert t.get("c") == 3             # ... and touched: c's lease starts again
+    now[0] += 1.0
+    assert t.get("a") is None and len(t) == 1    # a expired (3 s idle), c did not (1 s)
+    now[0] += 2.5
     t.sweep()
-    assert len(t) == 0
+    assert len(t) == 0 and t.evicted == 3
 
 
 # ---------------------------------------------------------------- workers + router over real gRPC
 
 @pytest.fixture(scope="module")
-def stack(tiny_pair, tokenizer):
-    from gsd_serve.serving.draft_worker import DraftWorker
-    from gsd_serve.serving.grpc_server import serve_grpc
-    from gsd_serve.serving.target_worker import TargetWorker
+def stack(tiny_pair):
+    from conftest import start_workers
 
-    target, draft = tiny_pair
-    servers = {}
-    for name, worker in (("d1", DraftWorker(draft, replica_id="d1")), ("d2", DraftWorker(draft, replica_id="d2")),
-                         ("t1", TargetWorker(target, replica_id="t1"))):
-        servers[name] = (worker,) + serve_grpc(worker)
+    servers = start_workers(tiny_pair, SECRET)
     yield servers
     for _, server, _ in servers.values():
         server.stop(0)
 
 
+SECRET = "unit-test-worker-secret"
+
+
 def _core(stack, tokenizer, **cfg):
-    from gsd_serve.serving.router import RouterConfig, RouterCore
+    from conftest import router_core
 
-    live = dict(stack)
-
-    async def discover():
-        return [("draft" if n.startswith("d") else "target", n, f"127.0.0.1:{port}")
-                for n, (_, _, port) in live.items()]
-
-    config = RouterConfig(spec=SpecConfig.for_method("gsd", max_depth=4, budget=12), batch_wait_s=0.01, **cfg)
-    return RouterCore(config, discover, tokenizer=tokenizer, stop_ids={tokenizer.eos_token_id}), live
+    return router_core(stack, tokenizer, SECRET, **cfg)
 
 
 def _engine(tiny_pair, tokenizer):
@@ -362,6 +343,7 @@ def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
 
     async def main():
         core, _ = _core(stack, tokenizer)
+        skipped = t1.expired_calls
         t1.lock.acquire()          # the replica is busy with someone else's long forward
         try:
             run = core.start(GenerateParams(ids, 8, SamplingParams(), "late-1", timeout_s=0.5))
@@ -371,7 +353,10 @@ def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
         finally:
             t1.lock.release()
         assert run.stats.failovers == 0 and core.endpoints and all(ep.alive for ep in core.endpoints.values())
-        await asyncio.sleep(0.5)   # the stale Prefill gets the lock, sees it is expired, does nothing
+        deadline = time.monotonic() + 60
+        while t1.expired_calls == skipped:   # the stale Prefill gets the lock, sees it is expired, does nothing
+            assert time.monotonic() < deadline, "the stale Prefill never ran"
+            await asyncio.sleep(0.01)
         assert "late-1" not in t1.sessions.ids()
         out, _ = await _generate(core, ids, 8)
         assert out == engine.generate(ids, 8, spec=SpecConfig.for_method("gsd", max_depth=4, budget=12)).token_ids

@@ -3,7 +3,9 @@
 Without --config it runs the equivalent of deploy/local-cpu.yaml (ports from the flags). With --config it
 takes any Ray Serve config file (the schema `serve run`/`serve deploy` use: http_options, grpc_options,
 applications with import_path gsd_serve.services.app:build_app, args and per-deployment overrides). REDIS_URL (or
---redis-url) becomes the prefix cache of every application that does not name one.
+--redis-url) becomes the prefix cache of every application that does not name one, and --api-key (or
+GSD_SERVE_API_KEY) the API key of every application that does not name one. Ray's own token auth keeps
+Ray's default; RAY_AUTH_MODE=disabled turns it off.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import sys
 import time
 
+from ..serving.auth import API_KEY_ENV, api_key_from_env
 from ..serving.serve_config import endpoints, load_config
 
 
@@ -35,12 +38,13 @@ def _wait_running(names: list[str], timeout_s: float) -> None:
 def cmd_serve(args) -> int:
     config = load_config(args.config, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                          draft_replicas=args.draft_replicas, redis_url=args.redis_url,
-                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                         api_key=api_key_from_env(args.api_key))
     if args.dry_run:
         print("\n".join(endpoints(config)))
         return 0
-    for k, v in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"),
-                 ("TOKENIZERS_PARALLELISM", "false")):
+    # Ray's token auth stays at Ray's default (on for a new local cluster): RAY_AUTH_MODE=disabled turns it off
+    for k, v in (("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(k, v)
     import ray
     from ray.serve._private import api as serve_api
@@ -102,6 +106,9 @@ def register(sub) -> None:
                         "GPUs with gpus_per_rank in the config, else CPUs); overrides the config's field")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="both models' dtype in every replica (overrides the config's `dtype` arg; default auto)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help=f"require Authorization: Bearer KEY on /v1/* and gRPC Router calls (default: ${API_KEY_ENV}; "
+                        "/health and /metrics stay open)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the applications to run")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print the endpoints, start nothing")
     p.add_argument("--exit-when-ready", action="store_true", help=argparse_suppress())

@@ -5,6 +5,7 @@ Model work is serialised by one lock per worker.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ..core.drafting import DraftSession
 from ..models.runner import make_runner
 from . import rpc
 from .errors import BadRequest
+from .procinfo import rss_bytes
 from .sessions import (SessionTable, check_tokens, chooser_from_proto, committed_tokens, common_prefix,
                        replica_identity, still_wanted)
 
@@ -35,6 +37,9 @@ class DraftWorker:
                  ttl_s: float = 300.0, replica_id: str | None = None, device: str | None = None):
         self.runner = make_runner(draft_model, output_ids, device)
         self.vocab_size = self.runner.vocab_size
+        config = getattr(draft_model, "config", None)
+        self.max_seq_len = int(getattr(config, "max_position_embeddings", 8192))
+        self.expired_calls = 0      # calls skipped because their caller had given up
         self.name = name
         self.sessions = SessionTable(max_sessions, ttl_s)
         self.lock = threading.Lock()
@@ -68,11 +73,15 @@ class DraftWorker:
         t0 = time.perf_counter()
         if not req.session_id:
             raise BadRequest("session_id is empty")
-        check_tokens(req.delta, self.vocab_size, "delta")
         try:
             spec = rpc.spec_from_proto(req.spec)
         except ConfigError as exc:
             raise BadRequest(str(exc)) from None
+        rpc.check_spec_size(spec)     # the graph a round may draft is bounded before any work
+        depth = min(req.max_depth, spec.max_depth) if req.max_depth > 0 else spec.max_depth
+        if req.delta_start + len(req.delta) + depth > self.max_seq_len:
+            raise BadRequest(f"the sequence would exceed the draft's {self.max_seq_len} positions")
+        check_tokens(req.delta, self.vocab_size, "delta")
         chooser = chooser_from_proto(req.sampling, self.vocab_size)
         with self.lock, torch.inference_mode():
             still_wanted(expired)
@@ -116,4 +125,5 @@ class DraftWorker:
         with self.lock:
             self.sessions.sweep()
             return pb.InfoResponse(replica_id=self.replica_id, kind="draft", model=self.name,
-                                   session_ids=self.sessions.ids(), max_sessions=self.sessions.max_sessions)
+                                   session_ids=self.sessions.ids(), max_sessions=self.sessions.max_sessions,
+                                   pid=os.getpid(), rss_bytes=rss_bytes())

@@ -1,4 +1,10 @@
-"""gRPC servers for the workers: the gsd.v1.Draft / gsd.v1.Target servicers and health checking."""
+"""gRPC servers for the workers: the gsd.v1.Draft / gsd.v1.Target servicers and health checking.
+
+Requests are parsed by the servicer, not by gRPC: a message over MAX_WORKER_REQUEST_BYTES is refused with
+RESOURCE_EXHAUSTED and undecodable bytes with INVALID_ARGUMENT (gRPC itself would answer UNKNOWN), so a
+hostile or broken client gets a client error and the worker keeps serving. With a secret, every call but
+health checking must carry it (auth.WorkerAuthInterceptor).
+"""
 from __future__ import annotations
 
 import logging
@@ -7,23 +13,28 @@ from concurrent import futures
 import grpc
 
 from . import rpc
+from .auth import SharedSecret, WorkerAuthInterceptor
 from .draft_worker import DraftWorker
-from .errors import BadRequest, Expired
+from .errors import Expired, ServingError
 
 log = logging.getLogger(__name__)
 pb = rpc.pb
 
 
-def _call(context, fn, request):
+def _call(context, worker, fn, request):
+    if isinstance(request, rpc.RejectedRequest):
+        context.abort(request.status, request.message)
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
+        worker.expired_calls += 1
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
     try:
         return fn(request, expired=lambda: not context.is_active())
     except Expired as exc:
+        worker.expired_calls += 1
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-    except BadRequest as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except ServingError as exc:   # BadRequest, TooLarge, ...: the client's fault, with its own code
+        context.abort(exc.grpc_code, str(exc))
     except ValueError as exc:  # e.g. SamplingParams / SpecConfig validation
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except Exception as exc:  # noqa: BLE001 (a bug: log it, answer INTERNAL; the router fails over)
@@ -38,36 +49,40 @@ class _WorkerServicer:
         self.worker = worker
 
     def Release(self, request, context):  # noqa: N802
-        return pb.ReleaseResponse(released=self.worker.release(request.session_ids))
+        return _call(context, self.worker, lambda r, expired: pb.ReleaseResponse(
+            released=self.worker.release(r.session_ids)), request)
 
     def Info(self, request, context):  # noqa: N802
-        return self.worker.info()
+        return _call(context, self.worker, lambda r, expired: self.worker.info(), request)
 
 
-class DraftServicer(_WorkerServicer, rpc.pb_grpc.DraftServicer):
+class DraftServicer(_WorkerServicer):
     def Propose(self, request, context):  # noqa: N802
-        return _call(context, self.worker.propose, request)
+        return _call(context, self.worker, self.worker.propose, request)
 
 
-class TargetServicer(_WorkerServicer, rpc.pb_grpc.TargetServicer):
+class TargetServicer(_WorkerServicer):
     def Prefill(self, request, context):  # noqa: N802
-        return _call(context, self.worker.prefill, request)
+        return _call(context, self.worker, self.worker.prefill, request)
 
     def Verify(self, request, context):  # noqa: N802
-        return _call(context, self.worker.verify, request)
+        return _call(context, self.worker, self.worker.verify, request)
 
 
-def serve_grpc(worker, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8):
-    """Start a gRPC server (with health checking) for a DraftWorker or TargetWorker; returns (server, port)."""
+def serve_grpc(worker, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
+               secret: SharedSecret | None = None):
+    """Start a gRPC server (with health checking) for a DraftWorker or TargetWorker; returns (server, port).
+    With `secret`, calls must carry it (health checks excepted)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=rpc.CHANNEL_OPTIONS)
+    interceptors = [WorkerAuthInterceptor(secret)] if secret is not None else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=rpc.WORKER_SERVER_OPTIONS,
+                         interceptors=interceptors)
     if isinstance(worker, DraftWorker):
-        rpc.pb_grpc.add_DraftServicer_to_server(DraftServicer(worker), server)
-        service = "gsd.v1.Draft"
+        service, servicer = "gsd.v1.Draft", DraftServicer(worker)
     else:
-        rpc.pb_grpc.add_TargetServicer_to_server(TargetServicer(worker), server)
-        service = "gsd.v1.Target"
+        service, servicer = "gsd.v1.Target", TargetServicer(worker)
+    rpc.add_servicer(service, servicer, server, rpc.MAX_WORKER_REQUEST_BYTES)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -6,6 +6,7 @@ so the Ray Serve deployment (services/router) is a thin FastAPI adapter around t
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import AsyncIterator
@@ -19,6 +20,50 @@ from .router import GenerateParams, RouterCore
 pb = rpc.pb
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias")
+ROLES = ("system", "user", "assistant", "developer")
+
+
+# ---------------------------------------------------------------- prompts from untrusted text
+
+class PromptText:
+    """What the frontends need to know of a tokenizer to encode untrusted text safely."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        # the control strings the tokenizer matches whole (<|im_start|>, <|endoftext|>, ...)
+        self.controls = sorted({t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                                if t.content}, key=len, reverse=True)
+        # no token spells more characters than this: a text longer than n x this has more than n tokens
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.max_token_chars = max(len(t) for t in vocab if t)
+
+    def check_length(self, texts, max_tokens: int) -> None:
+        """Refuse text that cannot fit in max_tokens before tokenizing any of it (a character count)."""
+        n = sum(len(t) for t in texts)
+        if n > max_tokens * self.max_token_chars:
+            raise BadRequest(f"the prompt has {n} characters, more than {max_tokens} tokens can hold",
+                             "messages", "context_length_exceeded")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The chat template applied to `messages`, whose content stays text: a user who types
+        `<|im_start|>` gets the characters, never the control token (only the template makes those)."""
+        if not any(c in m["content"] for m in messages for c in self.controls):
+            return encode(self.tokenizer, {"messages": messages})   # the common case: exactly the engine's ids
+        tok = self.tokenizer
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        text = tok.apply_chat_template([dict(m, content=mark) for m, mark in zip(messages, marks)],
+                                       add_generation_prompt=True, tokenize=False)
+        pieces = re.split("(\ue000\\d+\ue001)", text)
+        if [p for p in pieces if p in marks] != marks:
+            raise BadRequest("the chat template does not take message content containing control tokens", "messages")
+        ids: list[int] = []
+        for piece in pieces:
+            if piece in marks:
+                content = messages[marks.index(piece)]["content"]
+                ids += tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += tok(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
 
 def _int(body: dict, name: str, default=None, lo=None, hi=None):
@@ -47,13 +92,14 @@ class OpenAIFrontend:
     def __init__(self, core: RouterCore):
         self.core = core
         self.cfg = core.config
+        self.text = PromptText(core.tokenizer)
 
     # parsing --------------------------------------------------------------------
     def _parse_json(self, raw: bytes) -> dict:
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:   # RecursionError: nesting too deep
+            raise BadRequest(f"the request body is not valid JSON: {type(exc).__name__}") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         return body
@@ -94,7 +140,9 @@ class OpenAIFrontend:
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise BadRequest("'stream_options' must be an object", "stream_options")
-        include_usage = bool(opts.get("include_usage", False))
+        include_usage = opts.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise BadRequest("'stream_options.include_usage' must be a boolean", "stream_options")
         sampling = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
         return max_tokens, sampling, stream, include_usage
 
@@ -107,22 +155,26 @@ class OpenAIFrontend:
                     raise BadRequest("'messages' must be a non-empty list", "messages")
                 clean = []
                 for m in msgs:
-                    if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "developer")
-                            and isinstance(m.get("content"), str)):
+                    if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
                         raise BadRequest("each message needs a role (system, user, assistant) and string content",
                                          "messages")
                     clean.append({"role": "system" if m["role"] == "developer" else m["role"],
                                   "content": m["content"]})
                 if not any(m["content"].strip() for m in clean):
                     raise BadRequest("the messages are empty", "messages")
-                return encode(tok, {"messages": clean})
+                self.text.check_length([m["content"] for m in clean], self.cfg.max_prompt_tokens)
+                return self.text.encode_chat(clean)
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if isinstance(prompt, str):
                 if not prompt.strip():
                     raise BadRequest("the prompt is empty", "prompt")
+                self.text.check_length([prompt], self.cfg.max_prompt_tokens)
                 return encode(tok, prompt, raw=True)
+            if isinstance(prompt, list) and len(prompt) > self.cfg.max_prompt_tokens:
+                raise BadRequest(f"the prompt has {len(prompt)} tokens; at most {self.cfg.max_prompt_tokens} are "
+                                 "accepted", "prompt", "context_length_exceeded")
             if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                            for t in prompt):
                 return list(prompt)
@@ -226,10 +278,16 @@ class OpenAIFrontend:
             if req.prompt:
                 if not req.prompt.strip():
                     raise BadRequest("the prompt is empty")
-                ids = encode(tok, req.prompt, raw=req.raw)
+                self.text.check_length([req.prompt], self.cfg.max_prompt_tokens)
+                ids = encode(tok, req.prompt, raw=True) if req.raw else self.text.encode_chat(
+                    [{"role": "user", "content": req.prompt}])
             elif req.messages:
-                ids = encode(tok, {"messages": [{"role": m.role or "user", "content": m.content}
-                                                for m in req.messages]}, raw=req.raw)
+                msgs = [{"role": m.role or "user", "content": m.content} for m in req.messages]
+                if any(m["role"] not in ROLES for m in msgs):
+                    raise BadRequest(f"a message role must be one of {', '.join(ROLES)}")
+                msgs = [dict(m, role="system" if m["role"] == "developer" else m["role"]) for m in msgs]
+                self.text.check_length([m["content"] for m in msgs], self.cfg.max_prompt_tokens)
+                ids = encode(tok, {"messages": msgs}, raw=True) if req.raw else self.text.encode_chat(msgs)
             else:
                 ids = list(req.prompt_token_ids)
         except PromptError as exc:

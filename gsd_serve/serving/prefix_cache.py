@@ -4,7 +4,9 @@ A prompt is cut into fixed-size token blocks; block i's key is a SHA-256 chained
 and every token up to the end of block i, so one key names a whole prefix. An entry holds the K/V of that
 block for every layer (a header, a checksum and raw tensor bytes), is written with a TTL, and is skipped
 when larger than `max_entry_bytes` (the server's `maxmemory` + `allkeys-lru` bounds the total). A lookup
-fetches the keys of all blocks in one MGET and keeps the leading run of valid hits.
+fetches the keys of all blocks in one MGET and keeps the leading run of valid hits. Redis is shared, so an
+entry is data from outside: it is used only when its dtype, shape, block length and layer count are the
+model's (`KVLayout`) and its checksum holds; the model's fingerprint covers all of its weights.
 
 Redis is an optimisation, never a dependency: any Redis error, a timeout, a missing or corrupt entry is a
 miss. After an error the cache stays off for `retry_after_s` so an outage costs no latency per request.
@@ -29,18 +31,33 @@ KEY_PREFIX = "gsd:v1:kv"
 
 
 def model_fingerprint(model, name: str = "") -> str:
-    """A short identity of a model's architecture and weights (K/V of another model must never be used)."""
+    """The identity of a model's architecture and of all its weights (K/V of another model must never be
+    used): every parameter and buffer is hashed, once per replica (about a second for 135M parameters)."""
     cfg = model.config
-    h = hashlib.sha256()
+    h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({k: getattr(cfg, k, None) for k in (
         "model_type", "num_hidden_layers", "num_key_value_heads", "num_attention_heads", "hidden_size",
         "vocab_size", "rope_theta", "max_position_embeddings")}, sort_keys=True, default=str).encode())
     h.update(name.encode())
-    # a few weight values: cheap and enough to tell checkpoints apart
-    for _, p in list(model.named_parameters())[:4]:
-        h.update(p.detach().flatten()[:256].float().numpy().tobytes())
-    h.update(str(next(model.parameters()).dtype).encode())
-    return h.hexdigest()[:16]
+    for pname, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{pname}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What every cached block of this model must be: [layers, 2, kv_heads, block, head_dim] of `dtype`."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str                  # torch dtype name without the "torch." prefix, e.g. "float32"
+
+    @classmethod
+    def of(cls, kv: torch.Tensor) -> "KVLayout":
+        return cls(int(kv.shape[0]), int(kv.shape[2]), int(kv.shape[4]), str(kv.dtype).replace("torch.", ""))
 
 
 def block_hashes(tokens: list[int], block_size: int, fingerprint: str, salt: str = "") -> list[str]:
@@ -76,6 +93,7 @@ class PrefixCache:
     max_blocks: int = 256             # blocks looked up / stored per prompt
     timeout_s: float = 0.5
     retry_after_s: float = 2.0
+    layout: KVLayout | None = None    # entries are used only once checked against it (none: every lookup misses)
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
     def __post_init__(self) -> None:
@@ -118,29 +136,44 @@ class PrefixCache:
                              "crc": zlib.crc32(payload)}).encode()
         return MAGIC + struct.pack("<I", len(header)) + header + payload
 
-    @staticmethod
-    def unpack(block_hash: str, data: bytes) -> torch.Tensor:
-        """The tensor of an entry; ValueError when it is not a valid entry for this block."""
+    def unpack(self, block_hash: str, data: bytes) -> torch.Tensor:
+        """The tensor of an entry; ValueError when it is not a valid entry of this block for this model.
+
+        Redis is shared and writable by others: an entry is checked against the model's layout (dtype,
+        layer count, heads, head size) and the block length before a byte of it is interpreted."""
+        layout = self.layout
+        if layout is None:
+            raise ValueError("no model layout to check entries against")
         if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
             raise ValueError("bad magic")
         (n,) = struct.unpack_from("<I", data, len(MAGIC))
         start = len(MAGIC) + 4
+        if n > min(len(data) - start, 4096):
+            raise ValueError("bad header length")
         header = json.loads(data[start:start + n])
-        payload = data[start + n:]
-        if header.get("hash") != block_hash or zlib.crc32(payload) != header.get("crc"):
-            raise ValueError("hash or checksum mismatch")
-        dtype = getattr(torch, header["dtype"])
-        shape = header["shape"]
-        expected = int(torch.tensor(shape).prod()) * torch.empty((), dtype=dtype).element_size()
+        if not isinstance(header, dict):
+            raise ValueError("bad header")
+        payload = memoryview(data)[start + n:]
+        if header.get("hash") != block_hash:
+            raise ValueError("hash mismatch")
+        shape = [layout.layers, 2, layout.kv_heads, self.block_size, layout.head_dim]
+        if header.get("dtype") != layout.dtype:
+            raise ValueError(f"dtype {header.get('dtype')!r} is not the model's {layout.dtype}")
+        if header.get("shape") != shape:
+            raise ValueError(f"shape {header.get('shape')!r} is not the model's {shape}")
+        dtype = getattr(torch, layout.dtype)
+        expected = shape[0] * shape[1] * shape[2] * shape[3] * shape[4] * torch.empty((), dtype=dtype).element_size()
         if len(payload) != expected:
             raise ValueError("payload size mismatch")
+        if zlib.crc32(payload) != header.get("crc"):
+            raise ValueError("checksum mismatch")
         return torch.frombuffer(bytearray(payload), dtype=dtype).view(shape)
 
     # -------------------------------------------------------------- lookup / store
     def lookup(self, tokens: list[int], limit: int) -> list[torch.Tensor]:
         """K/V tensors of the leading cached blocks of `tokens`, covering at most `limit` tokens."""
         nblocks = min(limit // self.block_size, self.max_blocks)
-        if nblocks <= 0 or not self.url:
+        if nblocks <= 0 or not self.url or self.layout is None:
             return []
         r = self._redis()
         if r is None:

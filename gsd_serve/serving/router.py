@@ -29,7 +29,8 @@ from ..core.decode import Chunk, DecodeStats, Prefill, Propose, Sequence, Step, 
 from ..core.governor import SpeculationGovernor
 from ..core.sampling import SamplingParams
 from . import rpc
-from .errors import BadRequest, DeadlineExceeded, Overloaded, ServingError, Unavailable
+from .auth import SharedSecret
+from .errors import BadRequest, DeadlineExceeded, Overloaded, ServingError, TooLarge, Unavailable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class RouterConfig:
     refresh_s: float = 5.0
     dead_s: float = 10.0
     failover_timeout_s: float = 120.0          # how long a round waits for a target replica (restarts included)
+    max_body_bytes: int = 4 * 1024 * 1024      # HTTP request bodies above it get 413, unread
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RouterConfig":
@@ -71,7 +73,7 @@ class RouterConfig:
                 raise ValueError(f"router config {name} must be a number, got {value!r}")
             if f.type in ("int", "float") and value < 0:
                 raise ValueError(f"router config {name} must be >= 0, got {value}")
-        for name in ("max_batch", "max_inflight", "rpc_timeout_s", "request_timeout_s"):
+        for name in ("max_batch", "max_inflight", "rpc_timeout_s", "request_timeout_s", "max_body_bytes"):
             if getattr(cfg, name) <= 0:
                 raise ValueError(f"router config {name} must be > 0, got {getattr(cfg, name)}")
         if isinstance(spec, dict):
@@ -79,6 +81,7 @@ class RouterConfig:
             cfg.spec = SpecConfig.for_method(method, **{k: v for k, v in spec.items() if k != "method"})
         elif isinstance(spec, SpecConfig):
             cfg.spec = spec
+        rpc.check_spec_size(cfg.spec)    # the draft replicas would refuse its rounds
         return cfg
 
 
@@ -138,7 +141,8 @@ class VerifyBatcher:
             batch = [(i, f) for i, f, _ in batch]
             t0 = time.perf_counter()
             try:
-                resp = await self.ep.stub.Verify(pb.VerifyRequest(items=[i for i, _ in batch]), timeout=timeout)
+                resp = await self.ep.stub.Verify(pb.VerifyRequest(items=[i for i, _ in batch]), timeout=timeout,
+                                                 metadata=self.router.worker_secret.metadata())
             except Exception as exc:  # noqa: BLE001 (delivered to every waiting request)
                 for _, f in batch:
                     if not f.done():
@@ -274,10 +278,12 @@ class Run:
 
 class RouterCore:
     def __init__(self, config: RouterConfig, discover: Callable[[], Awaitable[list[tuple[str, str, str]]]],
-                 tokenizer=None, stop_ids: set[int] | None = None):
-        """discover() returns [(kind, replica_id, address)] of the live draft and target replicas."""
+                 tokenizer=None, stop_ids: set[int] | None = None, worker_token: str | None = None):
+        """discover() returns [(kind, replica_id, address)] of the live draft and target replicas;
+        `worker_token` is the application's worker secret (replaceable: `worker_secret.value`)."""
         self.config = config
         self.discover = discover
+        self.worker_secret = SharedSecret(worker_token)
         if tokenizer is None:
             from ..models.loading import load_tokenizer
 
@@ -356,21 +362,28 @@ class RouterCore:
 
     @staticmethod
     def _client_bug(exc: Exception) -> bool:
-        return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        """A worker refused the call's content (not the replica's fault: no failover)."""
+        return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                         grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    @staticmethod
+    def _refusal(exc: "grpc.aio.AioRpcError") -> ServingError:
+        cls = TooLarge if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else BadRequest
+        return cls(exc.details())
 
     # one request ----------------------------------------------------------------
     def validate(self, params: GenerateParams) -> None:
         cfg = self.config
         if not params.prompt_ids:
             raise BadRequest("the prompt is empty", "prompt")
+        if len(params.prompt_ids) > cfg.max_prompt_tokens:   # before looking at each id
+            raise BadRequest(f"the prompt has {len(params.prompt_ids)} tokens; at most {cfg.max_prompt_tokens} are "
+                             "accepted", "prompt", "context_length_exceeded")
         if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in params.prompt_ids):
             raise BadRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
         if params.max_tokens < 1 or params.max_tokens > cfg.max_tokens_limit:
             raise BadRequest(f"max_tokens must be in [1, {cfg.max_tokens_limit}], got {params.max_tokens}",
                              "max_tokens")
-        if len(params.prompt_ids) > cfg.max_prompt_tokens:
-            raise BadRequest(f"the prompt has {len(params.prompt_ids)} tokens; at most {cfg.max_prompt_tokens} are "
-                             "accepted", "prompt", "context_length_exceeded")
         if len(params.prompt_ids) + params.max_tokens > cfg.max_model_len:
             raise BadRequest(f"prompt ({len(params.prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the model's {cfg.max_model_len}", "max_tokens", "context_length_exceeded")
@@ -399,7 +412,8 @@ class RouterCore:
 
     async def _release(self, ep: Endpoint, sid: str) -> None:
         try:
-            await ep.stub.Release(pb.ReleaseRequest(session_ids=[sid]), timeout=5)
+            await ep.stub.Release(pb.ReleaseRequest(session_ids=[sid]), timeout=5,
+                                  metadata=self.worker_secret.metadata())
         except Exception:  # noqa: BLE001 (the lease's TTL frees it anyway)
             pass
 
@@ -426,11 +440,11 @@ class RouterCore:
             try:
                 resp = await ep.stub.Prefill(pb.PrefillRequest(session_id=run.id, tokens=run.prompt,
                                                                sampling=run.sampling_pb),
-                                             timeout=run.rpc_timeout())
+                                             timeout=run.rpc_timeout(), metadata=self.worker_secret.metadata())
             except grpc.aio.AioRpcError as exc:
                 run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):
-                    raise BadRequest(exc.details()) from None
+                    raise self._refusal(exc) from None
                 last = exc
                 self.mark_dead(ep, exc)
                 run.stats.failovers += 1
@@ -461,7 +475,7 @@ class RouterCore:
                                     max_depth=depth)
             t0 = time.perf_counter()
             try:
-                resp = await ep.stub.Propose(req, timeout=run.rpc_timeout())
+                resp = await ep.stub.Propose(req, timeout=run.rpc_timeout(), metadata=self.worker_secret.metadata())
             except grpc.aio.AioRpcError as exc:
                 run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):

@@ -17,6 +17,18 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
+# Size limits, applied before any work. A legitimate worker call is far below them: a Verify of 32 sessions
+# that all resync 8k-token sequences is ~1.3 MB; a Generate request is a prompt.
+MAX_WORKER_REQUEST_BYTES = 16 * 1024 * 1024    # larger worker calls: RESOURCE_EXHAUSTED, unparsed
+MAX_ROUTER_REQUEST_BYTES = 4 * 1024 * 1024     # larger gsd.v1.Router requests: RESOURCE_EXHAUSTED, unparsed
+MAX_GRAPH_NODES = 4096                          # nodes of a token graph (a Propose's bound or a Verify's graph)
+MAX_GRAPH_EDGES = 4 * MAX_GRAPH_NODES
+MAX_VERIFY_ITEMS = 256                          # sessions in one Verify call
+WORKER_SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_WORKER_REQUEST_BYTES),
+]
+
 
 from ._generated.gsd.v1 import gsd_pb2 as pb  # noqa: E402
 from ._generated.gsd.v1 import gsd_pb2_grpc as pb_grpc  # noqa: E402
@@ -24,14 +36,78 @@ from ._generated.gsd.v1 import gsd_pb2_grpc as pb_grpc  # noqa: E402
 from ..core.config import SpecConfig  # noqa: E402
 from ..core.graph import NEVER_MERGE, TokenGraph  # noqa: E402
 from ..core.sampling import SamplingParams  # noqa: E402
+from .errors import TooLarge  # noqa: E402
 
 OK = pb.SESSION_STATUS_OK
 RESYNC = pb.SESSION_STATUS_RESYNC
 
 
+class RejectedRequest:
+    """What a malformed or oversized gsd.v1.Router request deserializes to in Serve's gRPC proxy.
+
+    A deserializer that raises makes gRPC answer UNKNOWN, and Serve's proxy keeps the servicer's
+    deserializer; so ours never raises: it hands the router this (picklable) verdict, which the router
+    answers with `code` (INVALID_ARGUMENT or RESOURCE_EXHAUSTED) without doing any work."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code            # a grpc.StatusCode name
+        self.message = message
+
+    @property
+    def status(self):
+        import grpc
+
+        return getattr(grpc.StatusCode, self.code)
+
+
+def tolerant_parser(message_type, max_bytes: int, rejected=None):
+    """A request deserializer that refuses more than `max_bytes` unparsed and never raises on bad bytes:
+    it returns `rejected(code, message)` instead (a RejectedRequest by default)."""
+    from google.protobuf.message import DecodeError
+
+    rejected = rejected or RejectedRequest
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(raw: bytes):
+        if len(raw) > max_bytes:
+            return rejected("RESOURCE_EXHAUSTED", f"the {name} message has {len(raw)} bytes; at most {max_bytes} "
+                                                  "are accepted")
+        try:
+            return message_type.FromString(raw)
+        except (DecodeError, ValueError, RuntimeError) as exc:   # also recursion limits of nested garbage
+            return rejected("INVALID_ARGUMENT", f"not a valid {name} message ({type(exc).__name__})")
+    return parse
+
+
+def method_handlers(service: str, servicer, max_bytes: int) -> dict:
+    """The service's rpc method handlers (as the generated add_*_to_server builds them) with tolerant
+    request parsing: a handler receives a message or a RejectedRequest."""
+    import grpc
+
+    desc = pb.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[-1]]
+    handlers = {}
+    for m in desc.methods:
+        request = getattr(pb, m.input_type.name)
+        response = getattr(pb, m.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=tolerant_parser(request, max_bytes),
+                                response_serializer=response.SerializeToString)
+    return handlers
+
+
+def add_servicer(service: str, servicer, server, max_bytes: int) -> None:
+    """Register `servicer` for `service` (e.g. "gsd.v1.Target") with tolerant request parsing."""
+    import grpc
+
+    handlers = method_handlers(service, servicer, max_bytes)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 def add_RouterServicer_to_server(servicer, server) -> None:  # noqa: N802 (the name Serve expects)
-    """For Ray Serve's `grpc_servicer_functions`: an import path that needs no generated module on sys.path."""
-    pb_grpc.add_RouterServicer_to_server(servicer, server)
+    """For Ray Serve's `grpc_servicer_functions`: an import path that needs no generated module on sys.path.
+    Requests are parsed tolerantly (malformed or oversized: a RejectedRequest the router refuses)."""
+    add_servicer("gsd.v1.Router", servicer, server, MAX_ROUTER_REQUEST_BYTES)
 
 
 def add_HealthServicer_to_server(servicer, server) -> None:  # noqa: N802
@@ -63,17 +139,26 @@ class GraphError(ValueError):
     """A TokenGraph message that is not a rooted DAG with valid edges."""
 
 
+class GraphTooLarge(TooLarge):
+    """A TokenGraph message over MAX_GRAPH_NODES nodes or MAX_GRAPH_EDGES edges (refused before it is read)."""
+
+
 def graph_from_proto(msg: "pb.TokenGraph"):
     """A TokenGraph with the message's nodes and edges (validated)."""
 
     n = len(msg.tokens)
     if n < 1:
         raise GraphError("graph has no root")
+    m = len(msg.edge_src)
+    if n > MAX_GRAPH_NODES or m > MAX_GRAPH_EDGES:
+        raise GraphTooLarge(f"the graph has {n} nodes and {m} edges; at most {MAX_GRAPH_NODES} and "
+                            f"{MAX_GRAPH_EDGES} are accepted")
     if len(msg.parents) != n or len(msg.depths) != n:
         raise GraphError("graph tokens, parents and depths differ in length")
-    m = len(msg.edge_src)
     if len(msg.edge_dst) != m or len(msg.edge_prob) != m:
         raise GraphError("graph edge arrays differ in length")
+    if msg.depths[0] != 0 or any(not 0 < d < n for d in msg.depths[1:]):
+        raise GraphError("graph depths out of range")
     g = TokenGraph(int(msg.tokens[0]), NEVER_MERGE)
     g.tokens = list(msg.tokens)
     g.parent = list(msg.parents)
@@ -131,6 +216,15 @@ def spec_to_proto(spec) -> "pb.SpecConfig":
                          sibling_threshold=spec.sibling_threshold, confidence_threshold=spec.confidence_threshold,
                          max_depth=spec.max_depth, max_width=spec.max_width, budget=spec.budget,
                          lookup=spec.lookup)
+
+
+def check_spec_size(spec) -> None:
+    """Refuse a speculation config whose drafted graph could exceed MAX_GRAPH_NODES (levels x expanded nodes
+    x candidates, plus the lookup chain): a Propose is bounded before any drafting."""
+    bound = spec.max_depth * spec.max_width * spec.k + spec.lookup + 1
+    if bound > MAX_GRAPH_NODES:
+        raise TooLarge(f"max_depth x max_width x k = {spec.max_depth} x {spec.max_width} x {spec.k} could draft "
+                       f"{bound} nodes; at most {MAX_GRAPH_NODES} are accepted")
 
 
 def spec_from_proto(msg: "pb.SpecConfig", default=None):

@@ -33,9 +33,11 @@ def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: in
 
 def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http_port: int = 8000,
                 grpc_port: int = 9000, draft_replicas: int = 1, redis_url: str | None = None,
-                tensor_parallel_size: int | None = None, dtype: str | None = None) -> dict:
+                tensor_parallel_size: int | None = None, dtype: str | None = None,
+                api_key: str | None = None) -> dict:
     """A validated Serve config: the file's, else this machine's default; REDIS_URL (or redis_url) becomes
-    the prefix cache of every application that names none, and tensor_parallel_size overrides the apps'."""
+    the prefix cache of every application that names none, tensor_parallel_size overrides the apps', and
+    api_key (from --api-key or $GSD_SERVE_API_KEY) protects every application that names none."""
     if config_file:
         import yaml
 
@@ -57,6 +59,8 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
         app["args"] = app_args
         if dtype is not None:
             app_args["dtype"] = dtype
+        if api_key and not app_args.get("api_key"):
+            app_args["api_key"] = api_key
         if redis_url and not app_args.get("redis_url"):
             app_args["redis_url"] = redis_url
         if tp is not None:
@@ -92,7 +96,10 @@ def endpoints(config: dict) -> list[str]:
         base = f"http://{host}:{port}{prefix}"
         lines += [f"{app['name']}: OpenAI-compatible HTTP  {base}/v1  (completions, chat/completions, models)",
                   f"{app['name']}: health {base}/health   metrics {base}/metrics",
-                  f"{app['name']}: gRPC gsd.v1.Router     {host}:{grpc_port}  (metadata application={app['name']})"]
+                  f"{app['name']}: gRPC gsd.v1.Router     {host}:{grpc_port}  (metadata application={app['name']})",
+                  f"{app['name']}: API key " + ("required (Authorization: Bearer KEY; /health and /metrics open)"
+                                               if app["args"].get("api_key") else "none (anyone who can reach the "
+                                               "ports may generate: set --api-key or GSD_SERVE_API_KEY)")]
     redis = {a["args"].get("redis_url") for a in config["applications"] if a["args"].get("redis_url")}
     lines.append("prefix cache: " + (", ".join(sorted(redis)) if redis else "off (set REDIS_URL or --redis-url)"))
     return lines

@@ -19,9 +19,10 @@ from .errors import BadRequest, Expired
 class SessionTable:
     """Sessions leased with a TTL, least recently used evicted beyond `max_sessions` (memory stays bounded)."""
 
-    def __init__(self, max_sessions: int = 64, ttl_s: float = 300.0):
+    def __init__(self, max_sessions: int = 64, ttl_s: float = 300.0, clock=time.monotonic):
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
+        self.clock = clock          # seconds; a test steps its own clock instead of sleeping past the TTL
         self._items: OrderedDict[str, tuple[float, object]] = OrderedDict()
         self.evicted = 0
 
@@ -29,16 +30,16 @@ class SessionTable:
         item = self._items.get(sid)
         if item is None:
             return None
-        if time.monotonic() - item[0] > self.ttl_s:
+        if self.clock() - item[0] > self.ttl_s:
             del self._items[sid]
             self.evicted += 1
             return None
-        self._items[sid] = (time.monotonic(), item[1])
+        self._items[sid] = (self.clock(), item[1])
         self._items.move_to_end(sid)
         return item[1]
 
     def put(self, sid: str, value) -> None:
-        self._items[sid] = (time.monotonic(), value)
+        self._items[sid] = (self.clock(), value)
         self._items.move_to_end(sid)
         self.sweep()
 
@@ -47,7 +48,7 @@ class SessionTable:
         return None if item is None else item[1]
 
     def sweep(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for sid in [s for s, (t, _) in self._items.items() if now - t > self.ttl_s]:
             del self._items[sid]
             self.evicted += 1

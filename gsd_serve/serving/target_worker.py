@@ -7,6 +7,7 @@ Model work is serialised by one lock per worker.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from ..core.graph import flatten_to_tree
 from ..core.verification import TargetSession, verify_batch
 from ..models.runner import ModelRunner, make_runner
 from . import rpc
-from .errors import BadRequest
-from .prefix_cache import PrefixCache, export_kv, import_kv, model_fingerprint
+from .errors import BadRequest, TooLarge
+from .procinfo import rss_bytes
+from .prefix_cache import KVLayout, PrefixCache, export_kv, import_kv, model_fingerprint
 from .sessions import (SessionTable, check_tokens, chooser_from_proto, committed_tokens, common_prefix,
                        replica_identity, still_wanted)
 
@@ -50,6 +52,7 @@ class TargetWorker:
         self.n_layers = int(getattr(config, "num_hidden_layers", 0))
         self.max_seq_len = max_seq_len or int(getattr(config, "max_position_embeddings", 8192))
         self.name = name
+        self.expired_calls = 0      # calls skipped because their caller had given up
         self.sessions = SessionTable(max_sessions, ttl_s)
         self.lock = threading.Lock()
         self.replica_id = replica_id or replica_identity()
@@ -57,6 +60,15 @@ class TargetWorker:
             prefix_cache = PrefixCache(None, "none")        # K/V lives on the ranks: not exportable here
         self.prefix_cache = prefix_cache or PrefixCache(redis_url, model_fingerprint(target_model, name),
                                                         block_size=block_size)
+        if self.prefix_cache.url and self.prefix_cache.layout is None:
+            self.prefix_cache.layout = self._kv_layout()
+
+    def _kv_layout(self) -> KVLayout:
+        """The layout of this model's K/V as the cache exports it (one token's forward, once)."""
+        with torch.inference_mode():
+            cache = self.runner.new_cache()
+            self.runner.forward(cache, torch.tensor([0], dtype=torch.long), last_only=True)
+            return KVLayout.of(export_kv(cache, 0, 1))
 
     def _new_session(self) -> TargetSession:
         return TargetSession(self.runner, cache=self.runner.new_cache())
@@ -129,9 +141,11 @@ class TargetWorker:
         sid = item.session_id
         if not sid:
             raise BadRequest("session_id is empty")
+        if item.delta_start + len(item.delta) >= self.max_seq_len:
+            raise BadRequest(f"session {sid}: the sequence would exceed {self.max_seq_len} tokens")
         check_tokens(item.delta, self.vocab_size, "delta")
         try:
-            graph = rpc.graph_from_proto(item.graph)
+            graph = rpc.graph_from_proto(item.graph)    # GraphTooLarge (RESOURCE_EXHAUSTED) passes through
         except rpc.GraphError as exc:
             raise BadRequest(f"session {sid}: {exc}") from None
         check_tokens(graph.tokens, self.vocab_size, "graph")
@@ -148,12 +162,14 @@ class TargetWorker:
         root_index = len(new) - 1
         if item.root_index != root_index or graph.tokens[0] != new[-1]:
             raise BadRequest(f"session {sid}: root does not match the committed tokens")
-        if len(new) + max(graph.depth) >= self.max_seq_len:
+        tree = flatten_to_tree(graph, budget)
+        # the tree's own depths (paths through the edges), not the message's claimed ones, give the positions
+        if len(new) + int(tree.depths.max()) >= self.max_seq_len:
             raise BadRequest(f"session {sid}: the sequence would exceed {self.max_seq_len} tokens")
         if entry is None:
             entry = _TargetEntry(self._new_session(), new)
         cached = self._sync(entry, new)
-        return sid, entry, graph, flatten_to_tree(graph, budget), root_index, chooser, cached
+        return sid, entry, graph, tree, root_index, chooser, cached
 
     def verify(self, req: "pb.VerifyRequest", expired=None) -> "pb.VerifyResponse":
         """One call verifies the graphs of several sessions: one fused target forward over all their trees
@@ -161,6 +177,8 @@ class TargetWorker:
         t0 = time.perf_counter()
         if not req.items:
             raise BadRequest("no items")
+        if len(req.items) > rpc.MAX_VERIFY_ITEMS:
+            raise TooLarge(f"{len(req.items)} items in one Verify; at most {rpc.MAX_VERIFY_ITEMS} are accepted")
         if len({i.session_id for i in req.items}) != len(req.items):
             raise BadRequest("a session appears twice in one Verify")
         with self.lock, torch.inference_mode():
@@ -189,5 +207,6 @@ class TargetWorker:
             st = self.prefix_cache.stats
             return pb.InfoResponse(replica_id=self.replica_id, kind="target", model=self.name,
                                    session_ids=self.sessions.ids(), max_sessions=self.sessions.max_sessions,
+                                   pid=os.getpid(), rss_bytes=rss_bytes(),
                                    prefix_cache_hits=st.hits, prefix_cache_queries=st.queries,
                                    prefix_tokens_saved=st.tokens_saved)

@@ -1,22 +1,24 @@
 """The Router deployment: OpenAI-compatible HTTP (FastAPI ingress) and gsd.v1.Router over Serve's gRPC proxy.
 
-Thin adapter: gsd_serve.serving.router.RouterCore runs the requests, gsd_serve.serving.openai_api.OpenAIFrontend parses
-and formats them. Replicas of Draft and Target are found through the application's registry actor.
+Thin adapter: gsd_serve.serving.router.RouterCore runs the requests, gsd_serve.serving.openai_api.OpenAIFrontend
+parses and formats them, gsd_serve.serving.http_app builds the HTTP app (in each replica, after __init__).
+Replicas of Draft and Target, and the application's worker secret, are found through the registry actor.
+With an API key (app arg `api_key`, else $GSD_SERVE_API_KEY) /v1/* and the Router RPCs require it.
 """
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+import os
+
 from ray import serve
 
 from ..common import app_name, env_setup, get_registry
-
-app = FastAPI(title="gsd-serve", description="Graph-structured speculative decoding, OpenAI-compatible")
 
 
 class RouterReplica:
     def __init__(self, args: dict | None = None, draft=None, target=None):
         env_setup()
+        from ...serving.auth import api_key_from_env
+        from ...serving.http_app import HttpApi
         from ...serving.openai_api import OpenAIFrontend
         from ...serving.router import RouterConfig, RouterCore
 
@@ -32,68 +34,83 @@ class RouterReplica:
         registry = self.registry
 
         async def discover():
-            return [(e["kind"], e["replica_id"], e["address"]) for e in await registry.list.remote()]
+            view = await registry.view.remote()
+            self.core.worker_secret.value = view["token"]
+            return [(e["kind"], e["replica_id"], e["address"]) for e in view["entries"]]
 
         self.core = RouterCore(self.config, discover)
         self.front = OpenAIFrontend(self.core)
+        self.api_key = api_key_from_env(args.get("api_key"))
+        self.http = HttpApi(self.front, self.api_key)
         self._handles = (draft, target)   # keeps the composed deployments in the application
 
-    async def _respond(self, request: Request, chat: bool):
-        kind, status, payload = await self.front.handle(await request.body(), chat)
-        if kind == "sse":
-            return StreamingResponse(payload, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(payload, status_code=status)
+    def __serve_build_asgi_app__(self):
+        from ...serving.http_app import create_app
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
-        return await self._respond(request, chat=False)
+        return create_app(self.http)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        return await self._respond(request, chat=True)
+    def stats(self) -> dict:
+        """What the soak and chaos checks read (through a deployment handle, never over HTTP): this process's
+        resident memory and the sizes of the router's per-request structures."""
+        from ...serving.procinfo import rss_bytes
 
-    @app.get("/v1/models")
-    async def models(self):
-        return JSONResponse(self.front.models())
-
-    @app.get("/health")
-    async def health(self):
-        await self.core.refresh()
-        drafts, targets = len(self.core.live("draft")), len(self.core.live("target"))
-        body = {"status": "ok" if targets else "unavailable", "draft_replicas": drafts,
-                "target_replicas": targets, "requests_running": self.core.inflight}
-        return JSONResponse(body, status_code=200 if targets else 503)
-
-    @app.get("/metrics")
-    async def metrics(self):
-        return Response(self.core.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        core = self.core
+        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "inflight": core.inflight,
+                "endpoints": len(core.endpoints),
+                "verify_queued": sum(len(e.batcher.queue) for e in core.endpoints.values() if e.batcher),
+                "batch_sizes": len(core.batch_sizes)}
 
     # gsd.v1.Router over Serve's gRPC proxy: methods named exactly like the RPCs
+    def _refuse(self, request, grpc_context):
+        """A ServingError for a request that must not run (bad bytes, too large, no API key), else None."""
+        from ...serving.auth import matches, metadata_value
+        from ...serving.errors import BadRequest, TooLarge, Unauthenticated
+        from ...serving.rpc import RejectedRequest
+
+        md = grpc_context.invocation_metadata() if grpc_context is not None else ()
+        if not matches(metadata_value(md), self.api_key):
+            self.core.metrics.inc("rejected", reason="unauthenticated")
+            return Unauthenticated("a valid API key is required: metadata authorization: Bearer KEY")
+        if isinstance(request, RejectedRequest):
+            return (TooLarge if request.code == "RESOURCE_EXHAUSTED" else BadRequest)(request.message)
+        return None
+
+    @staticmethod
+    def _fail(grpc_context, exc) -> None:
+        if grpc_context is not None:
+            grpc_context.set_code(exc.grpc_code)
+            grpc_context.set_details(exc.message)
+
     async def Generate(self, request, grpc_context=None):  # noqa: N802
         from ...serving.errors import ServingError
         from ...serving.rpc import pb
 
+        refused = self._refuse(request, grpc_context)
+        if refused is not None:
+            self._fail(grpc_context, refused)
+            return pb.GenerateResponse()
         try:
             return await self.front.grpc_generate(request)
         except ServingError as exc:
-            if grpc_context is not None:
-                grpc_context.set_code(exc.grpc_code)
-                grpc_context.set_details(exc.message)
+            self._fail(grpc_context, exc)
             return pb.GenerateResponse()
 
     async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
         from ...serving.errors import ServingError
 
+        # a stream's status is the one set on the context before an exception ends it (Serve keeps it)
+        refused = self._refuse(request, grpc_context)
+        if refused is not None:
+            self._fail(grpc_context, refused)
+            raise refused
         try:
             async for chunk in self.front.grpc_generate_stream(request):
                 yield chunk
         except ServingError as exc:
-            if grpc_context is not None:
-                grpc_context.set_code(exc.grpc_code)
-                grpc_context.set_details(exc.message)
+            self._fail(grpc_context, exc)
+            raise
 
-    # grpc.health.v1.Health over the same proxy
+    # grpc.health.v1.Health over the same proxy (open, like /health)
     async def Check(self, request, grpc_context=None):  # noqa: N802
         from grpc_health.v1 import health_pb2
 
@@ -103,5 +120,5 @@ class RouterReplica:
             status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-Router = serve.deployment(serve.ingress(app)(RouterReplica), name="Router", ray_actor_options={"num_cpus": 0},
+Router = serve.deployment(serve.ingress()(RouterReplica), name="Router", ray_actor_options={"num_cpus": 0},
                           max_ongoing_requests=256)

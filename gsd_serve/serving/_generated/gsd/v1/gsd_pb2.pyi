@@ -123,7 +123,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("replica_id", "kind", "model", "session_ids", "max_sessions", "prefix_cache_hits", "prefix_cache_queries", "prefix_tokens_saved")
+    __slots__ = ("replica_id", "kind", "model", "session_ids", "max_sessions", "prefix_cache_hits", "prefix_cache_queries", "prefix_tokens_saved", "pid", "rss_bytes")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class InfoResponse(_message.Message):
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_SAVED_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     kind: str
     model: str
@@ -140,7 +142,9 @@ class InfoResponse(_message.Message):
     prefix_cache_hits: int
     prefix_cache_queries: int
     prefix_tokens_saved: int
-    def __init__(self, replica_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., max_sessions: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_tokens_saved: _Optional[int] = ...) -> None: ...
+    pid: int
+    rss_bytes: int
+    def __init__(self, replica_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., max_sessions: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_tokens_saved: _Optional[int] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("session_id", "tokens", "sampling")
