@@ -53,6 +53,9 @@ class DistillConfig:
     init: str = ""                  # start the draft's own layers from this draft checkpoint, not the target's
     phase: str = "all"              # "data", "train" or "all"
     dtype: str = "auto"             # the teacher's dtype while it writes data (training is always fp32)
+    kind: str = "independent"       # "independent" (target layers as a small model) or "features" (EAGLE-3)
+    feature_layers: str = "2,15,29"  # --kind features: target layers whose outputs the draft reads
+    ttt_steps: int = 3              # --kind features: drafting steps unrolled in training-time test
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.gen_batch < 1:
@@ -63,8 +66,13 @@ class DistillConfig:
             raise ValueError("vocab must be >= 0")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
-        if self.phase not in ("all", "data", "train"):
-            raise ValueError(f"phase must be 'all', 'data' or 'train', got '{self.phase}'")
+        if self.kind not in ("independent", "features"):
+            raise ValueError(f"kind must be 'independent' or 'features', got '{self.kind}'")
+        phases = ("all", "data", "features", "train") if self.kind == "features" else ("all", "data", "train")
+        if self.phase not in phases:
+            raise ValueError(f"phase must be one of {', '.join(phases)} for --kind {self.kind}, got '{self.phase}'")
+        if not 1 <= self.ttt_steps <= 8:
+            raise ValueError(f"ttt_steps must be in [1, 8], got {self.ttt_steps}")
         if self.init and not (Path(self.init) / "model.safetensors").exists():
             raise ValueError(f"--init: no model.safetensors in '{self.init}'")
         self.layer_list()
@@ -395,6 +403,12 @@ def pack_for_repo(model_dir: Path, dest: Path) -> None:
 def run(cfg: DistillConfig) -> Path:
     tokenizer = load_tokenizer(cfg.target)
     tokenizer.padding_side = "left"
+    if cfg.kind == "features" and cfg.phase != "data":
+        from . import distill_features
+
+        if cfg.phase == "all":
+            generate_data(cfg, load_model(cfg.target, cfg.dtype), tokenizer)
+        return distill_features.run(cfg, lambda dtype: load_model(cfg.target, dtype), tokenizer)
     # the teacher writes data in cfg.dtype (bf16 on a CPU with fast bf16 units: 1.7x faster on AMX);
     # training reads the target's layers and output layer in fp32
     target = load_model(cfg.target, cfg.dtype if cfg.phase == "data" else torch.float32)
@@ -422,7 +436,8 @@ def cmd_distill(args) -> int:
                             sampled_passes=args.sampled_passes, max_prompts=args.max_prompts, tokens=args.tokens, steps=args.steps,
                             batch=args.batch, lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
                             init=args.init or "", phase=args.phase, follow_data=args.follow_data,
-                            dtype=args.dtype)
+                            dtype=args.dtype, kind=args.kind, feature_layers=args.feature_layers,
+                            ttt_steps=args.ttt_steps)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     torch_seed(args.seed)
@@ -465,8 +480,16 @@ def register(sub) -> None:
     d.add_argument("--time-limit", type=float, default=0.0, help="stop training after this many seconds")
     d.add_argument("--init", help="start from this draft checkpoint directory (e.g. gsd_serve/data/draft, the "
                                   "shipped draft) instead of copies of the target's layers")
-    d.add_argument("--phase", choices=("all", "data", "train"), default="all",
-                   help="run only answer generation (data) or only training (train) on the shards written so far")
+    d.add_argument("--kind", choices=("independent", "features"), default="independent",
+                   help="independent: a few of the target's layers trained as a small model; features: a one-layer "
+                        "draft that reads the target's hidden states (EAGLE-3 style, trained with training-time test)")
+    d.add_argument("--phase", choices=("all", "data", "features", "train"), default="all",
+                   help="run only answer generation (data), the target's features (features, --kind features) or "
+                        "training (train) on what the earlier phases wrote")
+    d.add_argument("--feature-layers", default="2,15,29",
+                   help="--kind features: target layers whose outputs the draft reads (low, middle, top)")
+    d.add_argument("--ttt-steps", type=int, default=3,
+                   help="--kind features: drafting steps unrolled per position in training (default 3)")
     d.add_argument("--follow-data", action="store_true",
                    help="with --phase train: pick up shards a concurrent '--phase data' process is still writing")
     d.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),

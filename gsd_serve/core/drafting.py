@@ -105,6 +105,14 @@ class DraftSession:
     The cache holds committed tokens in order (position = sequence index). `pending` are committed tokens
     that are not in the cache yet: they are fed together with the next root, in the round's first
     forward, so catching up after a merged path costs no extra forward.
+
+    A feature draft (a runner with `needs_features`, models/feature_draft.py) feeds each committed token
+    with the target's features of the position before it (`add_features` hands them over as the target
+    computes them) and each drafted node with the draft's own output state at its parent. Its cache keeps
+    only entries fed with target features: drafted nodes on the accepted path are fed again, with the
+    target's features, in the next round's first forward (which costs no extra forward). A committed
+    token whose feature never arrived (a rebuilt session) is fed with zeros: drafts get worse, the output
+    does not change.
     """
 
     runner: Runner
@@ -114,15 +122,46 @@ class DraftSession:
     tokens_fed: int = 0
     proposal_fed: int = 0
     lookup: NgramIndex = field(default_factory=NgramIndex)
+    features_missing: int = 0         # committed tokens fed with zeros for want of the target's features
+    _feats: torch.Tensor | None = None   # target features of positions _feat_start, _feat_start + 1, ...
+    _feat_start: int = 0
 
     def __post_init__(self) -> None:
         if self.cache is None:
             self.cache = self.runner.new_cache()
+        self.uses_features = bool(getattr(self.runner, "needs_features", False))
 
-    def _forward(self, tokens: torch.Tensor, positions=None, mask=None, last_only=False) -> torch.Tensor:
+    def add_features(self, start: int, feats: torch.Tensor | None) -> None:
+        """The target's features of positions start, start + 1, ... (replacing any from `start` on)."""
+        if not self.uses_features or feats is None or not len(feats):
+            return
+        if self._feats is not None and self._feat_start <= start <= self._feat_start + len(self._feats):
+            self._feats = torch.cat([self._feats[: start - self._feat_start], feats])
+        else:
+            self._feats, self._feat_start = feats, start
+
+    def _features_for(self, first: int, last: int) -> torch.Tensor:
+        """Target features of positions first..last (position -1, before the first token, is zeros)."""
+        width = self.runner.feature_width
+        out = torch.zeros(last - first + 1, width, dtype=self._feats.dtype if self._feats is not None
+                          else torch.float32)
+        if self._feats is not None:
+            lo, hi = max(first, self._feat_start), min(last, self._feat_start + len(self._feats) - 1)
+            if lo <= hi:
+                out[lo - first: hi - first + 1] = self._feats[lo - self._feat_start: hi - self._feat_start + 1]
+            missing = (last - first + 1) - max(0, hi - lo + 1) - (1 if first < 0 else 0)
+            self.features_missing += max(missing, 0)
+        else:
+            self.features_missing += (last - first + 1) - (1 if first < 0 else 0)
+        return out
+
+    def _forward(self, tokens: torch.Tensor, positions=None, mask=None, last_only=False, features=None):
+        """Logits (and, for a feature draft, the rows' output states too)."""
         self.forwards += 1
         self.tokens_fed += tokens.numel()
-        return self.runner.forward(self.cache, tokens, positions, mask, last_only=last_only)
+        if self.uses_features:
+            return self.runner.forward_states(self.cache, tokens, features, positions, mask, last_only=last_only)
+        return self.runner.forward(self.cache, tokens, positions, mask, last_only=last_only), None
 
     def propose(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
                 chooser: TokenChooser, max_depth: int | None = None,
@@ -152,8 +191,14 @@ class DraftSession:
         feed = torch.tensor(self.pending + [root], dtype=torch.long)
         if self.cache.length + len(feed) != root_index + 1:
             raise RuntimeError("draft cache out of step with the sequence")
+        first = self.cache.length
         self.pending = []
-        logits = self._forward(feed, last_only=True)
+        feats = self._features_for(first - 1, root_index - 1) if self.uses_features else None
+        logits, states = self._forward(feed, last_only=True, features=feats)
+        if self.uses_features:
+            # features of positions before the cache's last entry are no longer needed
+            self._drop_features_before(root_index)
+            node_state = {0: states[-1]}
         slots[0] = root_index
         shared = root_index  # cache entries every drafted node sees: the committed prefix before the root
         fed_nodes = [0]
@@ -210,7 +255,10 @@ class DraftSession:
             fed_nodes.extend(frontier)
             tokens = torch.tensor([graph.tokens[v] for v in frontier], dtype=torch.long)
             positions = torch.tensor([root_index + graph.depth[v] for v in frontier], dtype=torch.long)
-            logits = self._forward(tokens, positions, mask[None, None])
+            feats = torch.stack([node_state[graph.parent[v]] for v in frontier]) if self.uses_features else None
+            logits, states = self._forward(tokens, positions, mask[None, None], features=feats)
+            if self.uses_features:
+                node_state.update(zip(frontier, states))
             self.proposal_fed += len(frontier)
 
     def commit(self, graph: TokenGraph, slots: list[int], path_nodes: list[int]) -> None:
@@ -224,6 +272,8 @@ class DraftSession:
         for i, v in enumerate(path_nodes):
             if slots[v] < 0 or (i > 0 and graph.parent[v] != path_nodes[i - 1]):
                 break
+            if i > 0 and self.uses_features:
+                break   # fed with the draft's own states: fed again with the target's features
             keep.append(slots[v])
         if keep:
             self.cache.keep(keep[0], keep)
@@ -232,3 +282,13 @@ class DraftSession:
     def rollback_to(self, length: int) -> None:
         self.cache.truncate(length)
         self.lookup.reset()   # the committed sequence diverged: its n-gram positions are stale
+        if self._feats is not None and length - 1 < self._feat_start + len(self._feats):
+            # features from the divergence on describe other tokens
+            keep = max(length - 1 - self._feat_start, 0)
+            self._feats = self._feats[:keep] if keep else None
+
+    def _drop_features_before(self, position: int) -> None:
+        if self._feats is not None and position > self._feat_start:
+            cut = min(position - self._feat_start, len(self._feats))
+            self._feats = self._feats[cut:] if cut < len(self._feats) else None
+            self._feat_start = position if self._feats is not None else 0

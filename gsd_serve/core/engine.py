@@ -88,8 +88,10 @@ class Engine:
 
     def _run(self, seq: Sequence, spec: SpecConfig, sampling: SamplingParams, box: list) -> Iterator[list[int]]:
         chooser = TokenChooser(sampling, self.target.vocab_size)
-        target = TargetSession(self.target)
         draft = DraftSession(self.draft) if spec.method != "ar" else None
+        # a feature draft reads the target's hidden states: the target keeps them as it computes them
+        layers = tuple(self.draft.feature_layers) if draft is not None and draft.uses_features else ()
+        target = TargetSession(self.target, feature_layers=layers)
         governor = self.new_governor() if draft is not None and spec.adaptive else None
         loop = decode(seq, spec, governor, DecodeStats(method=spec.method))
         slots: list[int] = []
@@ -114,16 +116,19 @@ class Engine:
                 elif isinstance(request, Verify):
                     answer = target.verify(request.graph, spec.budget, seq.root_index, chooser)
                     draft.commit(request.graph, slots, answer.graph_path)
+                    draft.add_features(seq.root_index, answer.features)
                 elif isinstance(request, Step):
                     t0 = time.perf_counter()
                     answer = target.step(seq.root, seq.root_index, chooser)
                     self.step_seconds = time.perf_counter() - t0
                     if draft is not None:   # the draft catches up in its next round's first forward
                         draft.pending.append(seq.root)
+                        draft.add_features(seq.root_index, target.last_features)
                 elif isinstance(request, Prefill):
                     answer = target.prefill(seq.tokens, chooser)
                     if draft is not None:
                         draft.pending = list(seq.tokens)
+                        draft.add_features(0, target.last_features)
         stats.target_forwards = target.forwards
         if draft is not None:
             stats.draft_forwards = draft.forwards

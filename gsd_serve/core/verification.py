@@ -19,32 +19,45 @@ class Verdict:
     graph_path: list[int]     # the same as graph nodes
     emitted: list[int]        # the target's tokens along the path: accepted draft tokens + bonus
     verified_tokens: int      # tokens in the verification tree
+    features: torch.Tensor | None = None   # the target's features along the path (feature drafts)
 
 
 @dataclass
 class TargetSession:
-    """The target's state for one sequence: its cache covers every committed token but the last."""
+    """The target's state for one sequence: its cache covers every committed token but the last.
+
+    With `feature_layers` (for a feature draft) every forward also keeps the target's hidden states after
+    those layers: `last_features` holds them for the tokens of the latest prefill, extend or step, and a
+    verdict carries them for its accepted path.
+    """
 
     runner: Runner
     cache: Cache | None = None
     forwards: int = 0
+    feature_layers: tuple[int, ...] = ()
+    last_features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.cache is None:
             self.cache = self.runner.new_cache()
 
+    def _forward(self, tokens: torch.Tensor, positions=None, mask=None, last_only: bool = False) -> torch.Tensor:
+        self.forwards += 1
+        if not self.feature_layers:
+            return self.runner.forward(self.cache, tokens, positions, mask, last_only=last_only)
+        logits, self.last_features = self.runner.forward_features(self.cache, tokens, positions, mask,
+                                                                  layers=self.feature_layers, last_only=last_only)
+        return logits
+
     def prefill(self, tokens: list[int], chooser: TokenChooser) -> int:
         """Feed the prompt; returns the first generated token."""
-        t = torch.tensor(tokens, dtype=torch.long)
-        logits = self.runner.forward(self.cache, t, last_only=True)
-        self.forwards += 1
+        logits = self._forward(torch.tensor(tokens, dtype=torch.long), last_only=True)
         return int(chooser.choose(logits, torch.tensor([len(tokens)]))[0])
 
     def extend(self, tokens: list[int]) -> None:
         """Feed committed tokens whose K/V is missing (after a rebuild elsewhere); no output."""
         if tokens:
-            self.runner.forward(self.cache, torch.tensor(tokens, dtype=torch.long), last_only=True)
-            self.forwards += 1
+            self._forward(torch.tensor(tokens, dtype=torch.long), last_only=True)
 
     def verify_tree(self, tree: VerifyTree, root_index: int, chooser: TokenChooser) -> Verdict:
         return verify_batch([(self, tree, root_index, chooser)])[0]
@@ -54,8 +67,7 @@ class TargetSession:
 
     def step(self, root: int, root_index: int, chooser: TokenChooser) -> int:
         """Plain decoding: one forward on the root, one token out."""
-        logits = self.runner.forward(self.cache, torch.tensor([root], dtype=torch.long))
-        self.forwards += 1
+        logits = self._forward(torch.tensor([root], dtype=torch.long))
         return int(chooser.choose(logits, torch.tensor([root_index + 1]))[0])
 
 
@@ -85,16 +97,24 @@ def verify_batch(jobs: list[tuple[TargetSession, VerifyTree, int, TokenChooser]]
         inputs = [_tree_inputs(jobs[j][0], jobs[j][1], jobs[j][2]) for j in group]
         caches = [jobs[j][0].cache for j in group]
         tokens = [jobs[j][1].tokens for j in group]
-        if len(group) > 1 and hasattr(runner, "forward_many"):
-            logits = runner.forward_many(caches, tokens, [p for _, p, _ in inputs], [m for _, _, m in inputs])
+        layers = jobs[group[0]][0].feature_layers
+        if layers and any(jobs[j][0].feature_layers != layers for j in group):
+            raise ValueError("sessions sharing a target runner must ask for the same feature layers")
+        if layers:   # feature drafts: the target's hidden states come with the logits
+            outs = runner.forward_many(caches, tokens, [p for _, p, _ in inputs], [m for _, _, m in inputs],
+                                       features=layers)
+        elif len(group) > 1 and hasattr(runner, "forward_many"):
+            outs = runner.forward_many(caches, tokens, [p for _, p, _ in inputs], [m for _, _, m in inputs])
         else:
-            logits = [runner.forward(c, t, p, m) for c, t, (_, p, m) in zip(caches, tokens, inputs)]
-        for j, (anc, _, _), lg in zip(group, inputs, logits):
+            outs = [runner.forward(c, t, p, m) for c, t, (_, p, m) in zip(caches, tokens, inputs)]
+        for j, (anc, _, _), out in zip(group, inputs, outs):
             session, tree, root_index, chooser = jobs[j]
+            lg, feats = out if layers else (out, None)
             session.forwards += 1
             choices = chooser.choose(lg, root_index + 1 + tree.depths)
             path = accept_path(tree.tokens, tree.parents, choices, anc)
             cached = root_index
             session.cache.keep(cached, [cached + i for i in path])
-            verdicts[j] = Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree))
+            verdicts[j] = Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree),
+                                  None if feats is None else feats[path])
     return verdicts

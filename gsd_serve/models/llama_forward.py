@@ -69,9 +69,12 @@ class LeanDecoder:
 
     @torch.inference_mode()
     def forward_many(self, caches: list, tokens: list[torch.Tensor], positions: list[torch.Tensor],
-                     masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+                     masks: list[torch.Tensor | None], collect: tuple[int, ...] = ()) -> list:
         """Several sequences in one pass: their tokens share every projection and MLP GEMM (the cost that
-        grows slowly with rows), and each attends only to its own cache under its own mask."""
+        grows slowly with rows), and each attends only to its own cache under its own mask.
+
+        With `collect` (layer indices), each sequence's result is (hidden, features): the residual stream
+        after those layers, concatenated [n, len(collect) * d] (what a feature draft reads)."""
         dec = self.decoder
         sizes = [t.numel() for t in tokens]
         n = sum(sizes)
@@ -86,6 +89,7 @@ class LeanDecoder:
                 masks[j] = torch.ones(size, start + size, dtype=torch.bool, device=h.device).tril(start)[None, None]
         bounds = [(sum(sizes[:j]), sum(sizes[: j + 1])) for j in range(len(sizes))]
         hd = self.head_dim
+        kept: dict[int, torch.Tensor] = {}
         # In bf16/fp16 attention runs in float64. CPU attention kernels sum a query's scores in an order that
         # depends on how many queries come together and where masked keys sit, so a token verified in a tree
         # and the same token decoded alone differ by ~1e-7 in fp32; a bf16 model rounds that to a whole ulp
@@ -114,5 +118,10 @@ class LeanDecoder:
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
             x = _rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if i in collect:
+                kept[i] = h[0]
         hidden = _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)[0]
-        return [hidden[a:b] for a, b in bounds]
+        if not collect:
+            return [hidden[a:b] for a, b in bounds]
+        feats = torch.cat([kept[i] for i in collect], dim=-1)
+        return [(hidden[a:b], feats[a:b]) for a, b in bounds]

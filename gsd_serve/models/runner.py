@@ -102,15 +102,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_many(self, caches: list[KVCache], tokens: list[torch.Tensor], positions: list[torch.Tensor],
-                     masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+                     masks: list[torch.Tensor | None], features: tuple[int, ...] = ()) -> list:
         """`forward` for several sequences at once (full logits each): one fused pass where the model
-        supports it (the lean Llama path), else one forward per sequence."""
-        if self._lean is None or len(caches) == 1:
+        supports it (the lean Llama path), else one forward per sequence. With `features` (layer indices)
+        each result is (logits, features) as in `forward_features`."""
+        if self._lean is None:
+            if features:
+                raise ValueError("target features need the lean Llama forward (GSD_SERVE_LEAN_FORWARD=1)")
             return [self.forward(c, t, p, m) for c, t, p, m in zip(caches, tokens, positions, masks)]
-        hidden = self._lean.forward_many(caches, tokens, positions, masks)
+        out = self._lean.forward_many(caches, tokens, positions, masks, collect=tuple(features))
         self.forwards += 1
         self.tokens_fed += sum(t.numel() for t in tokens)
-        return list(self.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden]))
+        hidden = [o[0] for o in out] if features else out
+        logits = list(self.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden]))
+        return list(zip(logits, [o[1] for o in out])) if features else logits
+
+    def forward_features(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None, layers: tuple[int, ...] = (),
+                         last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features): `forward`, plus the residual stream after `layers` for every new token,
+        concatenated [n, len(layers) * d], for a feature draft (models/feature_draft.py)."""
+        if self._lean is None:
+            raise ValueError("target features need the lean Llama forward (GSD_SERVE_LEAN_FORWARD=1)")
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + tokens.numel(), device=tokens.device)
+        (hidden, feats), = self._lean.forward_many([cache], [tokens], [positions], [mask], collect=tuple(layers))
+        self.forwards += 1
+        self.tokens_fed += tokens.numel()
+        return self.logits(hidden[-1:] if last_only else hidden), feats
 
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.output_ids is None else self.output_ids[ids]
