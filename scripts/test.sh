@@ -6,7 +6,8 @@ bash scripts/install.sh --test || exit 1
 # the serving tests start their own redis-server on a free loopback port (or use REDIS_URL): install it if missing
 command -v redis-server >/dev/null || [ -n "${REDIS_URL:-}" ] || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
   && { apt-get install -y -q redis-server >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 \
-  && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } || echo "redis-server missing: Redis tests skip" >&2
+  && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } \
+  || { echo "redis-server is missing and cannot be installed: the serving tests need it" >&2; exit 1; }
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

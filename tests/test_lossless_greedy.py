@@ -181,7 +181,8 @@ def test_fused_verification_of_several_sequences_equals_one_by_one(engine, token
     spec = SpecConfig.for_method("gsd")
     chooser = TokenChooser(SamplingParams(), engine.target.vocab_size)
     jobs_alone, jobs_fused = [], []
-    for p in PROMPTS[:3]:
+    # three budgets, so that the fused batch holds trees of different sizes as well as different cache lengths
+    for p, budget in zip(PROMPTS[:3], (spec.budget, 9, 5)):
         ids = encode(tokenizer, p)
         pair = []
         for _ in range(2):
@@ -190,12 +191,12 @@ def test_fused_verification_of_several_sequences_equals_one_by_one(engine, token
             ds = DraftSession(engine.draft)
             ds.pending = ids
             graph, _ = ds.propose(root, len(ids), tuple(ids), spec, chooser)
-            pair.append((ts, flatten_to_tree(graph, spec.budget), len(ids), chooser))
+            pair.append((ts, flatten_to_tree(graph, budget), len(ids), chooser))
         jobs_alone.append(pair[0])
         jobs_fused.append(pair[1])
     alone = [verify_batch([job])[0] for job in jobs_alone]
     fused = verify_batch(jobs_fused)
-    assert len({len(j[1]) for j in jobs_fused}) >= 1 and len({j[2] for j in jobs_fused}) > 1
+    assert len({len(j[1]) for j in jobs_fused}) > 1 and len({j[2] for j in jobs_fused}) > 1
     for a, f, ja, jf in zip(alone, fused, jobs_alone, jobs_fused):
         assert a.emitted == f.emitted and a.tree_path == f.tree_path
         assert ja[0].cache.length == jf[0].cache.length
