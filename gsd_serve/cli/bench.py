@@ -20,7 +20,10 @@ import torch
 # differing token lie within this many logits (bf16 keeps 8 significant bits: logits of ~20 round to 0.125)
 NEAR_TIE_EPS = 0.25
 SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-adaptive")   # gsd-adaptive: gsd with SpecConfig.adaptive
-ALL_METHODS = SPEC_METHODS + ("hf-assisted",)
+# what users would run instead, on the same prompts: transformers' assisted generation with the same pair,
+# and llama.cpp's plain decoding of the default target's own GGUF (optional: pip install llama-cpp-python)
+EXTERNAL_METHODS = ("hf-assisted", "llama.cpp")
+ALL_METHODS = SPEC_METHODS + EXTERNAL_METHODS
 
 
 def _hf_assisted(target, draft, ids: list[int], max_new: int, stop_ids: set[int], sampling) -> dict:
@@ -40,6 +43,39 @@ def _hf_assisted(target, draft, ids: list[int], max_new: int, stop_ids: set[int]
     seconds = time.perf_counter() - start
     tokens = out[0, len(ids):].tolist()
     return {"token_ids": tokens, "seconds": seconds, "new_tokens": len(tokens)}
+
+
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) decoding the default target's GGUF plainly, with this process's threads.
+
+    Its arithmetic is its own (Q4_1 weights times 8-bit activations), so its tokens are not compared with
+    ar's. Greedy only (sampling draws other random numbers)."""
+
+    def __init__(self, threads: int):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise ValueError("method llama.cpp needs llama-cpp-python (pip install llama-cpp-python; on a CPU "
+                             "with AMX and gcc 12 build it with CFLAGS/CXXFLAGS='-mno-amx-tile -mno-amx-int8 "
+                             "-mno-amx-bf16')") from None
+        from ..models.loading import GGUF_FILE, _gguf_dir
+
+        self.path = str(_gguf_dir() / GGUF_FILE)
+        self.llm = Llama(model_path=self.path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False)
+
+    def generate(self, ids: list[int], max_new: int, stop_ids: set[int], sampling) -> dict:
+        if not sampling.greedy:
+            raise ValueError("method llama.cpp is benchmarked greedy only (--temperatures 0)")
+        self.llm.reset()
+        start = time.perf_counter()
+        out = []
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                     reset=True):
+            out.append(int(tok))
+            if tok in stop_ids or len(out) >= max_new:
+                break
+        return {"token_ids": out, "seconds": time.perf_counter() - start, "new_tokens": len(out)}
 
 
 def divergence(runner, prompt: list[int], ref: list[int], got: list[int], sampling) -> dict:
@@ -102,12 +138,22 @@ def run_bench(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = [encode(tokenizer, r) for r in records]
 
+    external = {}
+    if "hf-assisted" in methods:
+        external["hf-assisted"] = lambda ids, n, sp: _hf_assisted(target_model, draft_model, ids, n,
+                                                                  engine.stop_token_ids, sp)
+    if "llama.cpp" in methods:
+        external["llama.cpp"] = LlamaCpp(torch.get_num_threads()).generate
+
+    def run_external(m, ids, n, sp):
+        return external[m](ids, n, sp) if m == "hf-assisted" else external[m](ids, n, engine.stop_token_ids, sp)
+
     # warm-up: every method once on a short run
     for m in methods:
         for t in temps[:1]:
             sp = SamplingParams(temperature=t, seed=0)
-            if m == "hf-assisted":
-                _hf_assisted(target_model, draft_model, encoded[0], 8, engine.stop_token_ids, sp)
+            if m in external:
+                run_external(m, encoded[0], 8, sp)
             else:
                 engines[m].generate(encoded[0], 8, specs[m], sp)
 
@@ -120,8 +166,8 @@ def run_bench(args) -> dict:
             sp = SamplingParams(temperature=t, top_p=args.top_p, seed=args.seed + i)
             ref = None
             for m in methods:
-                if m == "hf-assisted":
-                    r = _hf_assisted(target_model, draft_model, ids, args.max_new_tokens, engine.stop_token_ids, sp)
+                if m in external:
+                    r = run_external(m, ids, args.max_new_tokens, sp)
                     stats = {"new_tokens": r["new_tokens"], "seconds": r["seconds"], "target_forwards": None,
                              "mean_accept_len": None, "draft_tokens_per_round": None, "accept_lengths": {}}
                     tokens = r["token_ids"]
@@ -130,11 +176,12 @@ def run_bench(args) -> dict:
                     stats, tokens = res.stats.to_dict(), res.token_ids
                 if m == "ar":
                     ref = tokens
-                # sampled hf-assisted draws other random numbers: its text is not comparable token by token
-                identical = None if (m == "hf-assisted" and t > 0) else tokens == ref
+                # sampled hf-assisted draws other random numbers, and llama.cpp computes with its own
+                # arithmetic: their texts are not comparable token by token
+                identical = None if (m == "hf-assisted" and t > 0) or m == "llama.cpp" else tokens == ref
                 row = {"temperature": t, "prompt": rec.get("id", i), "category": rec.get("category", "all"),
                        "method": m, "identical": identical, "stats": stats, "token_ids": tokens}
-                if identical is False and m != "hf-assisted":
+                if identical is False and m not in external:
                     row["divergence"] = divergence(engine.target, ids, ref, tokens, sp)
                 rows.append(row)
             done += 1
@@ -310,7 +357,7 @@ def plot(results: dict, rows: list[dict], out_dir: Path) -> None:
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in [m for m in per if m not in ("ar", "hf-assisted")]:
+        for m in [m for m in per if m != "ar" and m not in EXTERNAL_METHODS]:
             hist = per[m]["accept_length_histogram"]
             if not hist:
                 continue

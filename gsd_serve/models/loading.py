@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..core.config import cache_dir
+from .dtypes import resolve_dtype
+from .feature_draft import is_feature_draft
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,6 @@ def resolve(spec: str) -> Path | str:
 def load_model(spec: str, dtype: torch.dtype | str = torch.float32):
     """A transformers causal LM in `dtype` (a torch dtype or a --dtype name, "auto" included)."""
     from transformers import AutoModelForCausalLM
-
-    from .dtypes import resolve_dtype
 
     dtype = resolve_dtype(dtype)
     where = resolve(spec)
@@ -205,13 +205,18 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
         raise ModelLoadError("the default draft belongs to the default target: pass --draft for this target "
                              "(or train one with `gsd-serve distill`)")
     try:
-        draft_tokenizer = load_tokenizer(draft_spec)
+        draft_tokenizer = None if is_feature_draft(resolve(draft_spec)) else load_tokenizer(draft_spec)
     except ModelLoadError:
         draft_tokenizer = None
     if draft_tokenizer is not None and not same_tokenizer(tokenizer, draft_tokenizer):
         raise ModelLoadError(
             f"target '{target_spec}' and draft '{draft_spec}' use different tokenizers; "
             "speculative decoding here needs a draft with the target's tokenizer")
+    if is_feature_draft(resolve(draft_spec)):
+        from .feature_draft import load_feature_draft
+
+        draft = load_feature_draft(resolve(draft_spec), target, resolve_dtype(dtype))
+        return target, draft, tokenizer, draft.output_ids
     draft = load_model(draft_spec, dtype)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ModelLoadError(
@@ -224,12 +229,11 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
     target runs as that many ranks (processes)."""
-    from .dtypes import resolve_dtype
-
-    dtype = resolve_dtype(dtype)
     from ..core.engine import Engine
     from ..core.prompts import stop_token_ids
-    from .runner import ModelRunner
+    from .runner import ModelRunner, make_runner
+
+    dtype = resolve_dtype(dtype)
 
     if tensor_parallel_size != 1:
         from .tensor_parallel import check_spec_tp_size
@@ -242,5 +246,5 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
                                            dtype=dtype)
     else:
         target_runner = ModelRunner(target)
-    draft_runner = ModelRunner(draft, output_ids) if draft is not None else None
+    draft_runner = make_runner(draft, output_ids) if draft is not None else None
     return Engine(target_runner, draft_runner, stop_token_ids=stops, spec=spec), tokenizer

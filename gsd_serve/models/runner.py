@@ -152,8 +152,15 @@ class DeviceModelRunner(ModelRunner):
         return out.cpu()
 
 
-def make_runner(model, output_ids=None, device: str | None = None) -> ModelRunner:
-    """A runner for `model` on `device` (None or "cpu": here; "auto": CUDA when there is one)."""
+def make_runner(model, output_ids=None, device: str | None = None):
+    """A runner for `model` on `device` (None or "cpu": here; "auto": CUDA when there is one): a
+    FeatureDraftRunner for a feature draft, else a ModelRunner."""
+    from .feature_draft import FeatureDraft, FeatureDraftRunner
+
+    if isinstance(model, FeatureDraft):
+        if device not in (None, "", "cpu", "auto"):
+            model = model.to(device)
+        return FeatureDraftRunner(model)
     if device in (None, "", "cpu"):
         return ModelRunner(model, output_ids)
     if device == "auto":
