@@ -7,7 +7,7 @@ import sys
 
 from .args import EXIT_USAGE, CliError
 
-SUBCOMMANDS = ("generate", "bench", "tune", "distill", "serve")
+SUBCOMMANDS = ("generate", "bench", "tune", "distill", "serve", "chaos", "soak")
 
 
 def make_parser() -> argparse.ArgumentParser:

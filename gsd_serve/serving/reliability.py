@@ -516,3 +516,53 @@ class LocalStack:
         finally:
             ray.shutdown()
             self.redis.stop()
+
+
+# ---------------------------------------------------------------- the long runs (gsd-serve chaos / soak)
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def local_run(kind: str, duration_s: float, streams: int, max_tokens: int = 32, n_cases: int = 16,
+              drafts: int = 2, targets: int = 2, settle_s: float = 10.0, warmup_s: float | None = None) -> dict:
+    """`kind` = "chaos" or "soak" on a LocalStack (its own Ray cluster, Serve on free loopback ports and a
+    redis-server), with an API key; every answer is compared with the in-process fp32 engine's."""
+    import secrets
+    import tempfile
+
+    from ..core.config import SpecConfig
+    from ..models import load_engine
+
+    spec = SpecConfig.for_method("gsd")
+    engine, tokenizer = load_engine(dtype="float32")
+    t0 = time.monotonic()
+    cases = make_cases(engine, tokenizer, spec, n_cases, max_tokens)
+    log.info("references: %d cases in %.0fs", len(cases), time.monotonic() - t0)
+    del engine
+    key = secrets.token_urlsafe(16)
+    args = {"model_name": "gsd-reliability", "spec": spec.to_dict(), "dtype": "float32", "api_key": key,
+            "max_sessions": 64, "prefix_block_size": 16,
+            "router": {"max_inflight": max(64, 2 * streams), "default_max_tokens": max_tokens}}
+    with tempfile.TemporaryDirectory(prefix="gsd-redis-") as workdir:
+        stack = LocalStack(args, drafts, targets, workdir)
+        try:
+            load = LoadGenerator(stack.base_url, args["model_name"], cases, max_tokens, streams, api_key=key)
+            if kind == "chaos":
+                report = run_chaos(ChaosConfig(duration_s=duration_s, settle_s=settle_s, drafts=drafts,
+                                               targets=targets), load, stack.probe, stack.redis)
+            else:
+                warm = warmup_s if warmup_s is not None else min(120.0, duration_s / 4)
+                report = run_soak(SoakConfig(duration_s=duration_s, warmup_s=warm), load, stack.probe)
+        finally:
+            stack.close()
+    report.update({"kind": kind, "cpu": cpu_name(), "cores": os.cpu_count(), "drafts": drafts, "targets": targets,
+                   "max_tokens": max_tokens, "cases": len(cases), "spec": spec.to_dict()})
+    return report
