@@ -362,3 +362,70 @@ def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
         assert out == engine.generate(ids, 8, spec=SpecConfig.for_method("gsd", max_depth=4, budget=12)).token_ids
         await core.close()
     asyncio.run(main())
+
+
+def test_prefix_cache_entries_are_checked_against_the_model(redis_server, tiny_pair):
+    """Redis is shared: an entry with a valid hash and checksum but another dtype, shape, block length or
+    layer count than the model's is a miss, never K/V fed to the model."""
+    import redis
+
+    target, _ = tiny_pair
+    runner = ModelRunner(target)
+    tokens = list(range(300, 316))                      # 2 blocks of 8
+    with torch.inference_mode():
+        full = runner.new_cache()
+        runner.forward(full, torch.tensor(tokens), last_only=True)
+    layout = KVLayout.of(export_kv(full, 0, 1))
+    assert layout == KVLayout(3, 2, 16, "float32")
+    cache = PrefixCache(redis_server.url, f"check-{time.time_ns()}", block_size=8, layout=layout)
+    assert cache.store(tokens, lambda s, e: export_kv(full, s, e)) == 2
+    assert len(cache.lookup(tokens, 16)) == 2
+    r = redis.Redis.from_url(redis_server.url)
+    h = block_hashes(tokens, 8, cache.fingerprint)
+    good = export_kv(full, 0, 8)
+    forged = {"dtype": good.half(), "layers": good[:2], "heads": good[:, :, :1], "block": export_kv(full, 0, 4),
+              "head_dim": good[..., :8]}
+    for what, kv in forged.items():
+        r.set(cache.key(h[0]), PrefixCache.pack(h[0], kv))     # a well-formed entry of the wrong shape
+        errors = cache.stats.errors
+        assert cache.lookup(tokens, 16) == [], what
+        assert cache.stats.errors == errors + 1 and r.get(cache.key(h[0])) is None, what
+    assert PrefixCache(redis_server.url, cache.fingerprint, block_size=8).lookup(tokens, 16) == []  # no layout
+
+
+def test_fingerprint_covers_every_weight(tiny_pair):
+    from gsd_serve.serving.prefix_cache import model_fingerprint
+
+    target, _ = tiny_pair
+    before = model_fingerprint(target, "t")
+    last = list(target.parameters())[-1]
+    with torch.no_grad():
+        last.view(-1)[-1] += 1.0          # one value of the last tensor, beyond any sample of leading values
+        try:
+            assert model_fingerprint(target, "t") != before
+        finally:
+            last.view(-1)[-1] -= 1.0
+    assert model_fingerprint(target, "t") == before
+
+
+def test_router_config_refuses_a_spec_the_drafts_would_refuse():
+    from gsd_serve.serving.router import RouterConfig
+
+    with pytest.raises(ValueError, match="could draft"):
+        RouterConfig.from_dict({"spec": {"method": "gsd", "k": 64, "max_width": 256, "max_depth": 64}})
+    assert RouterConfig.from_dict({"spec": {"method": "gsd"}}).max_body_bytes == 4 * 1024 * 1024
+
+
+def test_serve_cli_api_key(capsys, monkeypatch):
+    from gsd_serve.cli import main
+
+    monkeypatch.delenv("GSD_SERVE_API_KEY", raising=False)
+    assert main(["serve", "--dry-run"]) == 0
+    assert "API key none" in capsys.readouterr().out
+    assert main(["serve", "--dry-run", "--api-key", "k1"]) == 0
+    assert "API key required" in capsys.readouterr().out
+    monkeypatch.setenv("GSD_SERVE_API_KEY", "k2")
+    from gsd_serve.serving.serve_config import load_config
+
+    from gsd_serve.serving.auth import api_key_from_env
+    assert load_config(api_key=api_key_from_env(None))["applications"][0]["args"]["api_key"] == "k2"

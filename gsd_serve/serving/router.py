@@ -81,7 +81,10 @@ class RouterConfig:
             cfg.spec = SpecConfig.for_method(method, **{k: v for k, v in spec.items() if k != "method"})
         elif isinstance(spec, SpecConfig):
             cfg.spec = spec
-        rpc.check_spec_size(cfg.spec)    # the draft replicas would refuse its rounds
+        try:
+            rpc.check_spec_size(cfg.spec)    # the draft replicas would refuse its rounds
+        except TooLarge as exc:
+            raise ValueError(f"router spec: {exc}") from None
         return cfg
 
 
