@@ -36,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "bf16 matrix units measure faster than fp32 (AMX, AVX512_BF16), else float32. float32 "
                         "is the exact reference (every method token-identical to ar); in bf16 a near-tie can "
                         "flip between a one-token step and a tree (default: auto)")
+    g.add_argument("--target-weights", default="dense", choices=("dense", "gguf-q4"),
+                   help="gguf-q4: run the default target's projections as its own 4-bit GGUF blocks (int4 "
+                        "matmuls, bf16 activations; fewer bytes per token, not bit-exact, slow for trees)")
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -86,4 +89,5 @@ def build_engine(args, method: str | None = None):
     from ..models import load_engine
 
     return load_engine(args.target, args.draft if method != "ar" else None, dtype=getattr(args, "dtype", "auto"),
-                       tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1)
+                       tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1,
+                       target_weights=getattr(args, "target_weights", "dense"))

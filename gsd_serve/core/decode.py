@@ -145,7 +145,7 @@ class DecodeStats:
     new_tokens: int = 0
     rounds: int = 0              # decoding rounds after the prefill (speculative rounds and plain steps)
     drafted_rounds: int = 0      # rounds that verified a drafted graph
-    plain_steps: int = 0         # rounds of a speculative method that decoded plainly (governor, no draft)
+    plain_steps: int = 0         # rounds a speculative method decoded plainly (governor's choice, no draft)
     target_forwards: int = 0     # prefill + rounds (+ rebuilds a driver reports)
     verified_tokens: int = 0     # tree tokens the target verified, roots included
     accepted_tokens: int = 0     # draft tokens accepted (bonus tokens not counted)
@@ -193,12 +193,13 @@ def decode(seq: Sequence, spec: SpecConfig, governor: SpeculationGovernor | None
     while not seq.finished:
         t0 = time.perf_counter()
         graph = None
-        if speculative and seq.room > 1 and (governor is None or governor.speculate()):
+        drafting = speculative and seq.room > 1      # the bonus token alone fits: nothing to draft
+        if drafting and (governor is None or governor.speculate()):
             graph = yield Propose(seq, max_depth=seq.room - 1)   # the bonus token takes the last place
         t1 = time.perf_counter()
         if graph is None:
             emitted = [(yield Step(seq))]
-            stats.plain_steps += speculative
+            stats.plain_steps += drafting   # by the governor's choice, or for want of a draft
         else:
             verdict = yield Verify(seq, graph)
             emitted = list(verdict.emitted)

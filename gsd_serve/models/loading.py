@@ -225,10 +225,16 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
 
 
 def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
-                dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None):
+                dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None,
+                target_weights: str = "dense"):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
-    target runs as that many ranks (processes)."""
+    target runs as that many ranks (processes). target_weights "gguf-q4": the default target's projections
+    run as its own 4-bit GGUF blocks (models/gguf_q4.py; bf16 activations, not bit-exact)."""
+    if target_weights not in ("dense", "gguf-q4"):
+        raise ValueError(f"target weights must be 'dense' or 'gguf-q4', got '{target_weights}'")
+    if target_weights == "gguf-q4" and (target_spec != DEFAULT_TARGET or tensor_parallel_size != 1):
+        raise ValueError("--target-weights gguf-q4 runs the default target's own GGUF, in one process")
     from ..core.engine import Engine
     from ..core.prompts import stop_token_ids
     from .runner import ModelRunner, make_runner
@@ -245,6 +251,10 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
         target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target,  # rank 0 shards it
                                            dtype=dtype)
     else:
+        if target_weights == "gguf-q4":
+            from .gguf_q4 import use_gguf_q4
+            target = target.to(torch.bfloat16)
+            use_gguf_q4(target)
         target_runner = ModelRunner(target)
     draft_runner = make_runner(draft, output_ids) if draft is not None else None
     return Engine(target_runner, draft_runner, stop_token_ids=stops, spec=spec), tokenizer
