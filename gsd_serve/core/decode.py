@@ -154,6 +154,7 @@ class DecodeStats:
     draft_tokens: int = 0        # tokens fed to the draft after the prompt: catch-up and proposals
     draft_proposal_tokens: int = 0  # of those, drafted nodes fed so that the draft proposes their children
     draft_prefill_tokens: int = 0   # prompt tokens fed to the draft
+    draft_features_missing: int = 0  # feature drafts: committed tokens fed without the target's features
     cached_prompt_tokens: int = 0   # prompt tokens restored from the prefix cache
     resyncs: int = 0             # sessions rebuilt on a replica
     failovers: int = 0           # calls that moved to another replica

@@ -135,5 +135,6 @@ class Engine:
             stats.draft_prefill_tokens = seq.prompt_len
             stats.draft_tokens = draft.tokens_fed - seq.prompt_len
             stats.draft_proposal_tokens = draft.proposal_fed
+            stats.draft_features_missing = draft.features_missing
             stats.finish(stats.seconds)
         box.append(GenerationResult(seq.output, seq.finish_reason, stats))
