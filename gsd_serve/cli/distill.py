@@ -437,7 +437,7 @@ def cmd_distill(args) -> int:
                             batch=args.batch, lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
                             init=args.init or "", phase=args.phase, follow_data=args.follow_data,
                             dtype=args.dtype, kind=args.kind, feature_layers=args.feature_layers,
-                            ttt_steps=args.ttt_steps)
+                            ttt_steps=args.ttt_steps, ckpt_every=args.ckpt_every)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     torch_seed(args.seed)
@@ -488,6 +488,8 @@ def register(sub) -> None:
                         "training (train) on what the earlier phases wrote")
     d.add_argument("--feature-layers", default="2,15,29",
                    help="--kind features: target layers whose outputs the draft reads (low, middle, top)")
+    d.add_argument("--ckpt-every", type=positive_int("--ckpt-every"), default=25,
+                   help="steps between checkpoints and held-out measurements (default 25)")
     d.add_argument("--ttt-steps", type=int, default=3,
                    help="--kind features: drafting steps unrolled per position in training (default 3)")
     d.add_argument("--follow-data", action="store_true",

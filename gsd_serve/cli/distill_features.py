@@ -218,7 +218,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
     held, train_items = [], []
     for it in items:
         (held if held_out(it) else train_items).append(it)
-    held = held[:128] or items[: max(1, len(items) // 50)]
+    held = held[:64] or items[: max(1, len(items) // 50)]
     if not train_items:
         raise ValueError("no training data: the target produced no tokens")
     step, history = 0, []
