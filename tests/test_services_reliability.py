@@ -201,7 +201,7 @@ def test_soak_short(app, cases, probe):
     from gsd_serve.serving.reliability import LoadGenerator, SoakConfig, run_soak
 
     load = LoadGenerator(app["http"], MODEL, cases, MAX, streams=16, api_key=KEY)
-    report = run_soak(SoakConfig(duration_s=SOAK_S, warmup_s=SOAK_S / 3, sample_every_s=3), load, probe)
+    report = run_soak(SoakConfig(duration_s=SOAK_S, warmup_s=SOAK_S / 2, sample_every_s=3), load, probe)
     print("soak:", report)
     assert report["failed"] == 0 and report["mismatches"] == 0 and report["completed"] >= 16, report
     assert report["after"] == {"sessions_held": 0, "inflight": 0, "verify_queued": 0}, report
