@@ -36,6 +36,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "bf16 matrix units measure faster than fp32 (AMX, AVX512_BF16), else float32. float32 "
                         "is the exact reference (every method token-identical to ar); in bf16 a near-tie can "
                         "flip between a one-token step and a tree (default: auto)")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="run the target's decoding steps and verification trees as torch.compile'd static-shape "
+                        "steps (tree sizes bucketed); auto: on CUDA only (on the CPUs measured, compiling was "
+                        "slower and takes minutes per shape); a shape that fails to compile runs eagerly")
     g.add_argument("--target-weights", default="dense", choices=("dense", "gguf-q4"),
                    help="gguf-q4: run the default target's projections as its own 4-bit GGUF blocks (int4 "
                         "matmuls, bf16 activations; fewer bytes per token, not bit-exact, slow for trees)")
@@ -90,4 +94,5 @@ def build_engine(args, method: str | None = None):
 
     return load_engine(args.target, args.draft if method != "ar" else None, dtype=getattr(args, "dtype", "auto"),
                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1,
-                       target_weights=getattr(args, "target_weights", "dense"))
+                       target_weights=getattr(args, "target_weights", "dense"),
+                       compile=getattr(args, "compile", "auto"))

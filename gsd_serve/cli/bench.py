@@ -148,7 +148,18 @@ def run_bench(args) -> dict:
     def run_external(m, ids, n, sp):
         return external[m](ids, n, sp) if m == "hf-assisted" else external[m](ids, n, engine.stop_token_ids, sp)
 
-    # warm-up: every method once on a short run
+    # warm-up: compile every shape the run will meet (a compiled target), then every method once briefly
+    if hasattr(engine.target, "warmup"):
+        from ..models.compiled import MIN_CAPACITY
+        longest = max(map(len, encoded)) + args.max_new_tokens + 64
+        cap = MIN_CAPACITY
+        while True:
+            engine.target.warmup(buckets=(1, 2, 4, 8, 16, 32), capacity=cap)
+            if cap >= longest:
+                break
+            cap *= 2
+        print(f"bench: compiled {len(engine.target.compiled_shapes)} shapes in {engine.target.compile_seconds:.0f}s "
+              "(not timed)", file=sys.stderr)
     for m in methods:
         for t in temps[:1]:
             sp = SamplingParams(temperature=t, seed=0)
@@ -195,6 +206,7 @@ def run_bench(args) -> dict:
         "max_new_tokens": args.max_new_tokens, "methods": methods, "temperatures": temps,
         "specs": {m: s.to_dict() for m, s in specs.items()}, "target": args.target, "draft": args.draft,
         "dtype": engine.dtype_name,
+        "compile_seconds": round(getattr(engine.target, "compile_seconds", 0.0), 1),   # spent in warm-up, not timed
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": torch.get_num_threads()},
         "command": "gsd-serve " + " ".join(sys.argv[1:]),

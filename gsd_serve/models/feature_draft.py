@@ -78,6 +78,10 @@ def is_feature_draft(path) -> bool:
         return False
 
 
+def is_feature_draft_model(model) -> bool:
+    return isinstance(model, FeatureDraft)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

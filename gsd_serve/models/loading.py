@@ -17,7 +17,7 @@ import torch
 
 from ..core.config import cache_dir
 from .dtypes import resolve_dtype
-from .feature_draft import is_feature_draft
+from .feature_draft import is_feature_draft, is_feature_draft_model
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +226,12 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
 
 def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
                 dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None,
-                target_weights: str = "dense"):
+                target_weights: str = "dense", compile: str = "auto"):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
     target runs as that many ranks (processes). target_weights "gguf-q4": the default target's projections
-    run as its own 4-bit GGUF blocks (models/gguf_q4.py; bf16 activations, not bit-exact)."""
+    run as its own 4-bit GGUF blocks (models/gguf_q4.py; bf16 activations, not bit-exact). compile: on, off or
+    auto (CUDA only) runs the target's small forwards as compiled static-shape steps (models/compiled.py)."""
     if target_weights not in ("dense", "gguf-q4"):
         raise ValueError(f"target weights must be 'dense' or 'gguf-q4', got '{target_weights}'")
     if target_weights == "gguf-q4" and (target_spec != DEFAULT_TARGET or tensor_parallel_size != 1):
@@ -255,6 +256,11 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
             from .gguf_q4 import use_gguf_q4
             target = target.to(torch.bfloat16)
             use_gguf_q4(target)
-        target_runner = ModelRunner(target)
+        from .compiled import CompiledRunner, compile_wanted
+        wants_features = draft is not None and is_feature_draft_model(draft)
+        if compile_wanted(compile, next(target.parameters()).device) and not wants_features:
+            target_runner = CompiledRunner(target)
+        else:
+            target_runner = ModelRunner(target)
     draft_runner = make_runner(draft, output_ids) if draft is not None else None
     return Engine(target_runner, draft_runner, stop_token_ids=stops, spec=spec), tokenizer
