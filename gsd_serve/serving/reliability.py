@@ -485,13 +485,20 @@ class LocalStack:
     APP = "gsd"
 
     def __init__(self, args: dict, drafts: int = 2, targets: int = 2, workdir: str = "/tmp"):
+        self.redis = RedisProcess(free_port(), workdir)
+        self.redis.start()
+        try:
+            self._start(args, drafts, targets)
+        except BaseException:
+            self.close()      # a half-started stack leaves no redis-server or Ray cluster behind
+            raise
+
+    def _start(self, args: dict, drafts: int, targets: int) -> None:
         import ray
         from ray import serve
 
         from .serve_config import GRPC_SERVICER_FUNCTIONS
 
-        self.redis = RedisProcess(free_port(), workdir)
-        self.redis.start()
         http_port, grpc_port = free_port(), free_port()
         # a busy machine can starve Serve's proxy past its 5 s ready check: give it time
         for k, v in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120"), ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")):
