@@ -102,17 +102,31 @@ def request_schemas(front: OpenAIFrontend) -> dict[str, dict]:
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     }
-    common.update({name: {"not": {}, "description": "not supported"} for name in UNSUPPORTED})
+    # as in OpenAI's API, an optional field may be null (its default)
+    common = {name: _nullable(sch) if name != "model" else sch for name, sch in common.items()}
+    common.update({name: {"enum": [None, False, [], {}], "description": "not supported (only its no-op values)"}
+                   for name in UNSUPPORTED})
     completion = {"type": "object", "required": ["model", "prompt"], "properties": dict(common, prompt={
         "oneOf": [{"type": "string", "minLength": 1, "pattern": "\\S"},
+                  {"type": "array", "minItems": 1, "maxItems": 1,
+                   "items": {"type": "string", "minLength": 1, "pattern": "\\S"}},
                   {"type": "array", "minItems": 1, "maxItems": cfg.max_prompt_tokens,
                    "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}}]})}
     message = {"type": "object", "required": ["role", "content"], "properties": {
         "role": {"type": "string", "enum": list(ROLES)}, "content": {"type": "string"}}}
     chat = {"type": "object", "required": ["model", "messages"], "properties": dict(
         common, messages={"type": "array", "minItems": 1, "items": message},
-        max_completion_tokens={"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit})}
+        max_completion_tokens=_nullable({"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}))}
     return {"CompletionRequest": completion, "ChatCompletionRequest": chat}
+
+
+def _nullable(schema: dict) -> dict:
+    schema = dict(schema)
+    if "enum" in schema:
+        schema["enum"] = list(schema["enum"]) + [None]
+    else:
+        schema["type"] = [schema["type"], "null"]
+    return schema
 
 
 def _body(schema: dict, secured: bool) -> dict:

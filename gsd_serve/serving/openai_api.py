@@ -77,6 +77,12 @@ def _int(body: dict, name: str, default=None, lo=None, hi=None):
     return v
 
 
+def _unset(v) -> bool:
+    """An unsupported field left at a no-op value (null, false, [] or {}: what OpenAI clients send); 0 and ""
+    are not false here, as in the JSON schema."""
+    return v is None or v is False or (isinstance(v, (list, dict)) and not v)
+
+
 def _float(body: dict, name: str, default: float, lo: float, hi: float) -> float:
     v = body.get(name, default)
     if v is None:
@@ -112,7 +118,7 @@ class OpenAIFrontend:
             raise BadRequest(f"the model '{model}' does not exist; this server serves '{self.cfg.model_name}'",
                              "model", "model_not_found")
         for name in UNSUPPORTED:
-            if body.get(name) not in (None, False, [], {}):
+            if not _unset(body.get(name)):
                 raise BadRequest(f"'{name}' is not supported", name)
         if body.get("stop") not in (None, [], ""):
             raise BadRequest("'stop' sequences are not supported; generation stops at the model's end token", "stop")
@@ -134,10 +140,12 @@ class OpenAIFrontend:
             raise BadRequest("'top_p' must be in (0, 1]", "top_p")
         top_k = _int(body, "top_k", 0, -1, 100000)
         seed = _int(body, "seed", None, 0, 2**63 - 1)
-        stream = body.get("stream", False)
+        stream = body.get("stream")
+        stream = False if stream is None else stream
         if not isinstance(stream, bool):
             raise BadRequest("'stream' must be a boolean", "stream")
-        opts = body.get("stream_options") or {}
+        opts = body.get("stream_options")
+        opts = {} if opts is None else opts
         if not isinstance(opts, dict):
             raise BadRequest("'stream_options' must be an object", "stream_options")
         include_usage = opts.get("include_usage", False)
