@@ -56,6 +56,8 @@ class DistillConfig:
     kind: str = "independent"       # "independent" (target layers as a small model) or "features" (EAGLE-3)
     feature_layers: str = "2,15,29"  # --kind features: target layers whose outputs the draft reads
     ttt_steps: int = 3              # --kind features: drafting steps unrolled in training-time test
+    magpie: int = 0                 # the target writes this many user prompts itself (instead of --prompts)
+    extra_data: str = ""            # train also on the data shards of these earlier --out folders (comma-separated)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.gen_batch < 1:
@@ -94,10 +96,50 @@ def _progress(done: int, total: int, start: float, extra: str, first: int = 0) -
 
 
 # ---------------------------------------------------------------- phase 1: target data
+MAGPIE_MAX_TOKENS = 96
+
+
+def magpie_prompts(cfg: DistillConfig, target, tokenizer) -> Path:
+    """User prompts written by the target itself (Magpie, arXiv 2406.08464): the chat template up to the
+    user's turn, sampled at temperature 1 until the turn ends. An instruction-tuned model writes the kind
+    of requests it was trained on, so the draft learns on varied, natural prompts rather than only on a
+    templated set. Kept: finished turns of 4+ words, each once. Resumable; deterministic for a seed."""
+    path = Path(cfg.out) / "magpie_prompts.jsonl"
+    have = path.read_text().splitlines() if path.exists() else []
+    if len(have) >= cfg.magpie:
+        return path
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False)
+    pre = text[: text.index("\x00")]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    ids = torch.tensor([tokenizer(pre, add_special_tokens=False)["input_ids"]])
+    seen = {json.loads(line)["prompt"] for line in have}
+    start, b = time.time(), 0
+    print(f"distill: the target writes {cfg.magpie} prompts -> {path}", file=sys.stderr)
+    with open(path, "a", encoding="utf-8") as f, torch.inference_mode():
+        while len(seen) < cfg.magpie:
+            torch.manual_seed(cfg.seed * 7919 + len(have) + b)
+            b += 1
+            batch = ids.repeat(cfg.gen_batch, 1)
+            gen = target.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=MAGPIE_MAX_TOKENS,
+                                  do_sample=True, temperature=1.0, top_p=0.95, top_k=0, eos_token_id=end,
+                                  pad_token_id=end)
+            for row in gen[:, ids.shape[1]:].tolist():
+                if end not in row:
+                    continue                      # an unfinished turn
+                prompt = tokenizer.decode(row[: row.index(end)], skip_special_tokens=True).strip()
+                if len(prompt.split()) >= 4 and prompt not in seen and len(seen) < cfg.magpie:
+                    seen.add(prompt)
+                    f.write(json.dumps({"prompt": prompt, "kind": "magpie"}) + "\n")
+            f.flush()
+            _progress(len(seen), cfg.magpie, start, "prompts")
+    print(file=sys.stderr)
+    return path
+
+
 def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
     out = Path(cfg.out) / "data"
     out.mkdir(parents=True, exist_ok=True)
-    records = load_prompts(cfg.prompts)
+    records = load_prompts(magpie_prompts(cfg, target, tokenizer) if cfg.magpie else cfg.prompts)
     rng = random.Random(cfg.seed)
     rng.shuffle(records)
     if cfg.max_prompts:
@@ -437,7 +479,8 @@ def cmd_distill(args) -> int:
                             batch=args.batch, lr=args.lr, seed=args.seed, time_limit_s=args.time_limit,
                             init=args.init or "", phase=args.phase, follow_data=args.follow_data,
                             dtype=args.dtype, kind=args.kind, feature_layers=args.feature_layers,
-                            ttt_steps=args.ttt_steps, ckpt_every=args.ckpt_every)
+                            ttt_steps=args.ttt_steps, ckpt_every=args.ckpt_every, magpie=args.magpie,
+                            extra_data=args.extra_data or "")
     except ValueError as exc:
         raise CliError(str(exc)) from None
     torch_seed(args.seed)
@@ -488,6 +531,11 @@ def register(sub) -> None:
                         "training (train) on what the earlier phases wrote")
     d.add_argument("--feature-layers", default="2,15,29",
                    help="--kind features: target layers whose outputs the draft reads (low, middle, top)")
+    d.add_argument("--magpie", type=int, default=0, metavar="N",
+                   help="answer N user prompts the target writes itself (Magpie) instead of --prompts: varied, "
+                        "natural requests (kept in --out/magpie_prompts.jsonl)")
+    d.add_argument("--extra-data", metavar="DIRS",
+                   help="--phase train: also train on the data (and features) of these earlier --out folders")
     d.add_argument("--ckpt-every", type=positive_int("--ckpt-every"), default=25,
                    help="steps between checkpoints and held-out measurements (default 25)")
     d.add_argument("--ttt-steps", type=int, default=3,

@@ -200,14 +200,16 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     always = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
-    output_ids = choose_vocab(items, cfg.vocab, target.config.vocab_size, always)
+    init = load_feature_draft(cfg.init, target) if cfg.init else None
+    # a warm start keeps its output vocabulary; a cold one takes the tokens the target emits most
+    output_ids = init.output_ids if init is not None else choose_vocab(items, cfg.vocab, target.config.vocab_size,
+                                                                        always)
     full_to_small = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
     full_to_small[output_ids] = torch.arange(output_ids.numel())
     draft = new_feature_draft(target, output_ids, layers)
-    if cfg.init and not (out / "ckpt.pt").exists():
-        init = load_feature_draft(cfg.init, target)
-        if init.config != draft.config or not torch.equal(init.output_ids, output_ids):
-            raise ValueError(f"--init: '{cfg.init}' is not a feature draft of this shape and vocabulary")
+    if init is not None and not (out / "ckpt-features.pt").exists():
+        if init.config != draft.config:
+            raise ValueError(f"--init: '{cfg.init}' is not a feature draft of this shape")
         draft.load_state_dict(init.state_dict())
         print(f"distill: starting from the draft in {cfg.init}", file=sys.stderr)
     for p in (draft.embed.weight, draft.head.weight):
@@ -303,6 +305,12 @@ def run(cfg, target_loader, tokenizer) -> Path:
         if cfg.phase == "features":
             return out / "features"
     items = load_items(out, shards)
+    for extra in [Path(d) for d in cfg.extra_data.split(",") if d.strip()]:
+        more = load_items(extra, sorted((extra / "data").glob("shard-*.pt")))
+        if not more:
+            raise ValueError(f"--extra-data {extra}: no data with target features there")
+        items += more
+        print(f"distill: + {len(more)} answers from {extra}", file=sys.stderr)
     if not items:
         raise ValueError(f"no target features under {out / 'features'}; run --phase features first")
     target = target_loader(torch.float32)
