@@ -66,11 +66,24 @@ class PromptText:
         return ids
 
 
+def _integral(v):
+    """An int, or a float with no fractional part as an int (JSON does not tell 3 from 3.0; JSON Schema's
+    integer takes both); None for anything else (booleans included)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return None
+
+
 def _int(body: dict, name: str, default=None, lo=None, hi=None):
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int):
+    v = _integral(v)
+    if v is None:
         raise BadRequest(f"'{name}' must be an integer", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise BadRequest(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
@@ -128,11 +141,13 @@ class OpenAIFrontend:
             raise BadRequest("'best_of' must be 1", "best_of")
         max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
             else body.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = self.cfg.default_max_tokens
-        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        if max_tokens is None:   # the default, never above the limit
+            max_tokens = min(self.cfg.default_max_tokens, self.cfg.max_tokens_limit)
+        elif _integral(max_tokens) is None:
             raise BadRequest("'max_tokens' must be an integer", "max_tokens")
-        elif max_tokens < 1:
+        else:
+            max_tokens = _integral(max_tokens)
+        if max_tokens < 1:
             raise BadRequest(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
         temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _float(body, "top_p", 1.0, 0.0, 1.0)
@@ -168,8 +183,6 @@ class OpenAIFrontend:
                                          "messages")
                     clean.append({"role": "system" if m["role"] == "developer" else m["role"],
                                   "content": m["content"]})
-                if not any(m["content"].strip() for m in clean):
-                    raise BadRequest("the messages are empty", "messages")
                 self.text.check_length([m["content"] for m in clean], self.cfg.max_prompt_tokens)
                 return self.text.encode_chat(clean)
             prompt = body.get("prompt")
@@ -183,9 +196,8 @@ class OpenAIFrontend:
             if isinstance(prompt, list) and len(prompt) > self.cfg.max_prompt_tokens:
                 raise BadRequest(f"the prompt has {len(prompt)} tokens; at most {self.cfg.max_prompt_tokens} are "
                                  "accepted", "prompt", "context_length_exceeded")
-            if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in prompt):
-                return list(prompt)
+            if isinstance(prompt, list) and prompt and all(_integral(t) is not None for t in prompt):
+                return [_integral(t) for t in prompt]
             if isinstance(prompt, list) and not prompt:
                 raise BadRequest("the prompt is empty", "prompt")
             raise BadRequest("'prompt' must be a non-empty string or a list of token ids", "prompt")
