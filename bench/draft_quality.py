@@ -19,21 +19,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gsd_serve.core.config import SpecConfig  # noqa: E402
-from gsd_serve.core.engine import Engine  # noqa: E402
-from gsd_serve.models import load_pair  # noqa: E402
-from gsd_serve.core.prompts import BENCH_PROMPTS, encode, load_prompts, spread, stop_token_ids  # noqa: E402
-from gsd_serve.models.runner import ModelRunner  # noqa: E402
+from gsd_serve.core.prompts import BENCH_PROMPTS, encode, load_prompts, spread  # noqa: E402
+from gsd_serve.models import load_engine  # noqa: E402
 
 
-def forward_ms(runner: ModelRunner, reps: int = 40) -> float:
+def forward_ms(runner, reps: int = 40) -> float:
     """Median time of one forward: batch 1, one new token, after a 200-token cache."""
     cache = runner.new_cache()
-    runner.forward(cache, torch.randint(100, 20000, (200,)), last_only=True)
+    extra = {}
+    if getattr(runner, "needs_features", False):
+        extra = {"features": torch.zeros(1, runner.feature_width)}
+        runner.forward(cache, torch.randint(100, 20000, (200,)), last_only=True,
+                       features=torch.zeros(200, runner.feature_width))
+    else:
+        runner.forward(cache, torch.randint(100, 20000, (200,)), last_only=True)
     times = []
     for _ in range(reps):
         x = torch.randint(100, 20000, (1,))
         t = time.perf_counter()
-        runner.forward(cache, x)
+        runner.forward(cache, x, **extra)
         times.append(time.perf_counter() - t)
         cache.truncate(200)
     return statistics.median(times) * 1000
@@ -52,9 +56,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    target, draft, tok, output_ids = load_pair(args.target, args.draft)
-    engine = Engine(ModelRunner(target), ModelRunner(draft, output_ids), stop_token_ids=stop_token_ids(tok, target))
+    engine, tok = load_engine(args.target, args.draft, dtype="float32", compile="off")
+    features = getattr(engine.draft, "needs_features", False)
+    output_ids = engine.draft.output_ids
     records = spread(load_prompts(args.prompts), args.limit)
+    by_cat: dict[str, list[int]] = {}
     chain = SpecConfig.for_method("chain", max_depth=4)
     gsd = SpecConfig.for_method("gsd", budget=32)
     top1 = top4 = positions = 0
@@ -64,7 +70,14 @@ def main() -> None:
         ref = engine.generate(ids, args.max_new_tokens, SpecConfig.for_method("ar")).token_ids
         seq = torch.tensor(ids + ref)
         with torch.inference_mode():
-            logits = engine.draft.forward(engine.draft.new_cache(), seq)[len(ids) - 1: len(ids) - 1 + len(ref)]
+            if features:   # teacher forcing: each token with the target's features of the position before it
+                _, feats = engine.target.forward_features(engine.target.new_cache(), seq,
+                                                          layers=engine.draft.feature_layers)
+                prev = torch.cat([torch.zeros_like(feats[:1]), feats[:-1]])
+                logits = engine.draft.forward(engine.draft.new_cache(), seq, features=prev)
+            else:
+                logits = engine.draft.forward(engine.draft.new_cache(), seq)
+            logits = logits[len(ids) - 1: len(ids) - 1 + len(ref)]
         cand = engine.draft.to_full_ids(torch.topk(logits, 4, dim=-1).indices)
         truth = torch.tensor(ref)
         top1 += int((cand[:, 0] == truth).sum())
@@ -75,6 +88,10 @@ def main() -> None:
             assert r.token_ids == ref, f"{name} differs from ar on {rec.get('id', i)}"
             sums[name][0] += r.stats.new_tokens
             sums[name][1] += r.stats.target_forwards
+            if name == "gsd_default":
+                cat = by_cat.setdefault(rec.get("category", "all"), [0, 0])
+                cat[0] += r.stats.new_tokens
+                cat[1] += r.stats.target_forwards
         print(f"\r  {i + 1}/{len(records)} top1 {top1 / positions:.3f}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     t_ms = forward_ms(engine.target, 20)
@@ -83,9 +100,11 @@ def main() -> None:
         "prompts": len(records), "max_new_tokens": args.max_new_tokens, "positions": positions,
         "top1_agreement": top1 / positions, "top4_agreement": top4 / positions,
         "mean_accept_len": {k: v[0] / v[1] for k, v in sums.items()},
-        "gsd_default_spec": engine.spec.to_dict(),
+        "gsd_default_accept_len_by_category": {c: v[0] / v[1] for c, v in sorted(by_cat.items())},
+        "gsd_default_spec": engine.spec.to_dict(), "draft": args.draft,
+        "draft_kind": "features" if features else "independent",
         "target_forward_ms": t_ms, "draft_forward_ms": d_ms, "draft_cost_ratio": d_ms / t_ms,
-        "draft_layers": draft.config.num_hidden_layers,
+        "draft_layers": 1 if features else engine.draft.model.config.num_hidden_layers,
         "draft_output_vocab": None if output_ids is None else int(output_ids.numel()),
     }
     (out / "quality.json").write_text(json.dumps(result, indent=1))
@@ -96,6 +115,9 @@ def main() -> None:
           f"| gsd (budget 32) mean acceptance length | {result['mean_accept_len']['gsd_budget32']:.2f} | >= 3.0 |",
           f"| gsd (default settings) mean acceptance length | {result['mean_accept_len']['gsd_default']:.2f} | |",
           f"| one draft forward / one target forward | {d_ms:.1f} ms / {t_ms:.1f} ms = {d_ms / t_ms:.3f} | <= 0.125 |"]
+    md += ["", "gsd (default settings) mean acceptance length by category:", "",
+           "| " + " | ".join(by_cat) + " |", "|" + "---|" * len(by_cat),
+           "| " + " | ".join(f"{v[0] / v[1]:.2f}" for v in by_cat.values()) + " |"]
     (out / "quality.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     if args.history:
