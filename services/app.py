@@ -15,6 +15,12 @@
                            placement group: one bundle per rank); draft_device / target_device (cuda) for
                            single-device replicas
     replicas               {draft: N, target: N, router: N} (a config file's `deployments` overrides win)
+    autoscaling            {draft: {...}, target: {...}}: Serve autoscaling_config per deployment; without a
+                           `policy`, ReplicaLoadPolicy (services/autoscaling.py: the load the replicas measure)
+    torch_threads, draft_torch_threads, target_torch_threads   threads of the replicas' forwards (default: the
+                           CPUs Ray gives the replica, all cores with num_cpus 0)
+    max_session_bytes      memory the sessions of one replica may hold (default: a quarter of the machine's)
+    load_window_s          the window replicas measure their load over (default 10 s)
 """
 from __future__ import annotations
 
@@ -36,11 +42,25 @@ def target_bundles(args: dict) -> list[dict] | None:
     return [dict(bundle) for _ in range(tp)]
 
 
+def autoscaling_config(conf: dict) -> dict:
+    """A deployment's autoscaling_config with ReplicaLoadPolicy unless it names its own policy."""
+    from .autoscaling import POLICY_PATH
+
+    conf = dict(conf)
+    conf.setdefault("policy", {"policy_function": POLICY_PATH})
+    return conf
+
+
 def build_app(args: dict | None = None):
     args = dict(args or {})
     n = dict(args.get("replicas") or {})
+    scale = dict(args.get("autoscaling") or {})
     draft = Draft.options(num_replicas=int(n["draft"])) if "draft" in n else Draft
     target = Target.options(num_replicas=int(n["target"])) if "target" in n else Target
+    if "draft" in scale:
+        draft = Draft.options(autoscaling_config=autoscaling_config(scale["draft"]))
+    if "target" in scale:
+        target = Target.options(autoscaling_config=autoscaling_config(scale["target"]))
     bundles = target_bundles(args)
     if bundles is not None:   # a config file's placement_group_bundles for Target still win
         target = target.options(placement_group_bundles=bundles, placement_group_strategy="STRICT_PACK")

@@ -123,15 +123,44 @@ class Heartbeat:
             pass
 
 
-def env_setup() -> None:
+def env_setup(args: dict | None = None, kind: str | None = None) -> dict:
+    """Environment of a replica process, and its torch threads (serving/threads.py: the app arg
+    `<kind>_torch_threads` or `torch_threads`, else $GSD_TORCH_THREADS, else the CPUs Ray gave the replica,
+    else all cores). Returns {threads, why, openmp_passive} for the replica's Info."""
+    from ..serving.threads import apply_threads, choose_threads, prepare_openmp
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    threads = os.environ.get("GSD_TORCH_THREADS")
-    if threads:
-        import torch
+    passive = prepare_openmp()
+    if kind is None:     # the router: no model work
+        return {}
+    args = args or {}
+    requested = args.get(f"{kind}_torch_threads", args.get("torch_threads"))
+    try:
+        assigned = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 (not in a Ray worker)
+        assigned = 0.0
+    n, why = choose_threads(requested, os.environ.get("GSD_TORCH_THREADS"), assigned)
+    got = apply_threads(n)
+    log.info("%s replica: %d torch threads (%s)%s", kind, got, why, "; OpenMP passive" if passive else "")
+    return {"threads": got, "why": why, "openmp_passive": passive}
 
-        torch.set_num_threads(int(threads))
+
+def session_bytes(args: dict) -> int | None:
+    """The app arg `max_session_bytes` (bytes, or a string with a GB/GiB/MB suffix); None: the worker's default
+    (a quarter of the machine's memory)."""
+    v = args.get("max_session_bytes")
+    if v in (None, "", "auto"):
+        return None
+    if isinstance(v, str):
+        units = {"gib": 2 ** 30, "gb": 10 ** 9, "mib": 2 ** 20, "mb": 10 ** 6}
+        low = v.strip().lower()
+        for suffix, mult in units.items():
+            if low.endswith(suffix):
+                return int(float(low[: -len(suffix)]) * mult)
+        return int(float(low))
+    return int(v)
 
 
 def load_models(args: dict, want: str):
@@ -164,6 +193,7 @@ class GrpcReplica:
         from ..serving.grpc_server import serve_grpc
 
         self.worker = worker
+        worker.load.window_s = float(args.get("load_window_s", 10.0))
         bind, host = advertise_host(str(args.get("grpc_host", "127.0.0.1")))
         # the port refuses every call until the first heartbeat has fetched the application's secret
         self.secret = SharedSecret(new_secret_placeholder())
@@ -173,6 +203,19 @@ class GrpcReplica:
 
     def endpoint(self) -> str:
         return self.address
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: the load this replica measures (services/autoscaling.py); Serve
+        itself sees no requests here (the router calls the gRPC port directly)."""
+        from .autoscaling import autoscaling_stats
+
+        snap = self.worker.load_snapshot() if hasattr(self.worker, "load_snapshot") else self.worker.load.snapshot()
+        return autoscaling_stats(snap)
+
+    def load(self) -> dict:
+        """The same numbers, for a driver holding a deployment handle (tests, soak checks)."""
+        snap = self.worker.load_snapshot() if hasattr(self.worker, "load_snapshot") else self.worker.load.snapshot()
+        return dict(snap, replica_id=self.worker.replica_id, threads=getattr(self, "threads", {}))
 
     def check_health(self) -> None:
         if self.heartbeat._stop.is_set():
@@ -186,9 +229,11 @@ class GrpcReplica:
                 raise
 
     def __del__(self):
+        # Serve stopping the replica (downscaling, a new version): leave the registry first, so routers stop
+        # picking it, then let calls in flight finish; calls after that fail over to another replica
         try:
             self.heartbeat.stop()
-            self.server.stop(grace=1)
+            self.server.stop(grace=5).wait(6)
             close = getattr(self.worker.runner, "close", None)
             if close is not None:
                 close()

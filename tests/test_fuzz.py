@@ -163,12 +163,20 @@ def test_chat_content_cannot_become_control_tokens(served, tok):
 # ---------------------------------------------------------------- the worker gRPC services
 
 def _call(address: str, method: str, raw: bytes, metadata=WORKER_MD):
+    """The call's status; for a Verify that succeeded, the status of its first refused item, if any (each item
+    of a Verify succeeds or fails on its own: a refused item has SESSION_STATUS_ERROR and its own code)."""
     with grpc.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as ch:
         try:
-            ch.unary_unary(method)(raw, metadata=metadata, timeout=60)
-            return grpc.StatusCode.OK
+            out = ch.unary_unary(method)(raw, metadata=metadata, timeout=60)
         except grpc.RpcError as exc:
             return exc.code()
+    if method.endswith("/Verify"):
+        codes = {c.value[0]: c for c in grpc.StatusCode}
+        refused = [codes.get(r.error_code, grpc.StatusCode.UNKNOWN) for r in pb.VerifyResponse.FromString(out).results
+                   if r.status == rpc.ERROR]
+        bad = [c for c in refused if c not in CLIENT_CODES]
+        return (bad or refused or [grpc.StatusCode.OK])[0]
+    return grpc.StatusCode.OK
 
 
 def _methods(served):

@@ -193,7 +193,7 @@ def test_adaptive_router_mixes_plain_and_speculative_rounds_exactly(stack, tiny_
     spec = SpecConfig.for_method("gsd", max_depth=4, budget=12)
 
     async def main():
-        core, _ = _core(stack, tokenizer)
+        core, _ = _core(stack, tokenizer, load_policy="off")   # the per-sequence governor alone decides here
         core.config.spec = SpecConfig.for_method("gsd", max_depth=4, budget=12, adaptive=True)
         # forced to back off after every speculative round, so that both kinds of round alternate
         core.new_governor = lambda: SpeculationGovernor(step_seconds=0.01, margin=1e9, min_rounds=1, min_backoff=1, max_backoff=2)

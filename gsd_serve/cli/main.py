@@ -7,7 +7,7 @@ import sys
 
 from .args import EXIT_USAGE, CliError
 
-SUBCOMMANDS = ("generate", "bench", "tune", "distill", "serve", "chaos", "soak")
+SUBCOMMANDS = ("generate", "bench", "tune", "distill", "serve", "chaos", "soak", "bench_serve")
 
 
 def make_parser() -> argparse.ArgumentParser:

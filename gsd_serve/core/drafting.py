@@ -292,3 +292,173 @@ class DraftSession:
             cut = min(position - self._feat_start, len(self._feats))
             self._feats = self._feats[cut:] if cut < len(self._feats) else None
             self._feat_start = position if self._feats is not None else 0
+
+
+# ---------------------------------------------------------------- several sessions at once (serving)
+
+@dataclass
+class ProposeJob:
+    """One session's `DraftSession.propose` call, for `propose_many`."""
+
+    session: DraftSession
+    root: int
+    root_index: int
+    context: tuple[int, ...]
+    config: SpecConfig
+    chooser: TokenChooser
+    max_depth: int | None = None
+    history: list[int] | None = None
+
+
+@dataclass
+class _Feed:
+    """One session's rows of a draft forward (what DraftSession._forward is called with)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor | None
+    mask: torch.Tensor | None
+    last_only: bool
+    features: torch.Tensor | None
+
+
+def propose_many(jobs: list[ProposeJob]) -> list[tuple[TokenGraph, list[int]]]:
+    """`DraftSession.propose` for several sessions, with each drafting level of all of them in one draft
+    forward (the runner's fused `forward_many` / `forward_states_many`: their rows share every GEMM, each
+    session attends only to its own cache under its own mask), the way a target replica fuses verification.
+
+    Each session's graph and slots are what `propose` returns for it alone, up to the rounding of batched
+    GEMMs (identical token for token where the runner's arithmetic does not depend on the batch, e.g.
+    float64). Sessions whose drafting ends early drop out of later levels. A runner without a fused
+    multi-sequence forward runs the sessions' forwards one after another (same results as propose)."""
+    steps = [_propose_steps(j) for j in jobs]
+    results: list = [None] * len(jobs)
+    feeds: dict[int, _Feed] = {}
+    for i, gen in enumerate(steps):
+        _advance(i, gen, None, feeds, results)
+    while feeds:
+        order = list(feeds)
+        outs = _forward_feeds([jobs[i].session for i in order], [feeds[i] for i in order])
+        feeds = {}
+        for i, out in zip(order, outs):
+            _advance(i, steps[i], out, feeds, results)
+    return results
+
+
+def _advance(i: int, gen, answer, feeds: dict, results: list) -> None:
+    try:
+        feeds[i] = gen.send(answer)
+    except StopIteration as done:
+        results[i] = done.value
+
+
+def _forward_feeds(sessions: list[DraftSession], feeds: list[_Feed]) -> list[tuple]:
+    """(logits, states) of each session's feed: one fused forward where the runner has one, else one by one."""
+    runner = sessions[0].runner
+    fused = len(feeds) > 1 and all(s.runner is runner for s in sessions) and getattr(runner, "fuses_many", False)
+    if not fused:
+        return [s._forward(f.tokens, f.positions, f.mask, last_only=f.last_only, features=f.features)
+                for s, f in zip(sessions, feeds)]
+    caches = [s.cache for s in sessions]
+    positions = [f.positions if f.positions is not None else
+                 torch.arange(c.length, c.length + f.tokens.numel()) for c, f in zip(caches, feeds)]
+    masks = [f.mask for f in feeds]
+    last = [f.last_only for f in feeds]
+    for s, f in zip(sessions, feeds):
+        s.forwards += 1
+        s.tokens_fed += f.tokens.numel()
+    if sessions[0].uses_features:
+        return runner.forward_states_many(caches, [f.tokens for f in feeds], [f.features for f in feeds],
+                                          positions, masks, last_only=last)
+    logits = runner.forward_many(caches, [f.tokens for f in feeds], positions, masks, last_only=last)
+    return [(lg, None) for lg in logits]
+
+
+def _propose_steps(job: ProposeJob):
+    """DraftSession.propose as a generator: yields each forward's _Feed, is sent its (logits, states)."""
+    self, config = job.session, job.config
+    depth_cap = config.max_depth if job.max_depth is None else min(config.max_depth, job.max_depth)
+    graph = TokenGraph(job.root, config.merge_context, job.context)
+    slots = [-1]
+    chain = self.lookup.continuation(job.history, min(config.lookup, depth_cap)) \
+        if config.lookup and job.history and depth_cap > 0 else []
+    add_proposal(graph, slots, chain)
+    yield from _draft_steps(self, graph, slots, job.root_index, config, job.chooser, depth_cap)
+    return graph, slots
+
+
+def _draft_steps(self: DraftSession, graph: TokenGraph, slots: list[int], root_index: int, config: SpecConfig,
+                 chooser: TokenChooser, depth_cap: int):
+    """DraftSession._draft, step by step (kept line for line in its order, so the two cannot differ)."""
+    root = graph.tokens[0]
+    if depth_cap <= 0:
+        return
+    feed = torch.tensor(self.pending + [root], dtype=torch.long)
+    if self.cache.length + len(feed) != root_index + 1:
+        raise RuntimeError("draft cache out of step with the sequence")
+    first = self.cache.length
+    self.pending = []
+    feats = self._features_for(first - 1, root_index - 1) if self.uses_features else None
+    logits, states = yield _Feed(feed, None, None, True, feats)
+    if self.uses_features:
+        self._drop_features_before(root_index)
+        node_state = {0: states[-1]}
+    slots[0] = root_index
+    shared = root_index
+    fed_nodes = [0]
+    anc = torch.ones(1, 1, dtype=torch.bool)
+    frontier = [0]
+    output_ids = self.runner.output_ids
+    k = config.k
+    for level in range(depth_cap):
+        if chooser.params.greedy:
+            scores = logits
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            scores = chooser.warp(logits)
+            probs = torch.softmax(scores, dim=-1)
+            noise = chooser.noise(root_index + 1 + level)
+            scores = scores + (noise if output_ids is None else noise[output_ids])
+        top_scores, top_ids = torch.topk(scores, min(k, scores.shape[-1]), dim=-1)
+        top_q = probs.gather(1, top_ids)
+        keep = (top_q >= config.sibling_threshold * top_q.max(dim=1, keepdim=True).values) \
+            & torch.isfinite(top_scores)
+        top_tokens = self.runner.to_full_ids(top_ids).tolist()
+        top_q_list = top_q.tolist()
+        keep_list = keep.tolist()
+        created: list[int] = []
+        for row, parent in enumerate(frontier):
+            for j in range(top_ids.shape[1]):
+                if not keep_list[row][j]:
+                    continue
+                node, new = graph.add(parent, top_tokens[row][j], top_q_list[row][j],
+                                      config.confidence_threshold)
+                if new:
+                    created.append(node)
+                    slots.append(-1)
+        if not created or level == depth_cap - 1:
+            break
+        if not any(graph.confident[v] for v in created):
+            break
+        created.sort(key=lambda v: -graph.logprob[v])
+        frontier = created[: config.max_width]
+        fed_index = {v: i for i, v in enumerate(fed_nodes)}
+        parent_rows = anc[[fed_index[graph.parent[v]] for v in frontier]]
+        n, n_fed = len(frontier), len(fed_nodes)
+        mask = torch.ones(n, shared + n_fed + n, dtype=torch.bool)
+        mask[:, shared:shared + n_fed] = parent_rows
+        mask[:, shared + n_fed:] = torch.eye(n, dtype=torch.bool)
+        grown = torch.zeros(n_fed + n, n_fed + n, dtype=torch.bool)
+        grown[:n_fed, :n_fed] = anc
+        grown[n_fed:, :n_fed] = parent_rows
+        grown[n_fed:, n_fed:] = torch.eye(n, dtype=torch.bool)
+        anc = grown
+        for i, v in enumerate(frontier):
+            slots[v] = shared + n_fed + i
+        fed_nodes.extend(frontier)
+        tokens = torch.tensor([graph.tokens[v] for v in frontier], dtype=torch.long)
+        positions = torch.tensor([root_index + graph.depth[v] for v in frontier], dtype=torch.long)
+        feats = torch.stack([node_state[graph.parent[v]] for v in frontier]) if self.uses_features else None
+        logits, states = yield _Feed(tokens, positions, mask[None, None], False, feats)
+        if self.uses_features:
+            node_state.update(zip(frontier, states))
+        self.proposal_fed += len(frontier)

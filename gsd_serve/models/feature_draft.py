@@ -275,6 +275,41 @@ class FeatureDraftRunner:
         out = states[-1:] if last_only else states
         return self.model.logits(out), states
 
+    fuses_many = True
+
+    @torch.inference_mode()
+    def forward_states_many(self, caches: list, tokens: list[torch.Tensor], features: list[torch.Tensor],
+                            positions: list[torch.Tensor], masks: list, last_only=False) -> list:
+        """`forward_states` for several sequences in one pass: their rows share every projection and MLP GEMM,
+        each attends only to its own cache under its own mask (None: causal among its new rows)."""
+        last = list(last_only) if isinstance(last_only, (list, tuple)) else [bool(last_only)] * len(caches)
+        m = self.model
+        rows = []
+        for t, f in zip(tokens, features):
+            n = t.numel()
+            if f is None or f.shape != (n, f.shape[-1]) or f.shape[-1] not in (self.feature_width, m.config.hidden_size):
+                raise ValueError(f"features must be [{n}, {self.feature_width}] (target) or [{n}, "
+                                 f"{m.config.hidden_size}] (draft states), got {None if f is None else tuple(f.shape)}")
+            rows.append(m.fused(f) if f.shape[-1] == self.feature_width else f.to(self.dtype))
+        sizes = [t.numel() for t in tokens]
+        x, q, k, v = m.qkv(torch.cat(tokens)[None], torch.cat(rows)[None], torch.cat(positions)[None])
+        outs, a = [], 0
+        for cache, n, mask in zip(caches, sizes, masks):
+            start = cache.length
+            keys, values = cache.update(k[:, :, a:a + n], v[:, :, a:a + n], 0)
+            if mask is None and n > 1:
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(start)[None, None]
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:a + n], keys, values, attn_mask=mask,
+                                                       enable_gqa=keys.shape[1] != q.shape[1]))
+            a += n
+        states = m.finish(x, torch.cat(outs, dim=2))[0]
+        self.forwards += 1
+        self.tokens_fed += sum(sizes)
+        per = list(states.split(sizes))
+        picked = [s[-1:] if lo else s for s, lo in zip(per, last)]
+        logits = m.logits(torch.cat(picked)).split([p.shape[0] for p in picked])
+        return list(zip(logits, per))
+
     def forward(self, cache, tokens, positions=None, mask=None, last_only=False, features=None) -> torch.Tensor:
         if features is None:
             raise ValueError("a feature draft needs each row's feature (target features or draft states)")

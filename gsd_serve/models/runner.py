@@ -100,20 +100,29 @@ class ModelRunner:
             out.scatter_(1, top, exact)
         return out
 
+    @property
+    def fuses_many(self) -> bool:
+        """Whether forward_many runs its sequences as one fused pass (else one forward after another)."""
+        return self._lean is not None
+
     @torch.inference_mode()
     def forward_many(self, caches: list[KVCache], tokens: list[torch.Tensor], positions: list[torch.Tensor],
-                     masks: list[torch.Tensor | None], features: tuple[int, ...] = ()) -> list:
-        """`forward` for several sequences at once (full logits each): one fused pass where the model
-        supports it (the lean Llama path), else one forward per sequence. With `features` (layer indices)
-        each result is (logits, features) as in `forward_features`."""
+                     masks: list[torch.Tensor | None], features: tuple[int, ...] = (),
+                     last_only: bool | list[bool] = False) -> list:
+        """`forward` for several sequences at once (full logits each, or the last row's where `last_only`,
+        per sequence): one fused pass where the model supports it (the lean Llama path), else one forward per
+        sequence. With `features` (layer indices) each result is (logits, features) as in `forward_features`."""
+        last = list(last_only) if isinstance(last_only, (list, tuple)) else [bool(last_only)] * len(caches)
         if self._lean is None:
             if features:
                 raise ValueError("target features need the lean Llama forward (GSD_SERVE_LEAN_FORWARD=1)")
-            return [self.forward(c, t, p, m) for c, t, p, m in zip(caches, tokens, positions, masks)]
+            return [self.forward(c, t, p, m, last_only=lo) for c, t, p, m, lo in zip(caches, tokens, positions, masks,
+                                                                                      last)]
         out = self._lean.forward_many(caches, tokens, positions, masks, collect=tuple(features))
         self.forwards += 1
         self.tokens_fed += sum(t.numel() for t in tokens)
         hidden = [o[0] for o in out] if features else out
+        hidden = [h[-1:] if lo else h for h, lo in zip(hidden, last)]
         logits = list(self.logits(torch.cat(hidden)).split([h.shape[0] for h in hidden]))
         return list(zip(logits, [o[1] for o in out])) if features else logits
 
@@ -142,6 +151,10 @@ class DeviceModelRunner(ModelRunner):
     def __init__(self, model, output_ids=None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         super().__init__(model.to(self.device), output_ids)
+
+    @property
+    def fuses_many(self) -> bool:
+        return False      # forward_many does not move its inputs to the device: callers go one by one
 
     def forward(self, cache, tokens, positions=None, mask=None, last_only=False):
         if positions is None:

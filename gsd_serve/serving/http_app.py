@@ -63,8 +63,8 @@ class HttpApi:
             return error(exc)
         kind, status, payload = await self.front.handle(raw, chat)
         if kind == "sse":
-            return StreamingResponse(payload, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return ClosingStreamingResponse(payload, media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(payload, status_code=status)
 
     def models(self, request: Request):
@@ -79,6 +79,20 @@ class HttpApi:
 
     def metrics(self):
         return Response(self.core.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator, however the response ends (finished, client
+    gone, task cancelled): Starlette may cancel the streaming task before it ever iterated the body, and then
+    nothing would close it (an SSEStream gives its request's slot back when closed)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def error(exc, headers: dict | None = None) -> JSONResponse:

@@ -30,6 +30,8 @@ class Metrics:
             "pc_queries": Counter("gsd_prefix_cache_queries", "Prefills that asked the prefix cache", m, registry=r),
             "pc_hits": Counter("gsd_prefix_cache_hits", "Prefills that restored cached blocks", m, registry=r),
             "pc_saved": Counter("gsd_prefix_cache_tokens_saved", "Prompt tokens not prefilled", m, registry=r),
+            "feature_bytes": Counter("gsd_feature_bytes", "Target features received and handed to drafts (bytes)",
+                                     m, registry=r),
         }
         self.running = Gauge("gsd_num_requests_running", "Requests in flight", m, registry=r)
         self.latency = Histogram("gsd_e2e_request_latency_seconds", "Request latency", m, buckets=lat, registry=r)

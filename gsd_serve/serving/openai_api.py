@@ -222,13 +222,15 @@ class OpenAIFrontend:
         except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
         if stream:
-            return "sse", 200, self._sse(run, chat, include_usage)
+            return "sse", 200, SSEStream(run, self._sse(run, chat, include_usage))
         try:
             detok = Detokenizer(self.core.tokenizer)
             async for chunk in run.chunks():
                 detok.ids.extend(chunk)
         except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
+        finally:
+            run.release()
         text = detok.text()
         created = int(time.time())
         if chat:
@@ -280,6 +282,7 @@ class OpenAIFrontend:
             yield f"data: {json.dumps(exc.to_openai())}\n\n"
         finally:
             await gen.aclose()
+            run.release()      # also when the stream ended before run.chunks() started (nothing else would)
         yield "data: [DONE]\n\n"
 
     def models(self) -> dict:
@@ -326,8 +329,11 @@ class OpenAIFrontend:
     async def grpc_generate(self, req: "pb.GenerateRequest") -> "pb.GenerateResponse":
         run = self.core.start(self._grpc_params(req))
         out: list[int] = []
-        async for chunk in run.chunks():
-            out.extend(chunk)
+        try:
+            async for chunk in run.chunks():
+                out.extend(chunk)
+        finally:
+            run.release()
         return pb.GenerateResponse(id=run.id, text=self.core.tokenizer.decode(out, skip_special_tokens=True),
                                    token_ids=out, finish_reason=run.finish, prompt_tokens=len(run.prompt),
                                    completion_tokens=len(out), stats=rpc.stats_to_proto(run.stats))
@@ -342,9 +348,33 @@ class OpenAIFrontend:
                 yield pb.GenerateChunk(id=run.id, text=text, token_ids=chunk)
         finally:
             await gen.aclose()
+            run.release()
         yield pb.GenerateChunk(id=run.id, text=detok.push([], final=True), finish_reason=run.finish,
                                stats=rpc.stats_to_proto(run.stats), prompt_tokens=len(run.prompt),
                                completion_tokens=len(run.out))
+
+
+class SSEStream:
+    """An SSE body that gives its request back however it ends: read to the end, closed by the server after a
+    disconnect, or dropped before its first chunk. An async generator that never started runs no `finally`
+    when closed, so a response dropped that early used to hold its admission slot forever (enough of them
+    and every request got 429). The HTTP layer closes this stream when the response ends for any reason."""
+
+    def __init__(self, run, agen):
+        self.run = run
+        self._agen = agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._agen.aclose()
+        finally:
+            self.run.release()
 
 
 class Detokenizer:

@@ -10,15 +10,25 @@ Replicas are found through a `discover()` coroutine (in Ray: the registry actor 
 to). A replica that fails a call is marked dead for a while; the request moves to another replica, which
 rebuilds the session from the committed tokens (STATUS_RESYNC -> resend from 0). Without any draft
 replica a round decodes plainly (still exact) until a draft is back.
+
+How much each round speculates follows the load of its target replica (load_policy.py): the full tree with
+one stream, smaller trees as the replica's fused forwards fill, plain decoding at saturation. Requests
+are placed by prefix affinity with bounded load: the replica their prompt hashes to, unless it already
+carries more than (1 + affinity_slack) x its share of this router's requests (consistent hashing with
+bounded loads), so a shared system prompt cannot pin all traffic to one draft and one target.
+With a feature-conditioned draft (`feature_layers`), the target's features of each accepted path travel
+from Verify to the draft's next Propose.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -31,6 +41,7 @@ from ..core.sampling import SamplingParams
 from . import rpc
 from .auth import SharedSecret
 from .errors import BadRequest, DeadlineExceeded, Overloaded, ServingError, TooLarge, Unavailable
+from .load_policy import LoadPolicy, LoadPolicyConfig, spec_for_budget
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -50,7 +61,7 @@ class RouterConfig:
     max_model_len: int = 8192
     max_inflight: int = 64                     # admission control: more concurrent requests get 429
     max_batch: int = 32                        # Verify items per call
-    batch_wait_s: float = 0.002                # how long a lone Verify item waits for company
+    batch_wait_s: float = 0.002                # how long a Verify item waits for requests still drafting (none: 0)
     rpc_timeout_s: float = 120.0
     request_timeout_s: float = 600.0           # whole-request deadline; every downstream call gets what is left
     affinity_block: int = 32                   # prompt tokens hashed for prefix-affinity routing
@@ -58,6 +69,22 @@ class RouterConfig:
     dead_s: float = 10.0
     failover_timeout_s: float = 120.0          # how long a round waits for a target replica (restarts included)
     max_body_bytes: int = 4 * 1024 * 1024      # HTTP request bodies above it get 413, unread
+    affinity_slack: float = 0.25               # bounded-load routing: a replica takes at most (1 + slack) x its share
+    load_policy: object = "auto"               # speculation by load: auto | off | {LoadPolicyConfig fields}
+    feature_layers: tuple = ()                 # a feature-conditioned draft: the target layers it reads
+    admit_timeout_s: float = 60.0              # an admitted request whose stream never starts is released after it
+
+    def __post_init__(self) -> None:
+        try:
+            if not isinstance(self.load_policy, LoadPolicyConfig):
+                self.load_policy = LoadPolicyConfig.from_value(self.load_policy)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"router config load_policy: {exc}") from None
+        if not isinstance(self.feature_layers, (list, tuple)) or \
+                any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.feature_layers):
+            raise ValueError(f"router config feature_layers must be a list of layer indices, got "
+                             f"{self.feature_layers!r}")
+        self.feature_layers = tuple(self.feature_layers)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RouterConfig":
@@ -98,7 +125,10 @@ class Endpoint:
         self.channel = grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
         self.stub = (rpc.pb_grpc.DraftStub if kind == "draft" else rpc.pb_grpc.TargetStub)(self.channel)
         self.dead_until = 0.0
+        self.load = 0           # this router's requests whose session lives here (bounded-load routing)
+        self.proposing = 0      # ... of them, drafting right now (a Verify batch may wait for them)
         self.batcher = VerifyBatcher(self, router) if kind == "target" else None
+        self.policy = LoadPolicy(router.config.spec.budget, router.config.load_policy) if kind == "target" else None
 
     @property
     def alive(self) -> bool:
@@ -106,27 +136,49 @@ class Endpoint:
 
 
 class VerifyBatcher:
-    """Queues Verify items for one target replica; one call in flight, the queue leaves as one batch."""
+    """Queues Verify items for one target replica; one call in flight, the queue leaves as one batch.
+
+    A batch leaves at once unless requests on this replica are drafting right now: then it waits up to
+    `batch_wait_s` for them (they would otherwise wait a whole forward for the next call). A lone stream
+    never waits."""
 
     def __init__(self, ep: Endpoint, router: "RouterCore"):
         self.ep = ep
         self.router = router
         self.queue: list[tuple[pb.VerifyItem, asyncio.Future, float]] = []
         self.task: asyncio.Task | None = None
+        self._arrived: asyncio.Event | None = None
 
     async def submit(self, item: "pb.VerifyItem", deadline: float) -> "pb.VerifyResult":
         """Verify `item` in the next batch; `deadline` (time.monotonic()) is its request's deadline."""
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((item, fut, deadline))
+        if self._arrived is not None:
+            self._arrived.set()
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._drain())
         return await fut
 
+    async def _wait_for_company(self, wait_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait_s
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        while self.ep.proposing > 0 and len(self.queue) < self.router.config.max_batch:
+            left = end - loop.time()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
     async def _drain(self) -> None:
         cfg = self.router.config
         while self.queue:
-            if cfg.batch_wait_s > 0:
-                await asyncio.sleep(cfg.batch_wait_s)
+            if cfg.batch_wait_s > 0 and self.ep.proposing > 0:
+                await self._wait_for_company(cfg.batch_wait_s)
             now = time.monotonic()
             batch = []
             for i, f, deadline in self.queue[: cfg.max_batch]:
@@ -144,17 +196,19 @@ class VerifyBatcher:
             batch = [(i, f) for i, f, _ in batch]
             t0 = time.perf_counter()
             try:
-                resp = await self.ep.stub.Verify(pb.VerifyRequest(items=[i for i, _ in batch]), timeout=timeout,
-                                                 metadata=self.router.worker_secret.metadata())
-            except Exception as exc:  # noqa: BLE001 (delivered to every waiting request)
+                req = pb.VerifyRequest(items=[i for i, _ in batch], feature_layers=self.router.feature_layers)
+                resp = await self.ep.stub.Verify(req, timeout=timeout, metadata=self.router.worker_secret.metadata())
+            except Exception as exc:  # noqa: BLE001 (the call failed: delivered to every waiting request)
                 for _, f in batch:
                     if not f.done():
                         f.set_exception(exc)
                 continue
+            call_s = time.perf_counter() - t0
             m = self.router.metrics
             m.batch.labels(model_name=m.model_name).observe(len(batch))
-            m.verify_s.labels(model_name=m.model_name).observe(time.perf_counter() - t0)
-            self.router.batch_sizes.append(len(batch))
+            m.verify_s.labels(model_name=m.model_name).observe(call_s)
+            self.router.batch_sizes.append(len(batch))      # bounded: the latest calls only
+            self.ep.policy.observe_verify(resp.rows, resp.sessions, resp.forward_seconds, call_s)
             by_id = {r.session_id: r for r in resp.results}
             for item, f in batch:
                 if not f.done():
@@ -167,6 +221,16 @@ def _rendezvous(key: bytes, eps: list[Endpoint]) -> list[Endpoint]:
                   reverse=True)
 
 
+def bounded_pick(key: bytes, eps: list[Endpoint], slack: float) -> Endpoint:
+    """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam): the first replica in `key`'s
+    rendezvous order whose load stays within ceil((1 + slack) x (total load + 1) / replicas). Requests that
+    share a prompt prefix keep their replica until it carries more than its share; then they spill to the
+    next replica in their order (still the same one for all of them), never to a random one."""
+    order = _rendezvous(key, eps)
+    bound = math.ceil((1 + slack) * (sum(e.load for e in eps) + 1) / len(eps))
+    return next((e for e in order if e.load + 1 <= bound), order[0])
+
+
 # ---------------------------------------------------------------- requests
 
 @dataclass
@@ -176,6 +240,31 @@ class GenerateParams:
     sampling: SamplingParams
     request_id: str = ""
     timeout_s: float | None = None     # the client's deadline (capped by RouterConfig.request_timeout_s)
+
+
+class LoadGovernor:
+    """The decode loop's governor for a served request: before each round, the load policy of the request's
+    target replica picks the tree budget (1: a plain step). With `adaptive` in the spec, the per-sequence
+    governor must agree as well."""
+
+    def __init__(self, run: "Run", inner: SpeculationGovernor | None = None):
+        self.run = run
+        self.inner = inner
+
+    def speculate(self) -> bool:
+        budget = self.run.core.round_budget(self.run)
+        self.run.round_budget = budget
+        if budget <= 1:
+            return False
+        return self.inner.speculate() if self.inner is not None else True
+
+    def record_step(self, seconds: float) -> None:
+        if self.inner is not None:
+            self.inner.record_step(seconds)
+
+    def record_round(self, tokens: int, seconds: float) -> None:
+        if self.inner is not None:
+            self.inner.record_round(tokens, seconds)
 
 
 class Run:
@@ -193,12 +282,17 @@ class Run:
         self.d_synced = 0
         self.t_synced = 0
         self.last_path: list[int] = []
+        self.round_budget = core.config.spec.budget
+        self.features: list = []            # pb.Features the draft has not been sent yet (feature drafts)
+        self.feature_bytes = 0              # feature bytes received from the target and sent to the draft
         self.sampling_pb = rpc.sampling_to_proto(params.sampling)
-        self.spec_pb = rpc.spec_to_proto(core.config.spec)
         budget = core.config.request_timeout_s
         if params.timeout_s is not None and params.timeout_s > 0:
             budget = min(budget, params.timeout_s)
-        self.deadline = time.monotonic() + budget
+        self.admitted = time.monotonic()
+        self.deadline = self.admitted + budget
+        self.started = False
+        self.released = False
 
     @property
     def committed(self) -> list[int]:
@@ -216,6 +310,28 @@ class Run:
     def finish(self) -> str | None:
         return self.seq.finish_reason
 
+    def assign(self, kind: str, ep: Endpoint | None) -> None:
+        """Move this request's `kind` session to `ep` (bounded-load accounting follows)."""
+        old = self.draft if kind == "draft" else self.target
+        if old is ep:
+            return
+        if old is not None:
+            old.load -= 1
+        if ep is not None:
+            ep.load += 1
+        if kind == "draft":
+            self.draft = ep
+        else:
+            self.target = ep
+
+    def release(self) -> None:
+        """Give back the request's admission slot and its sessions; idempotent (every way a request can end
+        calls it: finished, failed, cancelled, or a stream that was never started)."""
+        if self.released:
+            return
+        self.released = True
+        self.core.finished(self)
+
     def rpc_timeout(self) -> float:
         """The timeout of the next downstream call: the per-call cap or what is left of the request's deadline."""
         left = self.deadline - time.monotonic()
@@ -225,10 +341,13 @@ class Run:
 
     async def chunks(self) -> AsyncIterator[list[int]]:
         """The request's committed tokens, chunk by chunk: the decode loop, answered over gRPC."""
+        self.started = True
         core = self.core
         m = core.metrics
         spec = core.config.spec
-        governor = core.new_governor() if spec.adaptive and spec.method != "ar" else None
+        governor = None
+        if spec.method != "ar":
+            governor = LoadGovernor(self, core.new_governor() if spec.adaptive else None)
         loop = decode(self.seq, spec, governor, self.stats)
         started = time.perf_counter()
         answer = None
@@ -248,16 +367,18 @@ class Run:
                         answer = resp.graph
                         m.inc("drafts")
                 elif isinstance(request, Verify):
-                    answer = await core.verify(self, request.graph)
+                    answer = await core.verify(self, request.graph, self.round_budget)
                     self.last_path = list(answer.graph_path)
                     n = len(answer.emitted)
                     m.inc("draft_tokens", max(answer.verified_tokens - 1, 0))
                     m.inc("accepted", n - 1)
                     for pos in range(n - 1):
                         m.inc("per_pos", position=str(pos))
+                    if self.target is not None:
+                        self.target.policy.observe_tree(self.round_budget, answer.verified_tokens, answer.tree_path)
                 elif isinstance(request, Step):
                     t0 = time.perf_counter()
-                    res = await core.verify(self, rpc.root_graph_proto(self.seq.root))
+                    res = await core.verify(self, rpc.root_graph_proto(self.seq.root), 1)
                     self.last_path = list(res.graph_path)
                     answer = res.emitted[0]
                     core.step_seconds = time.perf_counter() - t0
@@ -276,7 +397,7 @@ class Run:
             raise
         finally:
             loop.close()
-            core.finished(self)
+            self.release()
 
 
 class RouterCore:
@@ -297,8 +418,11 @@ class RouterCore:
         self.metrics = Metrics(config.model_name)
         self.endpoints: dict[str, Endpoint] = {}
         self.inflight = 0
+        self.runs: dict[str, Run] = {}           # admitted and not yet released
         self.step_seconds: float | None = None   # latest plain round time, seeds adaptive sequences
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=1024)   # sessions per Verify call, the latest calls only
+        self.feature_layers = list(config.feature_layers) if config.spec.method != "ar" else []
+        self._spec_pb: dict[int, "pb.SpecConfig"] = {}
         self._refreshed = 0.0
         self._refresh_lock: asyncio.Lock | None = None
 
@@ -320,6 +444,20 @@ class RouterCore:
         except Exception:  # noqa: BLE001 (no generation config: the tokenizer's EOS only)
             pass
         return stop_token_ids(self.tokenizer, model)
+
+    # speculation by load ------------------------------------------------------------
+    def round_budget(self, run: Run) -> int:
+        """The tree budget of the run's next round, from its target replica's load policy (1: plain)."""
+        ep = run.target
+        if ep is None or ep.policy is None:
+            return self.config.spec.budget
+        return ep.policy.decide(sessions_here=ep.load).budget
+
+    def spec_pb(self, budget: int) -> "pb.SpecConfig":
+        msg = self._spec_pb.get(budget)
+        if msg is None:
+            msg = self._spec_pb[budget] = rpc.spec_to_proto(spec_for_budget(self.config.spec, budget))
+        return msg
 
     # replicas -----------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
@@ -355,7 +493,7 @@ class RouterCore:
         if not eps:
             await self.refresh(force=True)
             eps = self.live(kind)
-        return _rendezvous(key, eps)[0] if eps else None
+        return bounded_pick(key, eps, self.config.affinity_slack) if eps else None
 
     def mark_dead(self, ep: Endpoint, exc: Exception) -> None:
         log.warning("router: %s replica %s at %s failed (%s); failing over", ep.kind, ep.replica_id, ep.address,
@@ -391,9 +529,23 @@ class RouterCore:
             raise BadRequest(f"prompt ({len(params.prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the model's {cfg.max_model_len}", "max_tokens", "context_length_exceeded")
 
+    def reap_unstarted(self) -> int:
+        """Release admitted requests whose stream never started within admit_timeout_s (a response dropped
+        before its generator ran): without this their slots would be held forever. Returns how many."""
+        cut = time.monotonic() - self.config.admit_timeout_s
+        stale = [r for r in self.runs.values() if not r.started and r.admitted < cut]
+        for run in stale:
+            log.warning("router: request %s was admitted but never started; releasing it", run.id)
+            self.metrics.inc("cancelled", reason="never_started")
+            run.release()
+        return len(stale)
+
     def start(self, params: GenerateParams) -> Run:
-        """Admit a request (or raise Overloaded / BadRequest); iterate `run.chunks()` to generate."""
+        """Admit a request (or raise Overloaded / BadRequest); iterate `run.chunks()` to generate, and call
+        `run.release()` if it is abandoned before that."""
         self.validate(params)
+        if self.inflight >= self.config.max_inflight:
+            self.reap_unstarted()
         if self.inflight >= self.config.max_inflight:
             self.metrics.inc("rejected", reason="overloaded")
             raise Overloaded(f"the router is at its limit of {self.config.max_inflight} concurrent requests; "
@@ -401,17 +553,22 @@ class RouterCore:
         if not params.sampling.greedy and params.sampling.seed is None:
             params.sampling = SamplingParams(params.sampling.temperature, params.sampling.top_k,
                                              params.sampling.top_p, random.getrandbits(62))
+        run = Run(self, params)
         self.inflight += 1
+        self.runs[run.id] = run
         self.metrics.running.labels(model_name=self.metrics.model_name).inc()
         self.metrics.inc("prompt_tokens", len(params.prompt_ids))
-        return Run(self, params)
+        return run
 
     def finished(self, run: Run) -> None:
         self.inflight -= 1
+        self.runs.pop(run.id, None)
         self.metrics.running.labels(model_name=self.metrics.model_name).dec()
-        for ep in (run.draft, run.target):
+        for kind in ("draft", "target"):
+            ep = run.draft if kind == "draft" else run.target
             if ep is not None:
                 asyncio.ensure_future(self._release(ep, run.id))
+            run.assign(kind, None)
 
     async def _release(self, ep: Endpoint, sid: str) -> None:
         try:
@@ -439,10 +596,11 @@ class RouterCore:
             if ep is None:
                 await self._backoff(attempt)
                 continue
-            run.target = ep     # set before the call, so the session is released even if the call times out
+            run.assign("target", ep)   # before the call, so the session is released even if the call times out
             try:
                 resp = await ep.stub.Prefill(pb.PrefillRequest(session_id=run.id, tokens=run.prompt,
-                                                               sampling=run.sampling_pb),
+                                                               sampling=run.sampling_pb,
+                                                               feature_layers=self.feature_layers),
                                              timeout=run.rpc_timeout(), metadata=self.worker_secret.metadata())
             except grpc.aio.AioRpcError as exc:
                 run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
@@ -453,8 +611,8 @@ class RouterCore:
                 run.stats.failovers += 1
                 await self._backoff(attempt)
                 continue
-            run.target = ep
             run.t_synced = len(run.prompt)      # the target holds prompt + first; the next delta resends first
+            self._take_features(run, resp)
             m = self.metrics
             m.inc("pc_queries")
             if resp.cached_tokens:
@@ -463,6 +621,32 @@ class RouterCore:
             return int(resp.first_token), int(resp.cached_tokens)
         raise Unavailable(f"no target replica could prefill the prompt ({last})")
 
+    # feature drafts: the target's features travel to the draft's next Propose --------------
+    def _take_features(self, run: Run, resp) -> None:
+        if self.feature_layers and resp.HasField("features") and resp.features.rows:
+            run.features.append(resp.features)
+            n = len(resp.features.bf16)
+            run.feature_bytes += n
+            self.metrics.inc("feature_bytes", n)
+
+    @staticmethod
+    def merge_features(chunks: list) -> "pb.Features | None":
+        """The chunks as one message of contiguous positions: a later chunk replaces what it overlaps, and a
+        gap drops what came before it (the draft feeds zeros for positions it never gets)."""
+        start, width, data = None, 0, b""
+        for f in chunks:
+            if start is None or f.width != width or f.start > start + len(data) // (2 * width):
+                start, width, data = f.start, f.width, bytes(f.bf16)
+                continue
+            keep = max(f.start - start, 0) * 2 * width
+            if f.start < start:              # replaces everything from before our start
+                start, data = f.start, bytes(f.bf16)
+            else:
+                data = data[:keep] + bytes(f.bf16)
+        if start is None:
+            return None
+        return pb.Features(start=start, rows=len(data) // (2 * width), width=width, bf16=data)
+
     async def propose(self, run: Run, depth: int):
         """The round's draft graph, or None when no draft replica is available (the round then verifies the root)."""
         for attempt in range(3):
@@ -470,13 +654,25 @@ class RouterCore:
             if ep is None:
                 return None
             if ep is not run.draft:
-                run.draft, run.d_synced = ep, 0
+                run.assign("draft", ep)
+                run.d_synced = 0
+            budget = run.round_budget
             req = pb.ProposeRequest(session_id=run.id, delta_start=run.d_synced,
                                     delta=run.committed[run.d_synced:],
                                     last_path=run.last_path if run.d_synced else [],
-                                    root_index=len(run.committed) - 1, spec=run.spec_pb, sampling=run.sampling_pb,
-                                    max_depth=depth)
+                                    root_index=len(run.committed) - 1, spec=self.spec_pb(budget),
+                                    sampling=run.sampling_pb, max_depth=depth)
+            if run.features:
+                merged = self.merge_features(run.features)
+                if merged is not None:
+                    req.features.CopyFrom(merged)
+                    n = len(merged.bf16)
+                    run.feature_bytes += n
+                    self.metrics.inc("feature_bytes", n)
             t0 = time.perf_counter()
+            target = run.target
+            if target is not None:
+                target.proposing += 1
             try:
                 resp = await ep.stub.Propose(req, timeout=run.rpc_timeout(), metadata=self.worker_secret.metadata())
             except grpc.aio.AioRpcError as exc:
@@ -485,25 +681,34 @@ class RouterCore:
                     raise ServingError(f"draft replica refused a round: {exc.details()}") from None
                 self.mark_dead(ep, exc)
                 run.stats.failovers += 1
-                run.draft, run.d_synced = None, 0
+                run.assign("draft", None)
+                run.d_synced = 0
                 continue
+            finally:
+                if target is not None:
+                    target.proposing -= 1
             if resp.status == rpc.RESYNC:
                 run.d_synced = 0
                 run.stats.resyncs += 1
                 self.metrics.inc("resyncs", kind="draft")
                 continue
+            seconds = time.perf_counter() - t0
             m = self.metrics
-            m.draft_s.labels(model_name=m.model_name).observe(time.perf_counter() - t0)
+            m.draft_s.labels(model_name=m.model_name).observe(seconds)
+            if target is not None:
+                target.policy.observe_propose(budget, seconds)
             # a fresh session on this replica was fed the whole sequence before the root: its prefill
             prefill = len(run.committed) - 1 if req.delta_start == 0 else 0
             run.stats.draft_forwards += resp.draft_forwards
             run.stats.draft_prefill_tokens += prefill
             run.stats.draft_tokens += max(resp.draft_tokens - prefill, 0)
+            run.stats.draft_features_missing += resp.features_missing
+            run.features.clear()
             run.d_synced = len(run.committed)
             return resp
         return None
 
-    async def verify(self, run: Run, graph: "pb.TokenGraph") -> "pb.VerifyResult":
+    async def verify(self, run: Run, graph: "pb.TokenGraph", budget: int | None = None) -> "pb.VerifyResult":
         last: Exception | None = None
         for attempt in self._attempts(run):
             ep = run.target if (run.target is not None and run.target.alive) else await self.pick("target", run.key)
@@ -511,10 +716,11 @@ class RouterCore:
                 await self._backoff(attempt)
                 continue
             if ep is not run.target:
-                run.target, run.t_synced = ep, 0
+                run.assign("target", ep)
+                run.t_synced = 0
             item = pb.VerifyItem(session_id=run.id, delta_start=run.t_synced, delta=run.committed[run.t_synced:],
-                                 graph=graph, root_index=len(run.committed) - 1, budget=self.config.spec.budget,
-                                 sampling=run.sampling_pb)
+                                 graph=graph, root_index=len(run.committed) - 1,
+                                 budget=budget or self.config.spec.budget, sampling=run.sampling_pb)
             try:
                 res = await ep.batcher.submit(item, run.deadline)
             except grpc.aio.AioRpcError as exc:
@@ -524,23 +730,28 @@ class RouterCore:
                 last = exc
                 self.mark_dead(ep, exc)
                 run.stats.failovers += 1
-                run.target, run.t_synced = None, 0
+                run.assign("target", None)
+                run.t_synced = 0
                 await self._backoff(attempt)
                 continue
             if res is None:
                 raise ServingError("target replica returned no result for the session")
+            if res.status == rpc.ERROR:     # this item alone was refused; the batch's others went on
+                raise ServingError(f"target replica refused a round: {res.error}")
             if res.status == rpc.RESYNC:
                 run.t_synced = 0
                 run.stats.resyncs += 1
                 self.metrics.inc("resyncs", kind="target")
                 continue
             run.t_synced = len(run.committed)
+            self._take_features(run, res)
             return res
         raise Unavailable(f"no target replica could verify the round ({last})")
+
+    def policy_snapshot(self) -> dict:
+        return {e.replica_id: e.policy.snapshot() for e in self.endpoints.values() if e.policy is not None}
 
     async def close(self) -> None:
         for ep in self.endpoints.values():
             await ep.channel.close()
         self.endpoints.clear()
-
-

@@ -40,6 +40,7 @@ from .errors import TooLarge  # noqa: E402
 
 OK = pb.SESSION_STATUS_OK
 RESYNC = pb.SESSION_STATUS_RESYNC
+ERROR = pb.SESSION_STATUS_ERROR
 
 
 class RejectedRequest:
@@ -236,6 +237,32 @@ def spec_from_proto(msg: "pb.SpecConfig", default=None):
                       sibling_threshold=msg.sibling_threshold, confidence_threshold=msg.confidence_threshold,
                       max_depth=msg.max_depth or base.max_depth, max_width=msg.max_width or base.max_width,
                       budget=msg.budget or base.budget, lookup=msg.lookup)
+
+
+MAX_FEATURE_BYTES = 64 * 1024 * 1024             # features in one message (a long prompt of a wide target)
+
+
+def features_to_proto(feats, start: int) -> "pb.Features":
+    """The target's features [rows, width] of positions start.. as bf16 bytes (half of fp32 on the wire; the
+    draft only reads them, so their rounding can change a draft, never an output)."""
+    import torch
+
+    f = feats.detach().to(torch.bfloat16).contiguous()
+    return pb.Features(start=start, rows=f.shape[0], width=f.shape[1] if f.dim() == 2 else 0,
+                       bf16=f.view(torch.int16).numpy().tobytes())
+
+
+def features_from_proto(msg: "pb.Features"):
+    """(start, tensor [rows, width] float32) of a Features message, or None when it carries none; a message whose
+    byte count does not match its shape is refused (GraphError's sibling: a ValueError, INVALID_ARGUMENT)."""
+    import torch
+
+    if msg is None or not msg.rows:
+        return None
+    if msg.width < 1 or len(msg.bf16) != 2 * msg.rows * msg.width:
+        raise ValueError(f"features: {len(msg.bf16)} bytes do not hold {msg.rows} x {msg.width} bf16 values")
+    t = torch.frombuffer(bytearray(msg.bf16), dtype=torch.int16).view(torch.bfloat16)
+    return int(msg.start), t.view(msg.rows, msg.width).float()
 
 
 def stats_to_proto(stats) -> "pb.GenerateStats":

@@ -1,6 +1,10 @@
 """The target worker: per-session target state behind the gsd.v1.Target service (Prefill, Verify).
 
-A Verify call carries the graphs of several sessions and verifies them in one fused target forward.
+A Verify call carries the graphs of several sessions and verifies them in one fused target forward. Each
+item succeeds or fails on its own: an item the worker refuses (or whose forward fails) gets
+SESSION_STATUS_ERROR with its reason, and the batch's other items are verified as if it had not been there.
+With `feature_layers` in the request (a feature-conditioned draft is in use) Prefill and Verify also return
+the target's hidden states after those layers (bf16), for the router to hand to the draft.
 Plain Python (no Ray): `services/target` wraps it in a Ray Serve deployment and `grpc_server` serves it.
 Model work is serialised by one lock per worker.
 """
@@ -12,17 +16,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from ..core.graph import flatten_to_tree
 from ..core.verification import TargetSession, verify_batch
 from ..models.runner import ModelRunner, make_runner
 from . import rpc
-from .errors import BadRequest, TooLarge
+from .errors import BadRequest, ServingError, TooLarge
 from .procinfo import rss_bytes
 from .prefix_cache import KVLayout, PrefixCache, export_kv, import_kv, model_fingerprint
-from .sessions import (SessionTable, check_tokens, chooser_from_proto, committed_tokens, common_prefix,
-                       replica_identity, still_wanted)
+from .sessions import (LoadMeter, SessionTable, cache_bytes, check_tokens, chooser_from_proto, committed_tokens,
+                       common_prefix, default_session_bytes, replica_identity, still_wanted)
 
 log = logging.getLogger(__name__)
 pb = rpc.pb
@@ -43,7 +48,7 @@ class TargetWorker:
     def __init__(self, target_model=None, *, runner=None, name: str = "target", max_sessions: int = 64,
                  ttl_s: float = 300.0, prefix_cache: PrefixCache | None = None, redis_url: str | None = None,
                  block_size: int = 32, replica_id: str | None = None, max_seq_len: int | None = None,
-                 device: str | None = None):
+                 device: str | None = None, max_session_bytes: int | None = None):
         if runner is None:
             runner = make_runner(target_model, None, device)
         self.runner = runner
@@ -53,8 +58,11 @@ class TargetWorker:
         self.max_seq_len = max_seq_len or int(getattr(config, "max_position_embeddings", 8192))
         self.name = name
         self.expired_calls = 0      # calls skipped because their caller had given up
-        self.sessions = SessionTable(max_sessions, ttl_s)
+        self.sessions = SessionTable(max_sessions, ttl_s, max_bytes=max_session_bytes or default_session_bytes(),
+                                     size_of=lambda e: cache_bytes(e.session.cache))
+        self.load = LoadMeter()
         self.lock = threading.Lock()
+        self._warned_features = False
         self.replica_id = replica_id or replica_identity()
         if target_model is None or not isinstance(runner, ModelRunner):
             prefix_cache = PrefixCache(None, "none")        # K/V lives on the ranks: not exportable here
@@ -75,7 +83,9 @@ class TargetWorker:
 
     # state rebuilding --------------------------------------------------------
     def _build(self, entry: _TargetEntry, tokens: list[int], need_logits: bool):
-        """Make the (empty) cache hold `tokens`; restore what the prefix cache has. Returns (logits, cached)."""
+        """Make the (empty) cache hold `tokens`; restore what the prefix cache has. Returns (logits, cached).
+        With the session's feature layers, `entry.session.last_features` holds the features of the tokens
+        computed here (positions cached.. len(tokens)-1)."""
         ts = entry.session
         cached = 0
         limit = len(tokens) - 1 if need_logits else len(tokens)
@@ -89,8 +99,13 @@ class TargetWorker:
                 cached = 0
         rest = torch.tensor(tokens[cached:], dtype=torch.long)
         logits = None
+        ts.last_features = None
         if len(rest):
-            logits = self.runner.forward(ts.cache, rest, last_only=True)
+            if ts.feature_layers:
+                logits, ts.last_features = self.runner.forward_features(ts.cache, rest, layers=ts.feature_layers,
+                                                                        last_only=True)
+            else:
+                logits = self.runner.forward(ts.cache, rest, last_only=True)
             ts.forwards += 1
         entry.cache_tokens = list(tokens)
         self.prefix_cache.store(tokens, lambda s, e: export_kv(ts.cache, s, e),
@@ -114,6 +129,22 @@ class TargetWorker:
         return cached
 
     # RPCs --------------------------------------------------------------------
+    def _feature_layers(self, layers) -> tuple[int, ...]:
+        layers = tuple(int(i) for i in layers)
+        if not layers:
+            return ()
+        if self.n_layers and any(not 0 <= i < self.n_layers for i in layers):
+            raise BadRequest(f"feature layers must be in [0, {self.n_layers}), got {list(layers)}")
+        if len(set(layers)) != len(layers) or len(layers) > 16:
+            raise BadRequest(f"feature layers must be distinct, at most 16, got {list(layers)}")
+        if type(self.runner) is not ModelRunner or getattr(self.runner, "_lean", None) is None:
+            # a tensor-parallel, device or non-Llama runner: no features; the draft feeds zeros (still exact)
+            if not self._warned_features:
+                log.warning("this target runner cannot hand out features; feature drafts get zeros")
+                self._warned_features = True
+            return ()
+        return layers
+
     def prefill(self, req: "pb.PrefillRequest", expired=None) -> "pb.PrefillResponse":
         t0 = time.perf_counter()
         if not req.session_id:
@@ -124,20 +155,30 @@ class TargetWorker:
             raise BadRequest(f"the prompt has {len(req.tokens)} tokens; the model takes fewer than {self.max_seq_len}")
         check_tokens(req.tokens, self.vocab_size, "tokens")
         chooser = chooser_from_proto(req.sampling, self.vocab_size)
+        layers = self._feature_layers(req.feature_layers)
         tokens = list(req.tokens)
-        with self.lock, torch.inference_mode():
+        with self.load.turn(self.lock), torch.inference_mode():
             still_wanted(expired)
+            t1 = time.monotonic()
             self.sessions.pop(req.session_id)
             entry = _TargetEntry(self._new_session(), tokens)
+            entry.session.feature_layers = layers
             logits, cached = self._build(entry, tokens, need_logits=True)
             first = int(chooser.choose(logits, torch.tensor([len(tokens)]))[0])
             entry.committed = tokens + [first]
+            feats, entry.session.last_features = entry.session.last_features, None
             self.sessions.put(req.session_id, entry)
-        return pb.PrefillResponse(first_token=first, cached_tokens=cached, seconds=time.perf_counter() - t0,
+            self.load.record(t1, time.monotonic(), [req.session_id])
+        resp = pb.PrefillResponse(first_token=first, cached_tokens=cached, seconds=time.perf_counter() - t0,
                                   replica_id=self.replica_id)
+        if feats is not None:
+            resp.features.CopyFrom(rpc.features_to_proto(feats, cached))
+        return resp
 
-    def _prepare_item(self, item: "pb.VerifyItem"):
-        """Validate one item and bring its session up to date: a RESYNC result, or the job to verify."""
+    def _prepare_item(self, item: "pb.VerifyItem", layers: tuple[int, ...]):
+        """Validate one item and bring its session up to date: a RESYNC result, or the job to verify.
+        Raises ServingError (or ValueError) for an item that must be refused; nothing was changed then, except
+        that a session whose rebuild failed is dropped (its next round resyncs)."""
         sid = item.session_id
         if not sid:
             raise BadRequest("session_id is empty")
@@ -168,8 +209,44 @@ class TargetWorker:
             raise BadRequest(f"session {sid}: the sequence would exceed {self.max_seq_len} tokens")
         if entry is None:
             entry = _TargetEntry(self._new_session(), new)
-        cached = self._sync(entry, new)
+        entry.session.feature_layers = layers
+        try:
+            cached = self._sync(entry, new)
+        except Exception:
+            self.sessions.pop(sid)
+            raise
         return sid, entry, graph, tree, root_index, chooser, cached
+
+    @staticmethod
+    def _refused(sid: str, exc: Exception) -> "pb.VerifyResult":
+        """The result of an item refused alone (its request fails; the batch's others go on)."""
+        if isinstance(exc, ServingError):
+            code = exc.grpc_code
+        elif isinstance(exc, ValueError):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            log.exception("verify item %s failed", sid)
+            code = grpc.StatusCode.INTERNAL
+        return pb.VerifyResult(session_id=sid, status=rpc.ERROR, error=f"{exc}"[:1000] or type(exc).__name__,
+                               error_code=code.value[0])
+
+    def _verify_jobs(self, jobs: list) -> list:
+        """Verdicts of the jobs: one fused forward; if that fails, each job alone (so one bad item fails only
+        itself). A job's entry is an exception where it failed."""
+        try:
+            return verify_batch([(e.session, tree, root, chooser) for _, e, _, tree, root, chooser, _ in jobs])
+        except Exception:  # noqa: BLE001 (isolate the culprit below)
+            if len(jobs) == 1:
+                raise
+        out = []
+        for job in jobs:
+            _, entry, _, tree, root, chooser, _ = job
+            entry.session.cache.truncate(root)       # the failed forward may have appended to any cache
+            try:
+                out.append(verify_batch([(entry.session, tree, root, chooser)])[0])
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
 
     def verify(self, req: "pb.VerifyRequest", expired=None) -> "pb.VerifyResponse":
         """One call verifies the graphs of several sessions: one fused target forward over all their trees
@@ -181,21 +258,41 @@ class TargetWorker:
             raise TooLarge(f"{len(req.items)} items in one Verify; at most {rpc.MAX_VERIFY_ITEMS} are accepted")
         if len({i.session_id for i in req.items}) != len(req.items):
             raise BadRequest("a session appears twice in one Verify")
-        with self.lock, torch.inference_mode():
+        layers = self._feature_layers(req.feature_layers)
+        with self.load.turn(self.lock), torch.inference_mode():
             still_wanted(expired)
-            prepared = [self._prepare_item(item) for item in req.items]
+            t1 = time.monotonic()
+            prepared = []
+            for item in req.items:
+                try:
+                    prepared.append(self._prepare_item(item, layers))
+                except Exception as exc:  # noqa: BLE001 (this item alone is refused)
+                    prepared.append(self._refused(item.session_id, exc))
             jobs = [p for p in prepared if not isinstance(p, pb.VerifyResult)]
-            verdicts = verify_batch([(entry.session, tree, root, chooser)
-                                     for _, entry, _, tree, root, chooser, _ in jobs])
+            tf = time.perf_counter()
+            verdicts = self._verify_jobs(jobs) if jobs else []
+            forward_s = time.perf_counter() - tf
             done = {}
-            for (sid, entry, graph, _, root, _, cached), verdict in zip(jobs, verdicts):
+            for (sid, entry, graph, tree, root, _, cached), verdict in zip(jobs, verdicts):
+                if isinstance(verdict, Exception):
+                    self.sessions.pop(sid)
+                    done[sid] = self._refused(sid, verdict)
+                    continue
                 entry.cache_tokens = entry.cache_tokens[:root] + [graph.tokens[v] for v in verdict.graph_path]
                 self.sessions.put(sid, entry)
-                done[sid] = pb.VerifyResult(session_id=sid, status=rpc.OK, graph_path=verdict.graph_path,
-                                            emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
-                                            cached_tokens=cached)
+                res = pb.VerifyResult(session_id=sid, status=rpc.OK, graph_path=verdict.graph_path,
+                                      emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
+                                      cached_tokens=cached, tree_path=verdict.tree_path)
+                if verdict.features is not None:
+                    res.features.CopyFrom(rpc.features_to_proto(verdict.features, root))
+                done[sid] = res
             results = [p if isinstance(p, pb.VerifyResult) else done[p[0]] for p in prepared]
-        return pb.VerifyResponse(results=results, seconds=time.perf_counter() - t0, replica_id=self.replica_id)
+            self.load.record(t1, time.monotonic(), [j[0] for j in jobs])
+        return pb.VerifyResponse(results=results, seconds=time.perf_counter() - t0, replica_id=self.replica_id,
+                                 forward_seconds=forward_s, rows=sum(len(j[3]) for j in jobs), sessions=len(jobs))
+
+    def load_snapshot(self) -> dict:
+        return self.load.snapshot()
 
     def release(self, ids) -> int:
         with self.lock:
@@ -209,4 +306,6 @@ class TargetWorker:
                                    session_ids=self.sessions.ids(), max_sessions=self.sessions.max_sessions,
                                    pid=os.getpid(), rss_bytes=rss_bytes(),
                                    prefix_cache_hits=st.hits, prefix_cache_queries=st.queries,
-                                   prefix_tokens_saved=st.tokens_saved)
+                                   prefix_tokens_saved=st.tokens_saved, torch_threads=torch.get_num_threads(),
+                                   session_bytes=self.sessions.bytes, max_session_bytes=self.sessions.max_bytes,
+                                   load=self.load.to_proto())

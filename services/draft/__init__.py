@@ -3,21 +3,22 @@ from __future__ import annotations
 
 from ray import serve
 
-from ..common import GrpcReplica, env_setup, load_models
+from ..common import GrpcReplica, env_setup, load_models, session_bytes
 
 
 class DraftReplica(GrpcReplica):
     kind = "draft"
 
     def __init__(self, args: dict | None = None):
-        env_setup()
+        args = dict(args or {})
+        self.threads = env_setup(args, "draft")   # before torch is imported (OpenMP reads its settings once)
         from ...serving.draft_worker import DraftWorker
 
-        args = dict(args or {})
         model, ids = load_models(args, "draft")
         self._serve(DraftWorker(model, ids, name=str(args.get("draft", "default")),
                                 max_sessions=int(args.get("max_sessions", 64)),
-                                ttl_s=float(args.get("session_ttl_s", 300)), device=args.get("draft_device")),
+                                ttl_s=float(args.get("session_ttl_s", 300)), device=args.get("draft_device"),
+                                max_session_bytes=session_bytes(args), max_batch=int(args.get("draft_max_batch", 64))),
                     args, "draft_grpc_port")
 
 

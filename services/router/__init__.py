@@ -14,6 +14,22 @@ from ray import serve
 from ..common import app_name, env_setup, get_registry
 
 
+def draft_feature_layers(draft) -> list[int]:
+    """The target layers a feature-conditioned draft reads (its config.json), [] for any other draft."""
+    if not draft or draft == "default":
+        return []
+    from pathlib import Path
+
+    from ...models.feature_draft import is_feature_draft
+
+    path = Path(str(draft)).expanduser()
+    if not is_feature_draft(path):
+        return []
+    import json
+
+    return [int(i) for i in json.loads((path / "config.json").read_text()).get("feature_layers", [])]
+
+
 class RouterReplica:
     def __init__(self, args: dict | None = None, draft=None, target=None):
         env_setup()
@@ -29,6 +45,9 @@ class RouterReplica:
             conf["spec"] = args["spec"]
         if "model_name" in args:
             conf.setdefault("model_name", args["model_name"])
+        layers = draft_feature_layers(args.get("draft"))
+        if layers:   # a feature-conditioned draft: the router asks the target for these layers' features
+            conf.setdefault("feature_layers", layers)
         self.config = RouterConfig.from_dict(conf)
         self.registry = get_registry(app_name())
         registry = self.registry
@@ -58,8 +77,9 @@ class RouterReplica:
         return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "inflight": core.inflight,
                 "endpoints": len(core.endpoints),
                 "verify_queued": sum(len(e.batcher.queue) for e in core.endpoints.values() if e.batcher),
-                # one int per Verify call (a known growth, issue 13): reported by the soak, not counted
-                "batch_sizes": len(getattr(core, "batch_sizes", ()))}
+                # the latest Verify batch sizes (bounded: it used to grow by one per call)
+                "batch_sizes": len(core.batch_sizes), "runs": len(core.runs),
+                "load_policy": core.policy_snapshot()}
 
     # gsd.v1.Router over Serve's gRPC proxy: methods named exactly like the RPCs
     def _refuse(self, request, grpc_context):

@@ -10,21 +10,20 @@ import os
 
 from ray import serve
 
-from ..common import GrpcReplica, env_setup, load_models
+from ..common import GrpcReplica, env_setup, load_models, session_bytes
 
 
 class TargetReplica(GrpcReplica):
     kind = "target"
 
     def __init__(self, args: dict | None = None):
-        env_setup()
+        args = dict(args or {})
+        self.threads = env_setup(args, "target")   # before torch is imported (OpenMP reads its settings once)
         from ...serving.prefix_cache import PrefixCache, model_fingerprint
         from ...serving.target_worker import TargetWorker
-
-        args = dict(args or {})
         name = str(args.get("target", "smollm2-135m-instruct"))
         common = dict(name=name, max_sessions=int(args.get("max_sessions", 64)),
-                      ttl_s=float(args.get("session_ttl_s", 300)))
+                      ttl_s=float(args.get("session_ttl_s", 300)), max_session_bytes=session_bytes(args))
         tp = int(args.get("tensor_parallel_size", 1))
         gpus_per_rank = float(args.get("gpus_per_rank", 0))
         if tp > 1 or gpus_per_rank > 0:

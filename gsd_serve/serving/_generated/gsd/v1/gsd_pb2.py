@@ -24,59 +24,63 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-gsd_serve/serving/_generated/gsd/v1/gsd.proto\x12\x06gsd.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xbd\x01\n\nSpecConfig\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x15\n\rmerge_context\x18\x03 \x01(\x05\x12\x19\n\x11sibling_threshold\x18\x04 \x01(\x02\x12\x1c\n\x14\x63onfidence_threshold\x18\x05 \x01(\x02\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\x12\x11\n\tmax_width\x18\x07 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x08 \x01(\x05\x12\x0e\n\x06lookup\x18\t \x01(\x05\"\xa0\x01\n\nTokenGraph\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06\x64\x65pths\x18\x03 \x03(\x05\x12\x10\n\x08\x65\x64ge_src\x18\x04 \x03(\x05\x12\x10\n\x08\x65\x64ge_dst\x18\x05 \x03(\x05\x12\x11\n\tedge_prob\x18\x06 \x03(\x01\x12\x13\n\x0bmerge_edges\x18\x07 \x01(\x05\x12\x15\n\rmerge_context\x18\x08 \x01(\x05\"\xce\x01\n\x0eProposeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65lta_start\x18\x02 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x03 \x03(\x05\x12\x11\n\tlast_path\x18\x04 \x03(\x05\x12\x12\n\nroot_index\x18\x05 \x01(\r\x12 \n\x04spec\x18\x06 \x01(\x0b\x32\x12.gsd.v1.SpecConfig\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\x12\x11\n\tmax_depth\x18\x08 \x01(\x05\"\xae\x01\n\x0fProposeResponse\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.gsd.v1.SessionStatus\x12!\n\x05graph\x18\x02 \x01(\x0b\x32\x12.gsd.v1.TokenGraph\x12\x16\n\x0e\x64raft_forwards\x18\x03 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x02\x12\x12\n\nreplica_id\x18\x06 \x01(\t\"%\n\x0eReleaseRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"\xe0\x01\n\x0cInfoResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bsession_ids\x18\x04 \x03(\t\x12\x14\n\x0cmax_sessions\x18\x05 \x01(\r\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x1b\n\x13prefix_tokens_saved\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\r\x12\x11\n\trss_bytes\x18\n \x01(\x04\"^\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\"b\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x0f\n\x07seconds\x18\x03 \x01(\x02\x12\x12\n\nreplica_id\x18\x04 \x01(\t\"\xb5\x01\n\nVerifyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65lta_start\x18\x02 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x03 \x03(\x05\x12!\n\x05graph\x18\x04 \x01(\x0b\x32\x12.gsd.v1.TokenGraph\x12\x12\n\nroot_index\x18\x05 \x01(\r\x12\x0e\n\x06\x62udget\x18\x06 \x01(\x05\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\"2\n\rVerifyRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.gsd.v1.VerifyItem\"\x9e\x01\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.gsd.v1.SessionStatus\x12\x12\n\ngraph_path\x18\x03 \x03(\x05\x12\x0f\n\x07\x65mitted\x18\x04 \x03(\x05\x12\x17\n\x0fverified_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\"\\\n\x0eVerifyResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.gsd.v1.VerifyResult\x12\x0f\n\x07seconds\x18\x02 \x01(\x02\x12\x12\n\nreplica_id\x18\x03 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcf\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.gsd.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12(\n\x08sampling\x18\x06 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\x12\x0b\n\x03raw\x18\x07 \x01(\x08\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\"\xc0\x01\n\rGenerateStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x17\n\x0fverified_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\r\x12\x17\n\x0fmean_accept_len\x18\x05 \x01(\x02\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\x12\x0f\n\x07resyncs\x18\x07 \x01(\r\x12\x0f\n\x07seconds\x18\x08 \x01(\x02\"\xae\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12$\n\x05stats\x18\x07 \x01(\x0b\x32\x15.gsd.v1.GenerateStats\"\xab\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05stats\x18\x05 \x01(\x0b\x32\x15.gsd.v1.GenerateStats\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r*a\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11SESSION_STATUS_OK\x10\x01\x12\x19\n\x15SESSION_STATUS_RESYNC\x10\x02\x32\xb2\x01\n\x05\x44raft\x12:\n\x07Propose\x12\x16.gsd.v1.ProposeRequest\x1a\x17.gsd.v1.ProposeResponse\x12:\n\x07Release\x12\x16.gsd.v1.ReleaseRequest\x1a\x17.gsd.v1.ReleaseResponse\x12\x31\n\x04Info\x12\x13.gsd.v1.InfoRequest\x1a\x14.gsd.v1.InfoResponse2\xec\x01\n\x06Target\x12:\n\x07Prefill\x12\x16.gsd.v1.PrefillRequest\x1a\x17.gsd.v1.PrefillResponse\x12\x37\n\x06Verify\x12\x15.gsd.v1.VerifyRequest\x1a\x16.gsd.v1.VerifyResponse\x12:\n\x07Release\x12\x16.gsd.v1.ReleaseRequest\x1a\x17.gsd.v1.ReleaseResponse\x12\x31\n\x04Info\x12\x13.gsd.v1.InfoRequest\x1a\x14.gsd.v1.InfoResponse2\x8b\x01\n\x06Router\x12=\n\x08Generate\x12\x17.gsd.v1.GenerateRequest\x1a\x18.gsd.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.gsd.v1.GenerateRequest\x1a\x15.gsd.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-gsd_serve/serving/_generated/gsd/v1/gsd.proto\x12\x06gsd.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xbd\x01\n\nSpecConfig\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x15\n\rmerge_context\x18\x03 \x01(\x05\x12\x19\n\x11sibling_threshold\x18\x04 \x01(\x02\x12\x1c\n\x14\x63onfidence_threshold\x18\x05 \x01(\x02\x12\x11\n\tmax_depth\x18\x06 \x01(\x05\x12\x11\n\tmax_width\x18\x07 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x08 \x01(\x05\x12\x0e\n\x06lookup\x18\t \x01(\x05\"\xa0\x01\n\nTokenGraph\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06\x64\x65pths\x18\x03 \x03(\x05\x12\x10\n\x08\x65\x64ge_src\x18\x04 \x03(\x05\x12\x10\n\x08\x65\x64ge_dst\x18\x05 \x03(\x05\x12\x11\n\tedge_prob\x18\x06 \x03(\x01\x12\x13\n\x0bmerge_edges\x18\x07 \x01(\x05\x12\x15\n\rmerge_context\x18\x08 \x01(\x05\"D\n\x08\x46\x65\x61tures\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0c\n\x04\x62\x66\x31\x36\x18\x04 \x01(\x0c\"\xf2\x01\n\x0eProposeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65lta_start\x18\x02 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x03 \x03(\x05\x12\x11\n\tlast_path\x18\x04 \x03(\x05\x12\x12\n\nroot_index\x18\x05 \x01(\r\x12 \n\x04spec\x18\x06 \x01(\x0b\x32\x12.gsd.v1.SpecConfig\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\x12\x11\n\tmax_depth\x18\x08 \x01(\x05\x12\"\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x10.gsd.v1.Features\"\xc8\x01\n\x0fProposeResponse\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.gsd.v1.SessionStatus\x12!\n\x05graph\x18\x02 \x01(\x0b\x32\x12.gsd.v1.TokenGraph\x12\x16\n\x0e\x64raft_forwards\x18\x03 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x02\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\x18\n\x10\x66\x65\x61tures_missing\x18\x07 \x01(\r\"%\n\x0eReleaseRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"\xe4\x02\n\x0cInfoResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0bsession_ids\x18\x04 \x03(\t\x12\x14\n\x0cmax_sessions\x18\x05 \x01(\r\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x1b\n\x13prefix_tokens_saved\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\r\x12\x11\n\trss_bytes\x18\n \x01(\x04\x12\x15\n\rtorch_threads\x18\x0b \x01(\r\x12\x15\n\rsession_bytes\x18\x0c \x01(\x04\x12\x19\n\x11max_session_bytes\x18\r \x01(\x04\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x0e \x03(\x05\x12!\n\x04load\x18\x0f \x01(\x0b\x32\x13.gsd.v1.ReplicaLoad\"X\n\x0bReplicaLoad\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x02\x12\x12\n\nbatch_fill\x18\x04 \x01(\x02\"v\n\x0ePrefillRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x04 \x03(\x05\"\x86\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x0f\n\x07seconds\x18\x03 \x01(\x02\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\"\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x10.gsd.v1.Features\"\xb5\x01\n\nVerifyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65lta_start\x18\x02 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x03 \x03(\x05\x12!\n\x05graph\x18\x04 \x01(\x0b\x32\x12.gsd.v1.TokenGraph\x12\x12\n\nroot_index\x18\x05 \x01(\r\x12\x0e\n\x06\x62udget\x18\x06 \x01(\x05\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\"J\n\rVerifyRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.gsd.v1.VerifyItem\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x02 \x03(\x05\"\xf8\x01\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.gsd.v1.SessionStatus\x12\x12\n\ngraph_path\x18\x03 \x03(\x05\x12\x0f\n\x07\x65mitted\x18\x04 \x03(\x05\x12\x17\n\x0fverified_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x11\n\ttree_path\x18\x07 \x03(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\"\n\x08\x66\x65\x61tures\x18\n \x01(\x0b\x32\x10.gsd.v1.Features\"\x95\x01\n\x0eVerifyResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.gsd.v1.VerifyResult\x12\x0f\n\x07seconds\x18\x02 \x01(\x02\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x17\n\x0f\x66orward_seconds\x18\x04 \x01(\x02\x12\x0c\n\x04rows\x18\x05 \x01(\r\x12\x10\n\x08sessions\x18\x06 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcf\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.gsd.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12(\n\x08sampling\x18\x06 \x01(\x0b\x32\x16.gsd.v1.SamplingParams\x12\x0b\n\x03raw\x18\x07 \x01(\x08\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\"\xc0\x01\n\rGenerateStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x17\n\x0fverified_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\r\x12\x17\n\x0fmean_accept_len\x18\x05 \x01(\x02\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\x12\x0f\n\x07resyncs\x18\x07 \x01(\r\x12\x0f\n\x07seconds\x18\x08 \x01(\x02\"\xae\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12$\n\x05stats\x18\x07 \x01(\x0b\x32\x15.gsd.v1.GenerateStats\"\xab\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12$\n\x05stats\x18\x05 \x01(\x0b\x32\x15.gsd.v1.GenerateStats\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r*{\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11SESSION_STATUS_OK\x10\x01\x12\x19\n\x15SESSION_STATUS_RESYNC\x10\x02\x12\x18\n\x14SESSION_STATUS_ERROR\x10\x03\x32\xb2\x01\n\x05\x44raft\x12:\n\x07Propose\x12\x16.gsd.v1.ProposeRequest\x1a\x17.gsd.v1.ProposeResponse\x12:\n\x07Release\x12\x16.gsd.v1.ReleaseRequest\x1a\x17.gsd.v1.ReleaseResponse\x12\x31\n\x04Info\x12\x13.gsd.v1.InfoRequest\x1a\x14.gsd.v1.InfoResponse2\xec\x01\n\x06Target\x12:\n\x07Prefill\x12\x16.gsd.v1.PrefillRequest\x1a\x17.gsd.v1.PrefillResponse\x12\x37\n\x06Verify\x12\x15.gsd.v1.VerifyRequest\x1a\x16.gsd.v1.VerifyResponse\x12:\n\x07Release\x12\x16.gsd.v1.ReleaseRequest\x1a\x17.gsd.v1.ReleaseResponse\x12\x31\n\x04Info\x12\x13.gsd.v1.InfoRequest\x1a\x14.gsd.v1.InfoResponse2\x8b\x01\n\x06Router\x12=\n\x08Generate\x12\x17.gsd.v1.GenerateRequest\x1a\x18.gsd.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.gsd.v1.GenerateRequest\x1a\x15.gsd.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gsd_serve.serving._generated.gsd.v1.gsd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATUS']._serialized_start=2702
-  _globals['_SESSIONSTATUS']._serialized_end=2799
+  _globals['_SESSIONSTATUS']._serialized_start=3289
+  _globals['_SESSIONSTATUS']._serialized_end=3412
   _globals['_SAMPLINGPARAMS']._serialized_start=57
   _globals['_SAMPLINGPARAMS']._serialized_end=152
   _globals['_SPECCONFIG']._serialized_start=155
   _globals['_SPECCONFIG']._serialized_end=344
   _globals['_TOKENGRAPH']._serialized_start=347
   _globals['_TOKENGRAPH']._serialized_end=507
-  _globals['_PROPOSEREQUEST']._serialized_start=510
-  _globals['_PROPOSEREQUEST']._serialized_end=716
-  _globals['_PROPOSERESPONSE']._serialized_start=719
-  _globals['_PROPOSERESPONSE']._serialized_end=893
-  _globals['_RELEASEREQUEST']._serialized_start=895
-  _globals['_RELEASEREQUEST']._serialized_end=932
-  _globals['_RELEASERESPONSE']._serialized_start=934
-  _globals['_RELEASERESPONSE']._serialized_end=969
-  _globals['_INFOREQUEST']._serialized_start=971
-  _globals['_INFOREQUEST']._serialized_end=984
-  _globals['_INFORESPONSE']._serialized_start=987
-  _globals['_INFORESPONSE']._serialized_end=1211
-  _globals['_PREFILLREQUEST']._serialized_start=1213
-  _globals['_PREFILLREQUEST']._serialized_end=1307
-  _globals['_PREFILLRESPONSE']._serialized_start=1309
-  _globals['_PREFILLRESPONSE']._serialized_end=1407
-  _globals['_VERIFYITEM']._serialized_start=1410
-  _globals['_VERIFYITEM']._serialized_end=1591
-  _globals['_VERIFYREQUEST']._serialized_start=1593
-  _globals['_VERIFYREQUEST']._serialized_end=1643
-  _globals['_VERIFYRESULT']._serialized_start=1646
-  _globals['_VERIFYRESULT']._serialized_end=1804
-  _globals['_VERIFYRESPONSE']._serialized_start=1806
-  _globals['_VERIFYRESPONSE']._serialized_end=1898
-  _globals['_CHATMESSAGE']._serialized_start=1900
-  _globals['_CHATMESSAGE']._serialized_end=1944
-  _globals['_GENERATEREQUEST']._serialized_start=1947
-  _globals['_GENERATEREQUEST']._serialized_end=2154
-  _globals['_GENERATESTATS']._serialized_start=2157
-  _globals['_GENERATESTATS']._serialized_end=2349
-  _globals['_GENERATERESPONSE']._serialized_start=2352
-  _globals['_GENERATERESPONSE']._serialized_end=2526
-  _globals['_GENERATECHUNK']._serialized_start=2529
-  _globals['_GENERATECHUNK']._serialized_end=2700
-  _globals['_DRAFT']._serialized_start=2802
-  _globals['_DRAFT']._serialized_end=2980
-  _globals['_TARGET']._serialized_start=2983
-  _globals['_TARGET']._serialized_end=3219
-  _globals['_ROUTER']._serialized_start=3222
-  _globals['_ROUTER']._serialized_end=3361
+  _globals['_FEATURES']._serialized_start=509
+  _globals['_FEATURES']._serialized_end=577
+  _globals['_PROPOSEREQUEST']._serialized_start=580
+  _globals['_PROPOSEREQUEST']._serialized_end=822
+  _globals['_PROPOSERESPONSE']._serialized_start=825
+  _globals['_PROPOSERESPONSE']._serialized_end=1025
+  _globals['_RELEASEREQUEST']._serialized_start=1027
+  _globals['_RELEASEREQUEST']._serialized_end=1064
+  _globals['_RELEASERESPONSE']._serialized_start=1066
+  _globals['_RELEASERESPONSE']._serialized_end=1101
+  _globals['_INFOREQUEST']._serialized_start=1103
+  _globals['_INFOREQUEST']._serialized_end=1116
+  _globals['_INFORESPONSE']._serialized_start=1119
+  _globals['_INFORESPONSE']._serialized_end=1475
+  _globals['_REPLICALOAD']._serialized_start=1477
+  _globals['_REPLICALOAD']._serialized_end=1565
+  _globals['_PREFILLREQUEST']._serialized_start=1567
+  _globals['_PREFILLREQUEST']._serialized_end=1685
+  _globals['_PREFILLRESPONSE']._serialized_start=1688
+  _globals['_PREFILLRESPONSE']._serialized_end=1822
+  _globals['_VERIFYITEM']._serialized_start=1825
+  _globals['_VERIFYITEM']._serialized_end=2006
+  _globals['_VERIFYREQUEST']._serialized_start=2008
+  _globals['_VERIFYREQUEST']._serialized_end=2082
+  _globals['_VERIFYRESULT']._serialized_start=2085
+  _globals['_VERIFYRESULT']._serialized_end=2333
+  _globals['_VERIFYRESPONSE']._serialized_start=2336
+  _globals['_VERIFYRESPONSE']._serialized_end=2485
+  _globals['_CHATMESSAGE']._serialized_start=2487
+  _globals['_CHATMESSAGE']._serialized_end=2531
+  _globals['_GENERATEREQUEST']._serialized_start=2534
+  _globals['_GENERATEREQUEST']._serialized_end=2741
+  _globals['_GENERATESTATS']._serialized_start=2744
+  _globals['_GENERATESTATS']._serialized_end=2936
+  _globals['_GENERATERESPONSE']._serialized_start=2939
+  _globals['_GENERATERESPONSE']._serialized_end=3113
+  _globals['_GENERATECHUNK']._serialized_start=3116
+  _globals['_GENERATECHUNK']._serialized_end=3287
+  _globals['_DRAFT']._serialized_start=3415
+  _globals['_DRAFT']._serialized_end=3593
+  _globals['_TARGET']._serialized_start=3596
+  _globals['_TARGET']._serialized_end=3832
+  _globals['_ROUTER']._serialized_start=3835
+  _globals['_ROUTER']._serialized_end=3974
 # @@protoc_insertion_point(module_scope)

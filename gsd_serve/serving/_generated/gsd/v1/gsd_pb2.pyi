@@ -12,9 +12,11 @@ class SessionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATUS_UNSPECIFIED: _ClassVar[SessionStatus]
     SESSION_STATUS_OK: _ClassVar[SessionStatus]
     SESSION_STATUS_RESYNC: _ClassVar[SessionStatus]
+    SESSION_STATUS_ERROR: _ClassVar[SessionStatus]
 SESSION_STATUS_UNSPECIFIED: SessionStatus
 SESSION_STATUS_OK: SessionStatus
 SESSION_STATUS_RESYNC: SessionStatus
+SESSION_STATUS_ERROR: SessionStatus
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -70,8 +72,20 @@ class TokenGraph(_message.Message):
     merge_context: int
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., depths: _Optional[_Iterable[int]] = ..., edge_src: _Optional[_Iterable[int]] = ..., edge_dst: _Optional[_Iterable[int]] = ..., edge_prob: _Optional[_Iterable[float]] = ..., merge_edges: _Optional[int] = ..., merge_context: _Optional[int] = ...) -> None: ...
 
+class Features(_message.Message):
+    __slots__ = ("start", "rows", "width", "bf16")
+    START_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    BF16_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    rows: int
+    width: int
+    bf16: bytes
+    def __init__(self, start: _Optional[int] = ..., rows: _Optional[int] = ..., width: _Optional[int] = ..., bf16: _Optional[bytes] = ...) -> None: ...
+
 class ProposeRequest(_message.Message):
-    __slots__ = ("session_id", "delta_start", "delta", "last_path", "root_index", "spec", "sampling", "max_depth")
+    __slots__ = ("session_id", "delta_start", "delta", "last_path", "root_index", "spec", "sampling", "max_depth", "features")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DELTA_START_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +94,7 @@ class ProposeRequest(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     delta_start: int
     delta: _containers.RepeatedScalarFieldContainer[int]
@@ -88,23 +103,26 @@ class ProposeRequest(_message.Message):
     spec: SpecConfig
     sampling: SamplingParams
     max_depth: int
-    def __init__(self, session_id: _Optional[str] = ..., delta_start: _Optional[int] = ..., delta: _Optional[_Iterable[int]] = ..., last_path: _Optional[_Iterable[int]] = ..., root_index: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_depth: _Optional[int] = ...) -> None: ...
+    features: Features
+    def __init__(self, session_id: _Optional[str] = ..., delta_start: _Optional[int] = ..., delta: _Optional[_Iterable[int]] = ..., last_path: _Optional[_Iterable[int]] = ..., root_index: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_depth: _Optional[int] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("status", "graph", "draft_forwards", "draft_tokens", "seconds", "replica_id")
+    __slots__ = ("status", "graph", "draft_forwards", "draft_tokens", "seconds", "replica_id", "features_missing")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FORWARDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_MISSING_FIELD_NUMBER: _ClassVar[int]
     status: SessionStatus
     graph: TokenGraph
     draft_forwards: int
     draft_tokens: int
     seconds: float
     replica_id: str
-    def __init__(self, status: _Optional[_Union[SessionStatus, str]] = ..., graph: _Optional[_Union[TokenGraph, _Mapping]] = ..., draft_forwards: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    features_missing: int
+    def __init__(self, status: _Optional[_Union[SessionStatus, str]] = ..., graph: _Optional[_Union[TokenGraph, _Mapping]] = ..., draft_forwards: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., features_missing: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_ids",)
@@ -123,7 +141,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("replica_id", "kind", "model", "session_ids", "max_sessions", "prefix_cache_hits", "prefix_cache_queries", "prefix_tokens_saved", "pid", "rss_bytes")
+    __slots__ = ("replica_id", "kind", "model", "session_ids", "max_sessions", "prefix_cache_hits", "prefix_cache_queries", "prefix_tokens_saved", "pid", "rss_bytes", "torch_threads", "session_bytes", "max_session_bytes", "feature_layers", "load")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +152,11 @@ class InfoResponse(_message.Message):
     PREFIX_TOKENS_SAVED_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TORCH_THREADS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     kind: str
     model: str
@@ -144,29 +167,50 @@ class InfoResponse(_message.Message):
     prefix_tokens_saved: int
     pid: int
     rss_bytes: int
-    def __init__(self, replica_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., max_sessions: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_tokens_saved: _Optional[int] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    torch_threads: int
+    session_bytes: int
+    max_session_bytes: int
+    feature_layers: _containers.RepeatedScalarFieldContainer[int]
+    load: ReplicaLoad
+    def __init__(self, replica_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., max_sessions: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_tokens_saved: _Optional[int] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., torch_threads: _Optional[int] = ..., session_bytes: _Optional[int] = ..., max_session_bytes: _Optional[int] = ..., feature_layers: _Optional[_Iterable[int]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ...) -> None: ...
+
+class ReplicaLoad(_message.Message):
+    __slots__ = ("active_sessions", "queued", "busy", "batch_fill")
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FILL_FIELD_NUMBER: _ClassVar[int]
+    active_sessions: int
+    queued: int
+    busy: float
+    batch_fill: float
+    def __init__(self, active_sessions: _Optional[int] = ..., queued: _Optional[int] = ..., busy: _Optional[float] = ..., batch_fill: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("session_id", "tokens", "sampling")
+    __slots__ = ("session_id", "tokens", "sampling", "feature_layers")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    feature_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., feature_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "cached_tokens", "seconds", "replica_id")
+    __slots__ = ("first_token", "cached_tokens", "seconds", "replica_id", "features")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     cached_tokens: int
     seconds: float
     replica_id: str
-    def __init__(self, first_token: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    features: Features
+    def __init__(self, first_token: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
 
 class VerifyItem(_message.Message):
     __slots__ = ("session_id", "delta_start", "delta", "graph", "root_index", "budget", "sampling")
@@ -187,36 +231,52 @@ class VerifyItem(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., delta_start: _Optional[int] = ..., delta: _Optional[_Iterable[int]] = ..., graph: _Optional[_Union[TokenGraph, _Mapping]] = ..., root_index: _Optional[int] = ..., budget: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "feature_layers")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[VerifyItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[VerifyItem, _Mapping]]] = ...) -> None: ...
+    feature_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, items: _Optional[_Iterable[_Union[VerifyItem, _Mapping]]] = ..., feature_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("session_id", "status", "graph_path", "emitted", "verified_tokens", "cached_tokens")
+    __slots__ = ("session_id", "status", "graph_path", "emitted", "verified_tokens", "cached_tokens", "tree_path", "error", "error_code", "features")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_PATH_FIELD_NUMBER: _ClassVar[int]
     EMITTED_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TREE_PATH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: SessionStatus
     graph_path: _containers.RepeatedScalarFieldContainer[int]
     emitted: _containers.RepeatedScalarFieldContainer[int]
     verified_tokens: int
     cached_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., graph_path: _Optional[_Iterable[int]] = ..., emitted: _Optional[_Iterable[int]] = ..., verified_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    tree_path: _containers.RepeatedScalarFieldContainer[int]
+    error: str
+    error_code: int
+    features: Features
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[_Union[SessionStatus, str]] = ..., graph_path: _Optional[_Iterable[int]] = ..., emitted: _Optional[_Iterable[int]] = ..., verified_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., tree_path: _Optional[_Iterable[int]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("results", "seconds", "replica_id")
+    __slots__ = ("results", "seconds", "replica_id", "forward_seconds", "rows", "sessions")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[VerifyResult]
     seconds: float
     replica_id: str
-    def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    forward_seconds: float
+    rows: int
+    sessions: int
+    def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., forward_seconds: _Optional[float] = ..., rows: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

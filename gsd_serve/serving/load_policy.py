@@ -1,0 +1,270 @@
+"""Speculation that follows load: how big a tree each round verifies, chosen from what the target measures.
+
+One stream wants the full tree: on a CPU a 16-token tree costs about what a one-token step costs, so every
+accepted token is nearly free. Under load the target's fused forward carries every concurrent session's
+tree, and its cost grows with the rows: at saturation a tree of 12 costs 12x a step, and the ~1.2 extra
+tokens it yields no longer pay for it. vLLM's `num_speculative_tokens_per_batch_size` is a hand-written
+table for this; here the router measures both sides, per target replica, and picks the budget whose
+predicted tokens per second per sequence is highest:
+
+    rate(b) = (1 + A(b)) / ([b > 1] D(b) + O + C(n x S(b)))
+
+    A(b)   accepted draft tokens per round with a tree of b tokens. Measured from every verified tree: the tree
+           is flattened best-first, so the tree a smaller budget b' would have verified is its first b' nodes
+           and the path it would have accepted is the accepted path's prefix below index b'; one tree gives
+           A for every b' up to the budget it was drafted with.
+    S(b)   tokens in such a tree (trees stop early when the draft is unsure), measured the same way.
+    C(r)   seconds of the target's fused forward over r rows (the replica reports each call's forward time
+           and rows): a least-squares line over per-size averages, from many calls.
+    n      sessions per fused forward: the larger of the replica's measured batch size and the router's own
+           sessions on that replica.
+    D(b)   seconds of a Propose with budget b (the draft's work, batched across sessions, and its call).
+    O      the rest of a Verify call: batching, serialization, the network.
+
+b = 1 is plain decoding (no draft call at all). Speculation is chosen only when it beats plain decoding by
+`margin`. Every setting emits exactly the target's tokens (each round is verified); only the speed
+changes. The decision is re-taken each round from the moving averages, so it follows the load as it moves.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadPolicyConfig:
+    mode: str = "auto"            # auto: follow load; off: always the configured spec (the old behaviour)
+    margin: float = 0.05          # speculate only when predicted >= (1 + margin) x plain decoding
+    alpha: float = 0.1            # weight of a new sample in the moving averages
+    warmup_calls: int = 4         # Verify calls measured on a replica before its policy judges (full spec till then)
+    prior_slope: float = 1 / 64   # C(r) per extra row, as a fraction of C(1), until two sizes are measured
+    probe_every: int = 200        # rounds between probes of a setting the policy has not measured lately
+    probe_rounds: int = 8         # rounds a probe lasts (its costs need clean batches: the replica's whole load)
+
+    @classmethod
+    def from_value(cls, value) -> "LoadPolicyConfig":
+        if value is None or value == "auto" or value is True:
+            return cls()
+        if value in ("off", False):
+            return cls(mode="off")
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown load_policy field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+            cfg = cls(**value)
+            if cfg.mode not in ("auto", "off"):
+                raise ValueError(f"load_policy mode must be auto or off, got {cfg.mode!r}")
+            return cfg
+        raise ValueError(f"load_policy must be auto, off or an object, got {value!r}")
+
+
+def budget_ladder(budget: int) -> list[int]:
+    """The tree sizes the policy chooses among (besides 1, plain decoding): about x1.5 apart up to `budget`."""
+    out, b = [], 2
+    while b < budget:
+        out.append(b)
+        b = max(b + 1, int(round(b * 1.5)))
+    out.append(budget)
+    return out
+
+
+class Ema:
+    __slots__ = ("value", "n")
+
+    def __init__(self):
+        self.value: float | None = None
+        self.n = 0
+
+    def add(self, x: float, alpha: float) -> None:
+        self.value = x if self.value is None else (1 - alpha) * self.value + alpha * x
+        self.n += 1
+
+
+class CostModel:
+    """Seconds of a fused forward as a function of its rows: averages per size bucket, and a line through them."""
+
+    def __init__(self, alpha: float, prior_slope: float):
+        self.alpha = alpha
+        self.prior_slope = prior_slope
+        self.buckets: dict[int, tuple[Ema, Ema]] = {}     # bucket -> (rows, seconds)
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return 0 if rows <= 1 else int(round(4 * math.log2(rows)))   # ~19% wide
+
+    def add(self, rows: int, seconds: float) -> None:
+        r, s = self.buckets.setdefault(self.bucket(rows), (Ema(), Ema()))
+        r.add(rows, self.alpha)
+        s.add(seconds, self.alpha)
+
+    def points(self) -> list[tuple[float, float]]:
+        return sorted((r.value, s.value) for r, s in self.buckets.values())
+
+    def known(self, rows: float) -> bool:
+        return self.bucket(int(rows)) in self.buckets
+
+    def predict(self, rows: float) -> float | None:
+        pts = self.points()
+        if not pts:
+            return None
+        if len(pts) == 1 or pts[-1][0] == pts[0][0]:
+            x0, y0 = pts[0]
+            base = y0 / (1 + self.prior_slope * max(x0 - 1, 0))
+            return base * (1 + self.prior_slope * max(rows - 1, 0))
+        # least squares through the bucket averages (each bucket one point: sizes seen often do not dominate)
+        n = len(pts)
+        mx = sum(x for x, _ in pts) / n
+        my = sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        slope = max(sum((x - mx) * (y - my) for x, y in pts) / sxx, 0.0)
+        intercept = my - slope * mx
+        if intercept <= 0:       # a line through the origin would make one row free: keep the cheapest measured
+            intercept = min(y for _, y in pts) * 0.5
+        return intercept + slope * rows
+
+
+@dataclass
+class Decision:
+    budget: int                    # 1: plain decoding
+    rates: dict[int, float] = field(default_factory=dict)   # predicted tokens/s per sequence by budget
+    reason: str = ""
+
+
+class LoadPolicy:
+    """The policy of one target replica (the router keeps one per replica it uses)."""
+
+    def __init__(self, budget: int, config: LoadPolicyConfig | None = None, rng: random.Random | None = None):
+        self.config = config or LoadPolicyConfig()
+        self.full = budget
+        self.ladder = budget_ladder(budget)
+        a = self.config.alpha
+        self.cost = CostModel(a, self.config.prior_slope)
+        self.accepted = {b: Ema() for b in self.ladder}      # A(b)
+        self.tree = {b: Ema() for b in self.ladder}          # S(b)
+        self.draft = {b: Ema() for b in self.ladder}         # D(b)
+        self.overhead = Ema()                                # O
+        self.batch = Ema()                                   # sessions per fused forward
+        self.calls = 0
+        self.rounds = 0
+        self.last: Decision = Decision(budget, reason="full spec until measured")
+        self._probe_left = 0
+        self._probe_budget: int | None = None
+        self._rng = rng or random.Random(0)
+
+    # what the router reports ----------------------------------------------------------------
+    def observe_verify(self, rows: int, sessions: int, forward_s: float, call_s: float) -> None:
+        """One Verify call on this replica: its fused forward's rows, sessions and seconds, and the call's."""
+        a = self.config.alpha
+        if rows > 0 and forward_s > 0:
+            self.cost.add(rows, forward_s)
+        if sessions > 0:
+            self.batch.add(sessions, a)
+        if call_s >= forward_s >= 0:
+            self.overhead.add(call_s - forward_s, a)
+        self.calls += 1
+
+    def observe_tree(self, budget: int, tree_size: int, tree_path) -> None:
+        """A verified tree drafted with `budget`: its size and its accepted path (tree indices, root first)."""
+        a = self.config.alpha
+        path = list(tree_path)[1:]
+        for b in self.ladder:
+            if b > budget:
+                break
+            acc = 0
+            for idx in path:
+                if idx >= b:
+                    break
+                acc += 1
+            self.accepted[b].add(acc, a)
+            self.tree[b].add(min(tree_size, b), a)
+
+    def observe_propose(self, budget: int, seconds: float) -> None:
+        b = self._rung(budget)
+        self.draft[b].add(seconds, self.config.alpha)
+
+    def _rung(self, budget: int) -> int:
+        return min((b for b in self.ladder if b >= budget), default=self.ladder[-1])
+
+    # the decision ----------------------------------------------------------------------------
+    def rate(self, b: int, n: float) -> float | None:
+        """Predicted tokens/s of one sequence with budget b at n sessions per forward (None: not measured)."""
+        o = self.overhead.value or 0.0
+        if b <= 1:
+            c = self.cost.predict(n)
+            return None if c is None else 1.0 / (o + c)
+        acc, size, d = self.accepted[b].value, self.tree[b].value, self._draft_cost(b)
+        c = None if size is None else self.cost.predict(n * size)
+        if acc is None or c is None or d is None:
+            return None
+        return (1.0 + acc) / (d + o + c)
+
+    def _draft_cost(self, b: int) -> float | None:
+        known = [(k, e.value) for k, e in self.draft.items() if e.value is not None]
+        if not known:
+            return None
+        exact = self.draft[b].value
+        if exact is not None:
+            return exact
+        bigger = [v for k, v in known if k > b]      # an unmeasured rung costs at most the next bigger one's
+        return min(bigger) if bigger else max(v for _, v in known)
+
+    def decide(self, sessions_here: int = 1) -> Decision:
+        """The budget for the next round (1: plain). `sessions_here`: the router's own sessions on the replica."""
+        cfg = self.config
+        self.rounds += 1
+        if cfg.mode == "off":
+            return Decision(self.full, reason="load policy off")
+        if self._probe_left > 0:
+            self._probe_left -= 1
+            return Decision(self._probe_budget, reason="probe")
+        if self.calls < cfg.warmup_calls or self.accepted[self.ladder[0]].value is None:
+            self.last = Decision(self.full, reason="full spec until measured")
+            return self.last
+        n = max(float(sessions_here), self.batch.value or 1.0, 1.0)
+        rates = {b: r for b in [1] + self.ladder if (r := self.rate(b, n)) is not None}
+        if not rates:
+            self.last = Decision(self.full, reason="full spec until measured")
+            return self.last
+        best = max(rates, key=rates.get)
+        plain = rates.get(1)
+        if best > 1 and plain is not None and rates[best] < (1 + cfg.margin) * plain:
+            best = 1
+        self.last = Decision(best, rates, "measured")
+        self._maybe_probe(best, n)
+        return self.last
+
+    def _maybe_probe(self, best: int, n: float) -> None:
+        """Now and then try, for a few rounds, the setting whose cost is least known: plain decoding while
+        speculating (its forward over n rows may never have been measured at this load), or the smallest
+        tree while decoding plainly (its draft cost and tree size)."""
+        cfg = self.config
+        if cfg.probe_every <= 0 or self.rounds % cfg.probe_every:
+            return
+        if best > 1 and not self.cost.known(n):
+            self._probe_budget = 1
+        elif best == 1:
+            self._probe_budget = self.ladder[0]
+        else:
+            return
+        self._probe_left = cfg.probe_rounds
+
+    def snapshot(self) -> dict:
+        return {"budget": self.last.budget, "reason": self.last.reason,
+                "rates": {str(k): round(v, 2) for k, v in self.last.rates.items()},
+                "batch": None if self.batch.value is None else round(self.batch.value, 2),
+                "overhead_ms": None if self.overhead.value is None else round(1000 * self.overhead.value, 2),
+                "cost_ms": {str(round(r)): round(1000 * s, 2) for r, s in self.cost.points()},
+                "accepted": {str(b): round(e.value, 3) for b, e in self.accepted.items() if e.value is not None},
+                "draft_ms": {str(b): round(1000 * e.value, 2) for b, e in self.draft.items() if e.value is not None}}
+
+
+def spec_for_budget(spec, budget: int):
+    """The speculation settings of a round with a tree of `budget` tokens: no deeper or wider than the tree."""
+    from dataclasses import replace
+
+    if budget >= spec.budget:
+        return spec
+    b = max(2, budget)
+    return replace(spec, budget=b, max_depth=min(spec.max_depth, b - 1), max_width=min(spec.max_width, b),
+                   lookup=min(spec.lookup, b - 1))
