@@ -19,10 +19,10 @@ def default_pair():
 def engine(default_pair):
     from gsd_serve.core.engine import Engine
     from gsd_serve.core.prompts import stop_token_ids
-    from gsd_serve.models import DEFAULT_DRAFT, ModelRunner, draft_output_ids
+    from gsd_serve.models import ModelRunner, draft_output_ids
 
     target, draft, tokenizer = default_pair
-    return Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids(DEFAULT_DRAFT)),
+    return Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids("default-independent")),
                   stop_token_ids=stop_token_ids(tokenizer, target))
 
 

