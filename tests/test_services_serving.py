@@ -222,9 +222,10 @@ def test_concurrent_requests_exact_and_batched(app, engine, tokenizer):
     assert "gsd_time_to_first_token_seconds_bucket" in after and "gsd_e2e_request_latency_seconds" in after
 
 
-LONG_SYSTEM = ("You are a careful assistant for a small bookshop. Answer briefly, politely and in plain English. "
-               "The shop opens at nine and closes at six, sells new and used books, runs a reading club on "
-               "Thursdays and offers gift wrapping. Never invent prices. Session {nonce}.")
+# The nonce comes first: any text before it is a prefix other tests (sharing this Redis) may have cached already.
+LONG_SYSTEM = ("Session {nonce}. You are a careful assistant for a small bookshop. Answer briefly, politely and in "
+               "plain English. The shop opens at nine and closes at six, sells new and used books, runs a reading "
+               "club on Thursdays and offers gift wrapping. Never invent prices.")
 
 
 def test_prefix_cache_hit(app, engine, tokenizer):
