@@ -216,6 +216,42 @@ def held_out(item: dict) -> bool:
     return zlib.crc32(",".join(map(str, item["prompt"])).encode()) % 50 == 0
 
 
+def split_held_out(items: list[dict], cap: int) -> tuple[list[dict], list[dict]]:
+    """(held-out, training) items; at most `cap` held out. A run too small for the 1-in-50 split measures on
+    (some of) its training answers."""
+    held, train_items = [], []
+    for it in items:
+        (held if held_out(it) else train_items).append(it)
+    held = held[:cap] or items[: max(1, len(items) // 50)]
+    if not train_items:
+        raise ValueError("no training data: the target produced no tokens")
+    return held, train_items
+
+
+def resume_checkpoint(ckpt: Path, draft, opt, rng: random.Random) -> tuple[int, list]:
+    """(step, learning-curve history) of the checkpoint at `ckpt`, restored into draft, optimiser and RNGs;
+    (0, []) when there is none."""
+    if not ckpt.exists():
+        return 0, []
+    state = torch.load(ckpt, weights_only=True)
+    draft.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["opt"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"distill: resuming at step {state['step']}", file=sys.stderr)
+    return state["step"], state["history"]
+
+
+def save_checkpoint(ckpt: Path, draft, opt, rng: random.Random, step: int, history: list, skip: tuple[str, ...]) -> None:
+    """Atomically write the training state; parameters whose names contain any of `skip` (the target's own
+    embedding and head, which the draft shares) are left out."""
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"model": {k: v for k, v in draft.state_dict().items() if not any(x in k for x in skip)},
+                "opt": opt.state_dict(), "step": step, "history": history,
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(ckpt)
+
+
 def choose_vocab(items: list[dict], size: int, vocab_size: int, always: set[int]) -> torch.Tensor:
     """The `size` tokens the target emits most often (counting its top-4 alternatives too)."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
@@ -337,23 +373,9 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
     held, train_items = [], []
-    for it in items:
-        (held if held_out(it) else train_items).append(it)
-    held = held[:128]
-    if not held:   # a run too small for the 1-in-50 split measures on (some of) its training answers
-        held = items[: max(1, len(items) // 50)]
-    if not train_items:
-        raise ValueError("no training data: the target produced no tokens")
-    step, history = 0, []
+    held, train_items = split_held_out(items, 128)
     ckpt = out / "ckpt.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        draft.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["opt"])
-        step, history = state["step"], state["history"]
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"distill: resuming at step {step}", file=sys.stderr)
+    step, history = resume_checkpoint(ckpt, draft, opt, rng)
     batches = make_batches(train_items, cfg.batch, rng)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n_tokens = sum(len(it["cont"]) for it in train_items)
@@ -365,11 +387,7 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
     seen_at_start = seen
 
     def save() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": {k: v for k, v in draft.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k},
-                    "opt": opt.state_dict(), "step": step, "history": history,
-                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
-        tmp.replace(ckpt)
+        save_checkpoint(ckpt, draft, opt, rng, step, history, skip=("embed_tokens", "lm_head"))
 
     if not history:  # the starting point of the learning curve
         with torch.no_grad():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..models.feature_draft import (DEFAULT_FEATURE_LAYERS, FeatureDraft, load_feature_draft, new_feature_draft,
                                     save_feature_draft)
-from .distill import _progress, choose_vocab, held_out, load_data
+from .distill import _progress, choose_vocab, load_data, resume_checkpoint, save_checkpoint, split_held_out
 
 TTT_DECAY = 0.8
 
@@ -217,22 +217,9 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
-    held, train_items = [], []
-    for it in items:
-        (held if held_out(it) else train_items).append(it)
-    held = held[:64] or items[: max(1, len(items) // 50)]
-    if not train_items:
-        raise ValueError("no training data: the target produced no tokens")
-    step, history = 0, []
+    held, train_items = split_held_out(items, 64)
     ckpt = out / "ckpt-features.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        draft.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["opt"])
-        step, history = state["step"], state["history"]
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"distill: resuming at step {step}", file=sys.stderr)
+    step, history = resume_checkpoint(ckpt, draft, opt, rng)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n_tokens = sum(len(it["cont"]) for it in train_items)
     print(f"distill: feature draft on {len(train_items)} answers, {n_tokens} target tokens; feature layers "
@@ -244,11 +231,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
     seen_at_start = seen
 
     def save() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": {k: v for k, v in draft.state_dict().items() if k not in ("embed.weight", "head.weight")},
-                    "opt": opt.state_dict(), "step": step, "history": history,
-                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
-        tmp.replace(ckpt)
+        save_checkpoint(ckpt, draft, opt, rng, step, history, skip=("embed.weight", "head.weight"))
 
     def record(train_loss=None, train_top1=None) -> None:
         h_loss, h_agree = _held_out_eval(draft, held, full_to_small, pad, cfg.ttt_steps, cfg.batch)

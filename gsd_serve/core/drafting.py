@@ -171,6 +171,21 @@ class DraftSession:
         `history` is the committed sequence ending with the root (for `config.lookup`).
         Returns the graph and each node's draft-cache slot (-1 for nodes never fed to the draft).
         """
+        steps = self.propose_steps(root, root_index, context, config, chooser, max_depth, history)
+        answer = None
+        while True:   # this session alone: each forward the drafting asks for runs at once
+            try:
+                feed = steps.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer = self._forward(feed.tokens, feed.positions, feed.mask, last_only=feed.last_only,
+                                   features=feed.features)
+
+    def propose_steps(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
+                      chooser: TokenChooser, max_depth: int | None = None, history: list[int] | None = None):
+        """`propose` as a generator: yields each draft forward it needs (a `DraftFeed`), is sent that forward's
+        (logits, states), and returns (graph, slots). `propose` answers each feed at once; `propose_many`
+        answers the feeds of several sessions with one fused forward. One drafting procedure, two drivers."""
         depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
         graph = TokenGraph(root, config.merge_context, context)
         slots = [-1]
@@ -180,11 +195,11 @@ class DraftSession:
         # merged into it instead of becoming a new node, so the draft never spends forwards extending a
         # path the lookup already spelled out (the same saving as any GSD merge)
         add_proposal(graph, slots, chain)
-        self._draft(graph, slots, root_index, config, chooser, depth_cap)
+        yield from self._draft_steps(graph, slots, root_index, config, chooser, depth_cap)
         return graph, slots
 
-    def _draft(self, graph: TokenGraph, slots: list[int], root_index: int, config: SpecConfig,
-               chooser: TokenChooser, depth_cap: int) -> None:
+    def _draft_steps(self, graph: TokenGraph, slots: list[int], root_index: int, config: SpecConfig,
+                     chooser: TokenChooser, depth_cap: int):
         root = graph.tokens[0]
         if depth_cap <= 0:
             return
@@ -194,7 +209,7 @@ class DraftSession:
         first = self.cache.length
         self.pending = []
         feats = self._features_for(first - 1, root_index - 1) if self.uses_features else None
-        logits, states = self._forward(feed, last_only=True, features=feats)
+        logits, states = yield DraftFeed(feed, None, None, True, feats)
         if self.uses_features:
             # features of positions before the cache's last entry are no longer needed
             self._drop_features_before(root_index)
@@ -256,7 +271,7 @@ class DraftSession:
             tokens = torch.tensor([graph.tokens[v] for v in frontier], dtype=torch.long)
             positions = torch.tensor([root_index + graph.depth[v] for v in frontier], dtype=torch.long)
             feats = torch.stack([node_state[graph.parent[v]] for v in frontier]) if self.uses_features else None
-            logits, states = self._forward(tokens, positions, mask[None, None], features=feats)
+            logits, states = yield DraftFeed(tokens, positions, mask[None, None], False, feats)
             if self.uses_features:
                 node_state.update(zip(frontier, states))
             self.proposal_fed += len(frontier)
@@ -311,7 +326,7 @@ class ProposeJob:
 
 
 @dataclass
-class _Feed:
+class DraftFeed:
     """One session's rows of a draft forward (what DraftSession._forward is called with)."""
 
     tokens: torch.Tensor
@@ -330,9 +345,10 @@ def propose_many(jobs: list[ProposeJob]) -> list[tuple[TokenGraph, list[int]]]:
     GEMMs (identical token for token where the runner's arithmetic does not depend on the batch, e.g.
     float64). Sessions whose drafting ends early drop out of later levels. A runner without a fused
     multi-sequence forward runs the sessions' forwards one after another (same results as propose)."""
-    steps = [_propose_steps(j) for j in jobs]
+    steps = [j.session.propose_steps(j.root, j.root_index, j.context, j.config, j.chooser, j.max_depth, j.history)
+             for j in jobs]
     results: list = [None] * len(jobs)
-    feeds: dict[int, _Feed] = {}
+    feeds: dict[int, DraftFeed] = {}
     for i, gen in enumerate(steps):
         _advance(i, gen, None, feeds, results)
     while feeds:
@@ -351,7 +367,7 @@ def _advance(i: int, gen, answer, feeds: dict, results: list) -> None:
         results[i] = done.value
 
 
-def _forward_feeds(sessions: list[DraftSession], feeds: list[_Feed]) -> list[tuple]:
+def _forward_feeds(sessions: list[DraftSession], feeds: list[DraftFeed]) -> list[tuple]:
     """(logits, states) of each session's feed: one fused forward where the runner has one, else one by one."""
     runner = sessions[0].runner
     fused = len(feeds) > 1 and all(s.runner is runner for s in sessions) and getattr(runner, "fuses_many", False)
@@ -371,94 +387,3 @@ def _forward_feeds(sessions: list[DraftSession], feeds: list[_Feed]) -> list[tup
                                           positions, masks, last_only=last)
     logits = runner.forward_many(caches, [f.tokens for f in feeds], positions, masks, last_only=last)
     return [(lg, None) for lg in logits]
-
-
-def _propose_steps(job: ProposeJob):
-    """DraftSession.propose as a generator: yields each forward's _Feed, is sent its (logits, states)."""
-    self, config = job.session, job.config
-    depth_cap = config.max_depth if job.max_depth is None else min(config.max_depth, job.max_depth)
-    graph = TokenGraph(job.root, config.merge_context, job.context)
-    slots = [-1]
-    chain = self.lookup.continuation(job.history, min(config.lookup, depth_cap)) \
-        if config.lookup and job.history and depth_cap > 0 else []
-    add_proposal(graph, slots, chain)
-    yield from _draft_steps(self, graph, slots, job.root_index, config, job.chooser, depth_cap)
-    return graph, slots
-
-
-def _draft_steps(self: DraftSession, graph: TokenGraph, slots: list[int], root_index: int, config: SpecConfig,
-                 chooser: TokenChooser, depth_cap: int):
-    """DraftSession._draft, step by step (kept line for line in its order, so the two cannot differ)."""
-    root = graph.tokens[0]
-    if depth_cap <= 0:
-        return
-    feed = torch.tensor(self.pending + [root], dtype=torch.long)
-    if self.cache.length + len(feed) != root_index + 1:
-        raise RuntimeError("draft cache out of step with the sequence")
-    first = self.cache.length
-    self.pending = []
-    feats = self._features_for(first - 1, root_index - 1) if self.uses_features else None
-    logits, states = yield _Feed(feed, None, None, True, feats)
-    if self.uses_features:
-        self._drop_features_before(root_index)
-        node_state = {0: states[-1]}
-    slots[0] = root_index
-    shared = root_index
-    fed_nodes = [0]
-    anc = torch.ones(1, 1, dtype=torch.bool)
-    frontier = [0]
-    output_ids = self.runner.output_ids
-    k = config.k
-    for level in range(depth_cap):
-        if chooser.params.greedy:
-            scores = logits
-            probs = torch.softmax(logits, dim=-1)
-        else:
-            scores = chooser.warp(logits)
-            probs = torch.softmax(scores, dim=-1)
-            noise = chooser.noise(root_index + 1 + level)
-            scores = scores + (noise if output_ids is None else noise[output_ids])
-        top_scores, top_ids = torch.topk(scores, min(k, scores.shape[-1]), dim=-1)
-        top_q = probs.gather(1, top_ids)
-        keep = (top_q >= config.sibling_threshold * top_q.max(dim=1, keepdim=True).values) \
-            & torch.isfinite(top_scores)
-        top_tokens = self.runner.to_full_ids(top_ids).tolist()
-        top_q_list = top_q.tolist()
-        keep_list = keep.tolist()
-        created: list[int] = []
-        for row, parent in enumerate(frontier):
-            for j in range(top_ids.shape[1]):
-                if not keep_list[row][j]:
-                    continue
-                node, new = graph.add(parent, top_tokens[row][j], top_q_list[row][j],
-                                      config.confidence_threshold)
-                if new:
-                    created.append(node)
-                    slots.append(-1)
-        if not created or level == depth_cap - 1:
-            break
-        if not any(graph.confident[v] for v in created):
-            break
-        created.sort(key=lambda v: -graph.logprob[v])
-        frontier = created[: config.max_width]
-        fed_index = {v: i for i, v in enumerate(fed_nodes)}
-        parent_rows = anc[[fed_index[graph.parent[v]] for v in frontier]]
-        n, n_fed = len(frontier), len(fed_nodes)
-        mask = torch.ones(n, shared + n_fed + n, dtype=torch.bool)
-        mask[:, shared:shared + n_fed] = parent_rows
-        mask[:, shared + n_fed:] = torch.eye(n, dtype=torch.bool)
-        grown = torch.zeros(n_fed + n, n_fed + n, dtype=torch.bool)
-        grown[:n_fed, :n_fed] = anc
-        grown[n_fed:, :n_fed] = parent_rows
-        grown[n_fed:, n_fed:] = torch.eye(n, dtype=torch.bool)
-        anc = grown
-        for i, v in enumerate(frontier):
-            slots[v] = shared + n_fed + i
-        fed_nodes.extend(frontier)
-        tokens = torch.tensor([graph.tokens[v] for v in frontier], dtype=torch.long)
-        positions = torch.tensor([root_index + graph.depth[v] for v in frontier], dtype=torch.long)
-        feats = torch.stack([node_state[graph.parent[v]] for v in frontier]) if self.uses_features else None
-        logits, states = yield _Feed(tokens, positions, mask[None, None], False, feats)
-        if self.uses_features:
-            node_state.update(zip(frontier, states))
-        self.proposal_fed += len(frontier)
