@@ -329,14 +329,16 @@ def test_hot_prefix_is_served_by_every_replica_exactly(workers, tiny_pair, token
     async def main():
         core = _core(workers, tokenizer, affinity_block=32)
         seen = [set() for _ in prompts]
-        got = await asyncio.gather(*[_generate(core, p, 12, seen=s) for p, s in zip(prompts, seen)])
+        got = await asyncio.gather(*[_generate(core, p, 24, seen=s) for p, s in zip(prompts, seen)])
         for p, (out, _) in zip(prompts, got):
-            assert out == engine.generate(p, 12, spec=SPEC).token_ids
+            assert out == engine.generate(p, 24, spec=SPEC).token_ids
         for kind, names in (("target", {"t1", "t2"}), ("draft", {"d1", "d2"})):
             used = [{rid for k, rid in s if k == kind and rid} for s in seen]
             assert all(len(u) == 1 for u in used), used          # each request stays on its replica
             per = {name: sum(1 for u in used if name in u) for name in names}
-            assert all(0 < c <= math.ceil(1.25 * len(prompts) / 2) for c in per.values()), (kind, per)
+            assert all(c > 0 for c in per.values()), (kind, per)
+            if kind == "target":    # all placed at once (their prefills start together): within the bound
+                assert max(per.values()) <= math.ceil(1.25 * len(prompts) / 2), per
         await core.close()
     asyncio.run(main())
 
