@@ -50,7 +50,17 @@ class PackedWeight:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if flat.shape[0] == 1 and self.dtype != torch.float32:
+            # A single bf16 row takes oneDNN's GEMV path, which on some CPUs sums K in another order than its
+            # GEMM does for 2..32 rows (AMD EPYC Zen 4, avx512_bf16: at K=1536 one row in ~16 rounds to
+            # another bf16 value). A decoding step would then differ from the same token verified in a
+            # tree, and near-ties would flip (5 of 12 prompts left bf16 ar within 128 tokens). Two rows take
+            # the GEMM path: a step costs the same (27 us for 1 or 2 rows of the 576x1536 projection) and
+            # computes each row bit for bit as a tree does.
+            y = torch.ops.mkldnn._linear_pointwise(flat.expand(2, -1).contiguous(), self.packed, self.bias,
+                                                   "none", [], "")[:1]
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 
