@@ -101,6 +101,7 @@ def divergence(runner, prompt: list[int], ref: list[int], got: list[int], sampli
 def run_bench(args) -> dict:
     from ..core.prompts import BENCH_PROMPTS, encode, load_prompts, spread
     from ..core.sampling import SamplingParams
+    from ..models.dtypes import cpu_description
     from .args import build_engine, spec_from_args
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -207,7 +208,7 @@ def run_bench(args) -> dict:
         "specs": {m: s.to_dict() for m, s in specs.items()}, "target": args.target, "draft": args.draft,
         "dtype": engine.dtype_name,
         "compile_seconds": round(getattr(engine.target, "compile_seconds", 0.0), 1),   # spent in warm-up, not timed
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_description(),
                     "threads": torch.get_num_threads()},
         "command": "gsd-serve " + " ".join(sys.argv[1:]),
     }

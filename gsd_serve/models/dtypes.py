@@ -46,6 +46,26 @@ def resolve_dtype(name: str | torch.dtype | None = "auto", device: str | torch.d
     return torch.bfloat16 if cpu_prefers_bf16() else torch.float32
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector/matrix extensions that decide kernels and dtypes here, e.g.
+    "AMD EPYC (avx2, avx512f, avx512_bf16)": what every benchmark result names."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        import platform
+        name = platform.processor()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve")
+    have = [f for f in wanted if f in flags]
+    return f"{name or 'unknown CPU'} ({', '.join(have)})" if have else (name or "unknown CPU")
+
+
 def _cpu_key() -> str:
     info = ""
     try:

@@ -409,14 +409,9 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
 # ---------------------------------------------------------------- the sweep
 
 def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
+    from ..models.dtypes import cpu_description
+
+    return cpu_description()
 
 
 def git_commit() -> str | None:
