@@ -2,7 +2,8 @@
 
 One TP=3 runner is shared by the module (start-up costs ~20 s here). The file takes ~2 minutes on an idle
 2-core machine, several times that on a starved one: the timeouts (pytest-timeout) leave room for that; the test that kills one of its ranks
-runs last. Other runners (a tiny Qwen2 at TP=2) live alongside it: each runner has its own process group.
+runs last. Other runners (a tiny Qwen2 at TP=2; a tiny bf16 Llama with LLaMA-2-70B's 64/8 heads at TP=8, whose ranks
+prove they never made an fp32 weight) live alongside it: each runner has its own process group.
 """
 import multiprocessing
 import os
@@ -258,4 +259,109 @@ def test_a_killed_rank_makes_the_next_call_raise_not_hang(tp_runner):
         tp_runner.new_cache()
     assert not tp_runner.alive
     tp_runner.close()
+    assert not _tp_children()
+
+
+def _llama2_70b_head_layout_bf16(path):
+    """A tiny Llama with LLaMA-2-70B's head layout (64 attention heads, 8 KV heads; head_dim 8 here instead
+    of 128), saved in bf16 (safetensors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=128,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(path)
+    return cfg
+
+
+@pytest.mark.timeout(300)
+def test_llama2_70b_head_layout_in_bf16_at_tp8_never_holds_fp32_weights(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from gsd_serve.models.loading import load_model
+    from gsd_serve.models.tensor_parallel.rank import AUDIT_ENV
+
+    path = tmp_path / "llama2-70b-heads"
+    cfg = _llama2_70b_head_layout_bf16(path)
+    hd, world = cfg.hidden_size // cfg.num_attention_heads, 8
+    files = sorted(path.glob("*.safetensors"))
+    assert files
+    for f in files:     # the checkpoint holds bf16 only: an fp32 tensor on a rank would be one it made
+        with safe_open(str(f), framework="pt") as sf:
+            assert {sf.get_slice(k).get_dtype() for k in sf.keys()} == {"BF16"}
+
+    monkeypatch.setenv(AUDIT_ENV, "1")     # every rank records the largest tensor of each dtype its load creates
+    runner = make_target_runner(str(path), world, dtype=torch.bfloat16)
+    try:
+        assert isinstance(runner, TensorParallelRunner) and runner.tp_size == world
+        assert runner.dtype == torch.bfloat16
+        infos = runner.transport.rank_info
+        assert [i["rank"] for i in infos] == list(range(world))
+        for info in infos:
+            r = info["rank"]
+            # read from the checkpoint slice by slice (not loaded whole, then sharded)
+            assert info["loaded_from"] == "slices", info["loaded_from"]
+            t = info["tensors"]
+            # every weight is bf16; the only fp32 tensors are RoPE's inverse frequencies (hd/2 each), which
+            # are not weights and which the unsharded bf16 model keeps in fp32 too
+            not_bf16 = {n: v for n, v in t.items() if v[0] != "bfloat16"}
+            assert not_bf16 == {n: ("float32", (hd // 2,)) for n in ("model.rotary_emb.inv_freq",
+                                                                       "model.rotary_emb.original_inv_freq")}, r
+            # each rank holds 8 query heads and 1 KV head of every layer, and 1/8 of the MLP
+            for layer in range(cfg.num_hidden_layers):
+                p = f"model.layers.{layer}."
+                assert t[p + "self_attn.q_proj.weight"] == ("bfloat16", (8 * hd, cfg.hidden_size))
+                assert t[p + "self_attn.k_proj.weight"] == ("bfloat16", (hd, cfg.hidden_size))
+                assert t[p + "self_attn.v_proj.weight"] == ("bfloat16", (hd, cfg.hidden_size))
+                assert t[p + "self_attn.o_proj.weight"] == ("bfloat16", (cfg.hidden_size, 8 * hd))
+                mlp = cfg.intermediate_size // world
+                for name in ("gate_proj", "up_proj"):
+                    assert t[p + f"mlp.{name}.weight"] == ("bfloat16", (mlp, cfg.hidden_size))
+                assert t[p + "mlp.down_proj.weight"] == ("bfloat16", (cfg.hidden_size, mlp))
+            # no op of the load (reading, slicing, converting, packing for oneDNN) made an fp32 tensor as big as
+            # the smallest weight (a norm vector of hidden_size), let alone a whole fp32 weight; bf16 ones it did
+            largest = info["largest_created"]
+            assert largest is not None and largest["bfloat16"][0] >= cfg.hidden_size, (r, largest)
+            assert largest.get("float32", (0, ""))[0] < cfg.hidden_size, (r, largest)
+            assert all(largest.get(d, (0, ""))[0] < cfg.hidden_size for d in ("float64", "float16")), (r, largest)
+
+        ref = ModelRunner(load_model(str(path), torch.bfloat16))      # the unsharded bf16 model
+        assert ref.dtype == torch.bfloat16
+        c_ref, c_tp = ref.new_cache(), runner.new_cache()
+        torch.manual_seed(1)
+        prompt = torch.randint(0, cfg.vocab_size, (12,))
+        tree = torch.tensor([5, 6, 7, 8])
+        pos = torch.tensor([12, 13, 13, 14])
+        mask = torch.ones(1, 1, 4, 16, dtype=torch.bool)
+        mask[0, 0, :, 12:] = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]],
+                                          dtype=torch.bool)
+        ours, theirs = [], []
+        with torch.inference_mode():
+            theirs.append(ref.forward(c_ref, prompt))
+            theirs.append(ref.forward(c_ref, tree, pos, mask))
+            c_ref.keep(12, [12, 14, 15])                         # accept the path 0 -> 2 -> 3
+        ours.append(runner.forward(c_tp, prompt))
+        assert runner.transport.local.caches[c_tp.id].layers[0].keys.shape[1] == 1    # one KV head per rank
+        ours.append(runner.forward(c_tp, tree, pos, mask))
+        c_tp.keep(12, [12, 14, 15])
+        token = int(theirs[-1][-1].argmax())
+        for _ in range(4):                                        # greedy decoding steps, same tokens fed to both
+            with torch.inference_mode():
+                theirs.append(ref.forward(c_ref, torch.tensor([token])))
+            ours.append(runner.forward(c_tp, torch.tensor([token])))
+            token = int(theirs[-1][-1].argmax())
+        assert c_tp.length == c_ref.length == 19
+        a, b = torch.cat(theirs), torch.cat(ours)
+        assert a.shape == b.shape == (12 + 4 + 4, cfg.vocab_size) and b.dtype == torch.float32
+        # bf16 tolerance (logits up to ~1.5 here; ~0.012 apart at most on the dev CPU, a bf16 ulp at 1 is 0.0078)
+        torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)
+        # greedy choices agree wherever the reference's top-2 gap is not a near-tie (below 0.05)
+        top2 = a.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.05
+        assert int(clear.sum()) >= len(a) // 2, "too few rows clear of near-ties for the check to mean anything"
+        assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+    finally:
+        runner.close()
     assert not _tp_children()

@@ -55,7 +55,7 @@ def _rank_main(rank: int, world: int, source, port: int, backend: str, conn, tim
         if device.type == "cuda":
             torch.cuda.set_device(device)
         me = Rank(rank, world, source, device, dtype)
-        conn.send(("loaded", None))
+        conn.send(("loaded", me.load_info))
         me.join(backend, "127.0.0.1", port, timeout_s)
         while True:
             try:
@@ -96,6 +96,7 @@ class PipeTransport:
         self.conns: list = []
         self._closed = False
         self._broken: str | None = None
+        self.rank_info: list[dict] = []   # each rank's Rank.load_info, rank 0 first
         store = TPGroup.host_store(tp_size, timeout_s) if tp_size > 1 else None
         ctx = multiprocessing.get_context("spawn")
         try:
@@ -110,7 +111,8 @@ class PipeTransport:
                 self.conns.append(parent)
             _live.add(self)
             self.local = Rank(0, tp_size, source, device_for(self.backend, 0), dtype, model=model)
-            self._wait_loaded(startup_timeout_s)
+            infos = self._wait_loaded(startup_timeout_s)
+            self.rank_info = [self.local.load_info] + [infos[i] for i in range(len(self.procs))]
             if tp_size > 1:
                 self.local._store = store
                 self.local.join(self.backend, "127.0.0.1", store.port, timeout_s)
@@ -189,9 +191,11 @@ class PipeTransport:
             self._broken = msg + " (close this runner and start a new one)"
         return TensorParallelError(self._broken)
 
-    def _wait_loaded(self, timeout_s: float) -> None:
+    def _wait_loaded(self, timeout_s: float) -> dict[int, dict]:
+        """Wait for ranks 1..N-1 to load; returns their load_info by index (rank - 1)."""
         deadline = time.monotonic() + timeout_s
         pending = set(range(len(self.procs)))
+        infos: dict[int, dict] = {}
         while pending:
             for i in list(pending):
                 c, p = self.conns[i], self.procs[i]
@@ -205,6 +209,7 @@ class PipeTransport:
                             "script that starts ranks needs an `if __name__ == '__main__':` guard)") from None
                     if kind == "error":
                         raise TensorParallelError(f"tensor-parallel rank {i + 1} failed to start:\n{text}")
+                    infos[i] = text
                     pending.discard(i)
                 elif not p.is_alive() and not c.poll(0):
                     raise TensorParallelError(
@@ -212,6 +217,7 @@ class PipeTransport:
             if time.monotonic() > deadline:
                 raise TensorParallelError(f"tensor-parallel ranks {sorted(r + 1 for r in pending)} did not "
                                           f"load the model within {timeout_s:.0f}s")
+        return infos
 
     def _kill_ranks(self) -> None:
         for p in self.procs:

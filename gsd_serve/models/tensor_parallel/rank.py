@@ -6,11 +6,39 @@ so they cross a pipe or Ray's object store unchanged; rank 0 answers a forward w
 """
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
+
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ..runner import ModelRunner
 from .sharding import TPGroup, load_shard, shard_model
+
+AUDIT_ENV = "GSD_SERVE_TP_AUDIT_LOAD"
+
+
+class LoadAudit(TorchDispatchMode):
+    """Records, per dtype, the largest tensor any op creates while a rank loads (set GSD_SERVE_TP_AUDIT_LOAD=1).
+
+    Every tensor the load makes (the checkpoint's bytes, slices, dtype conversions, packed weights) comes out
+    of an op, so this is the evidence that a bf16 load never holds an fp32 copy of a weight (tests).
+    Tensors on the meta device hold no memory and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest: dict[str, tuple[int, str]] = {}     # dtype name -> (numel, op)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                name = str(t.dtype).removeprefix("torch.")
+                if t.numel() > self.largest.get(name, (-1, ""))[0]:
+                    self.largest[name] = (t.numel(), str(func))
+        return out
 
 
 def device_for(backend: str, rank: int) -> torch.device:
@@ -26,12 +54,23 @@ class Rank:
                  dtype: torch.dtype = torch.float32, model: torch.nn.Module | None = None):
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.group = TPGroup()
-        if model is not None:   # rank 0 of an already loaded model: shard it in place
-            model = shard_model(model.to(dtype), rank, world, self.group)
-        else:
-            model = load_shard(source, rank, world, self.group, dtype)
-        # the lean forward and the packed CPU linears work on a shard as on a whole model
-        self.runner = ModelRunner(model.to(self.device))
+        audit = LoadAudit() if os.environ.get(AUDIT_ENV, "0").lower() not in ("0", "", "false", "no", "off") \
+            else None
+        with audit if audit is not None else nullcontext():
+            if model is not None:   # rank 0 of an already loaded model: shard it in place
+                model = shard_model(model.to(dtype), rank, world, self.group)
+                model.tp_loaded_from = "model"
+            else:
+                model = load_shard(source, rank, world, self.group, dtype)
+            # the lean forward and the packed CPU linears work on a shard as on a whole model
+            self.runner = ModelRunner(model.to(self.device))
+        # what this rank holds, for the transport to report (PipeTransport.rank_info)
+        self.load_info = {
+            "rank": rank, "loaded_from": getattr(model, "tp_loaded_from", None),
+            "tensors": {n: (str(t.dtype).removeprefix("torch."), tuple(t.shape))
+                        for n, t in [*model.named_parameters(), *model.named_buffers()]},
+            "largest_created": None if audit is None else dict(audit.largest),
+        }
         self.caches: dict[int, object] = {}
         self._store = None
 

@@ -204,10 +204,12 @@ def load_shard(source, rank: int, world: int, group: TPGroup | None,
     From a safetensors checkpoint directory the model is built on the meta device, sharded, and only this
     rank's slices are read, converted to `dtype` slice by slice (a rank never holds the whole model, nor
     any fp32 copy of a bf16 one); otherwise (a callable, another format, names that do not match) the
-    whole model is loaded, then sharded.
+    whole model is loaded, then sharded. The model's `tp_loaded_from` says which ("slices" or "whole").
     """
     if world == 1 or not isinstance(source, str):
-        return shard_model(_load(source, dtype), rank, world, group)
+        model = shard_model(_load(source, dtype), rank, world, group)
+        model.tp_loaded_from = "whole"
+        return model
     try:
         from pathlib import Path
 
@@ -244,6 +246,9 @@ def load_shard(source, rank: int, world: int, group: TPGroup | None,
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise LookupError(f"not in the checkpoint: {missing[:3]}")
+        model.tp_loaded_from = "slices"      # which path loaded it (Rank.load_info reports it)
         return model.eval()
     except (LookupError, OSError, ValueError, ImportError, KeyError):
-        return shard_model(_load(source, dtype), rank, world, group)
+        model = shard_model(_load(source, dtype), rank, world, group)
+        model.tp_loaded_from = "whole"
+        return model
