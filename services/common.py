@@ -127,7 +127,7 @@ def env_setup(args: dict | None = None, kind: str | None = None) -> dict:
     """Environment of a replica process, and its torch threads (serving/threads.py: the app arg
     `<kind>_torch_threads` or `torch_threads`, else $GSD_TORCH_THREADS, else the CPUs Ray gave the replica,
     else all cores). Returns {threads, why, openmp_passive} for the replica's Info."""
-    from ..serving.threads import apply_threads, choose_threads, prepare_openmp
+    from ..serving.threads import MODEL_THREAD, apply_threads, choose_threads, prepare_openmp
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -142,7 +142,8 @@ def env_setup(args: dict | None = None, kind: str | None = None) -> dict:
     except Exception:  # noqa: BLE001 (not in a Ray worker)
         assigned = 0.0
     n, why = choose_threads(requested, os.environ.get("GSD_TORCH_THREADS"), assigned)
-    got = apply_threads(n)
+    apply_threads(n)
+    got = MODEL_THREAD.run(apply_threads, n)    # the thread that will do the model work
     log.info("%s replica: %d torch threads (%s)%s", kind, got, why, "; OpenMP passive" if passive else "")
     return {"threads": got, "why": why, "openmp_passive": passive}
 

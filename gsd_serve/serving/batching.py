@@ -26,8 +26,11 @@ class Job:
 
 
 class BatchGate:
-    def __init__(self, run_batch: Callable[[list[Job]], None], max_batch: int = 64):
+    def __init__(self, run_batch: Callable[[list[Job]], None], max_batch: int = 64,
+                 execute: Callable | None = None):
         self.run_batch = run_batch
+        # how a batch runs: execute(run_batch, batch); e.g. threads.MODEL_THREAD.run (the caller waits)
+        self.execute = execute or (lambda fn, batch: fn(batch))
         self.max_batch = max_batch
         self._cond = threading.Condition()
         self._queue: list[Job] = []
@@ -65,7 +68,7 @@ class BatchGate:
         self.batches += 1
         self.largest = max(self.largest, len(batch))
         try:
-            self.run_batch(batch)
+            self.execute(self.run_batch, batch)
         except BaseException as exc:  # noqa: BLE001 (every job of the batch gets an answer)
             for job in batch:
                 if job.result is None and job.error is None:

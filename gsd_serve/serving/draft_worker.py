@@ -21,6 +21,7 @@ from ..core.drafting import DraftSession, ProposeJob, propose_many
 from ..models.runner import make_runner
 from . import rpc
 from .batching import BatchGate
+from .threads import MODEL_THREAD
 from .errors import BadRequest
 from .procinfo import rss_bytes
 from .sessions import (LoadMeter, SessionTable, cache_bytes, check_tokens, chooser_from_proto, committed_tokens,
@@ -66,7 +67,7 @@ class DraftWorker:
                                      size_of=lambda e: cache_bytes(e.session.cache))
         self.lock = threading.Lock()
         self.load = LoadMeter()
-        self.gate = BatchGate(self._run_batch, max_batch)
+        self.gate = BatchGate(self._run_batch, max_batch, execute=MODEL_THREAD.run)   # one OpenMP team
         self.replica_id = replica_id or replica_identity()
 
     def _sync(self, entry: _DraftEntry, new: list[int], last_path) -> None:

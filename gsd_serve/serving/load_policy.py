@@ -231,20 +231,22 @@ class LoadPolicy:
         if best > 1 and plain is not None and rates[best] < (1 + cfg.margin) * plain:
             best = 1
         self.last = Decision(best, rates, "measured")
-        self._maybe_probe(best, n)
+        self._maybe_probe(best, n, rates)
         return self.last
 
-    def _maybe_probe(self, best: int, n: float) -> None:
+    def _maybe_probe(self, best: int, n: float, rates: dict[int, float]) -> None:
         """Now and then try, for a few rounds, the setting whose cost is least known: plain decoding while
-        speculating (its forward over n rows may never have been measured at this load), or the smallest
-        tree while decoding plainly (its draft cost and tree size)."""
+        speculating (its forward over n rows may never have been measured at this load), or, while decoding
+        plainly, the tree predicted best (its acceptance, size and draft cost were measured when the load
+        was another: the probe refreshes exactly the numbers that would make it win)."""
         cfg = self.config
         if cfg.probe_every <= 0 or self.rounds % cfg.probe_every:
             return
         if best > 1 and not self.cost.known(n):
             self._probe_budget = 1
         elif best == 1:
-            self._probe_budget = self.ladder[0]
+            trees = [b for b in rates if b > 1]
+            self._probe_budget = max(trees, key=rates.get) if trees else self.ladder[0]
         else:
             return
         self._probe_left = cfg.probe_rounds

@@ -6,7 +6,8 @@ SESSION_STATUS_ERROR with its reason, and the batch's other items are verified a
 With `feature_layers` in the request (a feature-conditioned draft is in use) Prefill and Verify also return
 the target's hidden states after those layers (bf16), for the router to hand to the draft.
 Plain Python (no Ray): `services/target` wraps it in a Ray Serve deployment and `grpc_server` serves it.
-Model work is serialised by one lock per worker.
+Model work is serialised by one lock per worker and runs on the process's model thread (threads.MODEL_THREAD:
+one OpenMP team for every forward, as in process).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from . import rpc
 from .errors import BadRequest, ServingError, TooLarge
 from .procinfo import rss_bytes
 from .prefix_cache import KVLayout, PrefixCache, export_kv, import_kv, model_fingerprint
+from .threads import MODEL_THREAD
 from .sessions import (LoadMeter, SessionTable, cache_bytes, check_tokens, chooser_from_proto, committed_tokens,
                        common_prefix, default_session_bytes, replica_identity, still_wanted)
 
@@ -157,23 +159,28 @@ class TargetWorker:
         chooser = chooser_from_proto(req.sampling, self.vocab_size)
         layers = self._feature_layers(req.feature_layers)
         tokens = list(req.tokens)
-        with self.load.turn(self.lock), torch.inference_mode():
+        with self.load.turn(self.lock):
             still_wanted(expired)
             t1 = time.monotonic()
-            self.sessions.pop(req.session_id)
-            entry = _TargetEntry(self._new_session(), tokens)
-            entry.session.feature_layers = layers
-            logits, cached = self._build(entry, tokens, need_logits=True)
-            first = int(chooser.choose(logits, torch.tensor([len(tokens)]))[0])
-            entry.committed = tokens + [first]
-            feats, entry.session.last_features = entry.session.last_features, None
-            self.sessions.put(req.session_id, entry)
+            first, cached, feats = MODEL_THREAD.run(self._prefill_locked, req, chooser, layers, tokens)
             self.load.record(t1, time.monotonic(), [req.session_id])
         resp = pb.PrefillResponse(first_token=first, cached_tokens=cached, seconds=time.perf_counter() - t0,
                                   replica_id=self.replica_id)
         if feats is not None:
             resp.features.CopyFrom(rpc.features_to_proto(feats, cached))
         return resp
+
+    @torch.inference_mode()
+    def _prefill_locked(self, req, chooser, layers, tokens):
+        self.sessions.pop(req.session_id)
+        entry = _TargetEntry(self._new_session(), tokens)
+        entry.session.feature_layers = layers
+        logits, cached = self._build(entry, tokens, need_logits=True)
+        first = int(chooser.choose(logits, torch.tensor([len(tokens)]))[0])
+        entry.committed = tokens + [first]
+        feats, entry.session.last_features = entry.session.last_features, None
+        self.sessions.put(req.session_id, entry)
+        return first, cached, feats
 
     def _prepare_item(self, item: "pb.VerifyItem", layers: tuple[int, ...]):
         """Validate one item and bring its session up to date: a RESYNC result, or the job to verify.
@@ -259,37 +266,42 @@ class TargetWorker:
         if len({i.session_id for i in req.items}) != len(req.items):
             raise BadRequest("a session appears twice in one Verify")
         layers = self._feature_layers(req.feature_layers)
-        with self.load.turn(self.lock), torch.inference_mode():
+        with self.load.turn(self.lock):
             still_wanted(expired)
             t1 = time.monotonic()
-            prepared = []
-            for item in req.items:
-                try:
-                    prepared.append(self._prepare_item(item, layers))
-                except Exception as exc:  # noqa: BLE001 (this item alone is refused)
-                    prepared.append(self._refused(item.session_id, exc))
-            jobs = [p for p in prepared if not isinstance(p, pb.VerifyResult)]
-            tf = time.perf_counter()
-            verdicts = self._verify_jobs(jobs) if jobs else []
-            forward_s = time.perf_counter() - tf
-            done = {}
-            for (sid, entry, graph, tree, root, _, cached), verdict in zip(jobs, verdicts):
-                if isinstance(verdict, Exception):
-                    self.sessions.pop(sid)
-                    done[sid] = self._refused(sid, verdict)
-                    continue
-                entry.cache_tokens = entry.cache_tokens[:root] + [graph.tokens[v] for v in verdict.graph_path]
-                self.sessions.put(sid, entry)
-                res = pb.VerifyResult(session_id=sid, status=rpc.OK, graph_path=verdict.graph_path,
-                                      emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
-                                      cached_tokens=cached, tree_path=verdict.tree_path)
-                if verdict.features is not None:
-                    res.features.CopyFrom(rpc.features_to_proto(verdict.features, root))
-                done[sid] = res
-            results = [p if isinstance(p, pb.VerifyResult) else done[p[0]] for p in prepared]
+            results, forward_s, jobs = MODEL_THREAD.run(self._verify_locked, req, layers)
             self.load.record(t1, time.monotonic(), [j[0] for j in jobs])
         return pb.VerifyResponse(results=results, seconds=time.perf_counter() - t0, replica_id=self.replica_id,
                                  forward_seconds=forward_s, rows=sum(len(j[3]) for j in jobs), sessions=len(jobs))
+
+    @torch.inference_mode()
+    def _verify_locked(self, req, layers):
+        prepared = []
+        for item in req.items:
+            try:
+                prepared.append(self._prepare_item(item, layers))
+            except Exception as exc:  # noqa: BLE001 (this item alone is refused)
+                prepared.append(self._refused(item.session_id, exc))
+        jobs = [p for p in prepared if not isinstance(p, pb.VerifyResult)]
+        tf = time.perf_counter()
+        verdicts = self._verify_jobs(jobs) if jobs else []
+        forward_s = time.perf_counter() - tf
+        done = {}
+        for (sid, entry, graph, tree, root, _, cached), verdict in zip(jobs, verdicts):
+            if isinstance(verdict, Exception):
+                self.sessions.pop(sid)
+                done[sid] = self._refused(sid, verdict)
+                continue
+            entry.cache_tokens = entry.cache_tokens[:root] + [graph.tokens[v] for v in verdict.graph_path]
+            self.sessions.put(sid, entry)
+            res = pb.VerifyResult(session_id=sid, status=rpc.OK, graph_path=verdict.graph_path,
+                                  emitted=verdict.emitted, verified_tokens=verdict.verified_tokens,
+                                  cached_tokens=cached, tree_path=verdict.tree_path)
+            if verdict.features is not None:
+                res.features.CopyFrom(rpc.features_to_proto(verdict.features, root))
+            done[sid] = res
+        results = [p if isinstance(p, pb.VerifyResult) else done[p[0]] for p in prepared]
+        return results, forward_s, jobs
 
     def load_snapshot(self) -> dict:
         return self.load.snapshot()

@@ -10,8 +10,12 @@ count explicitly, in this order:
     the CPUs Ray assigned to the replica (num_cpus > 0), rounded up
     else (num_cpus 0: the replica shares the machine) the cores this process may run on
 
-and OMP_WAIT_POLICY=PASSIVE (unless set), so that a replica's idle OpenMP threads sleep instead of spinning
-on the cores the other replicas are computing on (the draft and the target alternate within a round).
+OMP_WAIT_POLICY is left as the environment sets it. PASSIVE (idle OpenMP threads sleep at once) looked right
+for replicas that share cores and alternate within a round, but it makes every one of a forward's ~400
+parallel regions wake its threads with a futex: a bf16 decoding step of the default target took 31 ms in
+the replica against 18 ms in process (in process, PASSIVE alone: 53.6 -> 35.9 tok/s). OpenMP's default
+spins only briefly (GOMP_SPINCOUNT) before it sleeps, so an idle replica gives its cores back within a
+fraction of a millisecond.
 """
 from __future__ import annotations
 
@@ -44,11 +48,8 @@ def choose_threads(requested=None, env: str | None = None, assigned_cpus: float 
 
 
 def prepare_openmp() -> bool:
-    """Ask OpenMP to sleep when idle, if torch (which loads OpenMP and reads this once) is not loaded yet."""
-    if "torch" in sys.modules:
-        return False
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return True
+    """Whether this replica's OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE, only if the user set it)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 
 
 def apply_threads(n: int) -> int:
@@ -56,3 +57,37 @@ def apply_threads(n: int) -> int:
 
     torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+class ModelThread:
+    """The one thread that does all of a worker process's model work: loading, packing, every forward.
+
+    OpenMP keeps a team of worker threads per thread that starts parallel regions. A replica used to load
+    its model on one thread and run forwards on whichever gRPC handler thread took the call, so several
+    teams lived on the same cores, and a forward on a handler thread was ~1.5x slower than the same forward
+    on the loading thread (bf16 step of the default target on 2 cores: 19.3 ms on the loading thread, 29.5 ms
+    on another; 18.6 ms when one thread did both). Handlers hand their model work here and wait for it.
+    torch's inference mode is per thread: work run here enters it itself."""
+
+    def __init__(self, name: str = "gsd-model"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._ident: int | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                            initializer=self._remember)
+
+    def _remember(self) -> None:
+        import threading
+
+        self._ident = threading.get_ident()
+
+    def run(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the model thread (at once when called from it); returns or raises its result."""
+        import threading
+
+        if threading.get_ident() == self._ident:
+            return fn(*args, **kwargs)
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+
+MODEL_THREAD = ModelThread()

@@ -14,12 +14,16 @@ class DraftReplica(GrpcReplica):
         self.threads = env_setup(args, "draft")   # before torch is imported (OpenMP reads its settings once)
         from ...serving.draft_worker import DraftWorker
 
-        model, ids = load_models(args, "draft")
-        self._serve(DraftWorker(model, ids, name=str(args.get("draft", "default")),
-                                max_sessions=int(args.get("max_sessions", 64)),
-                                ttl_s=float(args.get("session_ttl_s", 300)), device=args.get("draft_device"),
-                                max_session_bytes=session_bytes(args), max_batch=int(args.get("draft_max_batch", 64))),
-                    args, "draft_grpc_port")
+        from ...serving.threads import MODEL_THREAD
+
+        def build() -> DraftWorker:    # on the thread every forward will run on (one OpenMP team)
+            model, ids = load_models(args, "draft")
+            return DraftWorker(model, ids, name=str(args.get("draft", "default")),
+                               max_sessions=int(args.get("max_sessions", 64)),
+                               ttl_s=float(args.get("session_ttl_s", 300)), device=args.get("draft_device"),
+                               max_session_bytes=session_bytes(args), max_batch=int(args.get("draft_max_batch", 64)))
+
+        self._serve(MODEL_THREAD.run(build), args, "draft_grpc_port")
 
 
 Draft = serve.deployment(DraftReplica, name="Draft", ray_actor_options={"num_cpus": 0},

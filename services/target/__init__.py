@@ -42,13 +42,18 @@ class TargetReplica(GrpcReplica):
             config = AutoConfig.from_pretrained(resolve(name), local_files_only=True)
             worker = TargetWorker(runner=runner, max_seq_len=int(config.max_position_embeddings), **common)
         else:
-            model, _ = load_models(args, "target")
-            redis_url = args.get("redis_url", os.environ.get("REDIS_URL")) or None
-            cache = PrefixCache(redis_url, model_fingerprint(model, name),
-                                block_size=int(args.get("prefix_block_size", 32)),
-                                ttl_s=int(args.get("prefix_ttl_s", 3600)),
-                                max_entry_bytes=int(args.get("prefix_max_entry_bytes", 16 * 1024 * 1024)))
-            worker = TargetWorker(model, prefix_cache=cache, device=args.get("target_device"), **common)
+            from ...serving.threads import MODEL_THREAD
+
+            def build() -> TargetWorker:    # on the thread every forward will run on (one OpenMP team)
+                model, _ = load_models(args, "target")
+                redis_url = args.get("redis_url", os.environ.get("REDIS_URL")) or None
+                cache = PrefixCache(redis_url, model_fingerprint(model, name),
+                                    block_size=int(args.get("prefix_block_size", 32)),
+                                    ttl_s=int(args.get("prefix_ttl_s", 3600)),
+                                    max_entry_bytes=int(args.get("prefix_max_entry_bytes", 16 * 1024 * 1024)))
+                return TargetWorker(model, prefix_cache=cache, device=args.get("target_device"), **common)
+
+            worker = MODEL_THREAD.run(build)
         self._serve(worker, args, "target_grpc_port")
 
 
