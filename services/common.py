@@ -126,13 +126,13 @@ class Heartbeat:
 def env_setup(args: dict | None = None, kind: str | None = None) -> dict:
     """Environment of a replica process, and its torch threads (serving/threads.py: the app arg
     `<kind>_torch_threads` or `torch_threads`, else $GSD_TORCH_THREADS, else the CPUs Ray gave the replica,
-    else all cores). Returns {threads, why, openmp_passive} for the replica's Info."""
+    else all cores). Returns {threads, why, openmp_wait} for the replica's Info."""
     from ..serving.threads import MODEL_THREAD, apply_threads, choose_threads, prepare_openmp
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    passive = prepare_openmp()
+    wait = prepare_openmp()
     if kind is None:     # the router: no model work
         return {}
     args = args or {}
@@ -141,11 +141,11 @@ def env_setup(args: dict | None = None, kind: str | None = None) -> dict:
         assigned = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
     except Exception:  # noqa: BLE001 (not in a Ray worker)
         assigned = 0.0
-    n, why = choose_threads(requested, os.environ.get("GSD_TORCH_THREADS"), assigned)
+    n, why = choose_threads(requested, os.environ.get("GSD_TORCH_THREADS"), assigned, kind=kind)
     apply_threads(n)
     got = MODEL_THREAD.run(apply_threads, n)    # the thread that will do the model work
-    log.info("%s replica: %d torch threads (%s)%s", kind, got, why, "; OpenMP passive" if passive else "")
-    return {"threads": got, "why": why, "openmp_passive": passive}
+    log.info("%s replica: %d torch threads (%s); OpenMP %s", kind, got, why, wait)
+    return {"threads": got, "why": why, "openmp_wait": wait}
 
 
 def session_bytes(args: dict) -> int | None:

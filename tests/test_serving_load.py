@@ -942,3 +942,18 @@ def test_target_returns_features_when_asked(feature_stack, tiny_pair):
         stub.Prefill(pb.PrefillRequest(session_id="x", tokens=prompt, feature_layers=[0, 99]), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     stub.Release(pb.ReleaseRequest(session_ids=["f", "p"]), timeout=60)
+
+
+def test_replica_threads_follow_what_the_replica_is_given():
+    from gsd_serve.serving.threads import choose_threads
+
+    assert choose_threads(3, "5", 2.0, cores=8) == (3, "app args")
+    assert choose_threads(None, "5", 2.0, cores=8)[0] == 5
+    assert choose_threads(None, None, 1.5, cores=8)[0] == 2          # Ray's CPUs, rounded up
+    assert choose_threads(None, None, 16.0, cores=8)[0] == 8         # never more than the cores
+    # sharing the machine (num_cpus 0): a target takes every core, a draft one thread (its idle threads would
+    # spin on the cores the target computes on)
+    assert choose_threads(None, None, 0.0, cores=8, kind="target")[0] == 8
+    assert choose_threads(None, None, 0.0, cores=8, kind="draft")[0] == 1
+    with pytest.raises(ValueError):
+        choose_threads(0.5 - 1, None, None, cores=8)

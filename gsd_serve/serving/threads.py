@@ -8,14 +8,18 @@ count explicitly, in this order:
     the app arg `torch_threads` (or `draft_torch_threads` / `target_torch_threads`), a number > 0
     $GSD_TORCH_THREADS
     the CPUs Ray assigned to the replica (num_cpus > 0), rounded up
-    else (num_cpus 0: the replica shares the machine) the cores this process may run on
+    else (num_cpus 0: the replica shares the machine) the cores this process may run on for a target, and
+         one thread for a draft
 
-OMP_WAIT_POLICY is left as the environment sets it. PASSIVE (idle OpenMP threads sleep at once) looked right
-for replicas that share cores and alternate within a round, but it makes every one of a forward's ~400
-parallel regions wake its threads with a futex: a bf16 decoding step of the default target took 31 ms in
-the replica against 18 ms in process (in process, PASSIVE alone: 53.6 -> 35.9 tok/s). OpenMP's default
-spins only briefly (GOMP_SPINCOUNT) before it sleeps, so an idle replica gives its cores back within a
-fraction of a millisecond.
+A draft's forwards are a few rows of a small model: more threads buy it little, and their idle spinning
+takes the cores the target is computing on when the two share a machine. Served gsd on the 2-core dev
+machine, full speculation, 12 prompts x 64 tokens: a 2-thread draft gave 40.7 / 23.4 / 29.5 tok/s at 1 / 2 / 4
+streams, a 1-thread draft 52.8 / 48.2 / 71.7 (served ar: about 41 / 41 / 60).
+
+OpenMP's wait policy is left as the environment sets it. PASSIVE (idle threads sleep at once) makes each
+of a forward's ~400 parallel regions wake its threads with a futex (in process, 53.6 -> 35.9 tok/s), and a
+short spin (GOMP_SPINCOUNT=10000) was as fast in process but cost served ar a quarter of its speed at one
+stream (40.4 -> 31.5 tok/s): the default spin it is.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ def available_cores() -> int:
 
 
 def choose_threads(requested=None, env: str | None = None, assigned_cpus: float | None = None,
-                   cores: int | None = None) -> tuple[int, str]:
+                   cores: int | None = None, kind: str = "target") -> tuple[int, str]:
     """(threads, why) by the rule above; `cores` defaults to this process's available cores."""
     cores = cores or available_cores()
     if requested not in (None, "", "auto", 0):
@@ -44,12 +48,16 @@ def choose_threads(requested=None, env: str | None = None, assigned_cpus: float 
         return max(1, int(env)), "GSD_TORCH_THREADS"
     if assigned_cpus:
         return max(1, min(cores, math.ceil(assigned_cpus))), f"{assigned_cpus:g} CPUs assigned by Ray"
+    if kind == "draft":
+        return 1, "num_cpus 0: a draft shares the machine with one thread"
     return cores, "num_cpus 0: all cores of the machine"
 
 
-def prepare_openmp() -> bool:
-    """Whether this replica's OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE, only if the user set it)."""
-    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+def prepare_openmp() -> str:
+    """How this replica's idle OpenMP threads wait (reported in its Info)."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return "OMP_WAIT_POLICY=" + os.environ["OMP_WAIT_POLICY"]
+    return "GOMP_SPINCOUNT=" + os.environ.get("GOMP_SPINCOUNT", "default")
 
 
 def apply_threads(n: int) -> int:
