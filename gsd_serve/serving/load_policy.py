@@ -36,7 +36,10 @@ from dataclasses import dataclass, field
 class LoadPolicyConfig:
     mode: str = "auto"            # auto: follow load; off: always the configured spec (the old behaviour)
     margin: float = 0.05          # speculate only when predicted >= (1 + margin) x plain decoding
-    alpha: float = 0.1            # weight of a new sample in the moving averages
+    alpha: float = 0.1            # weight of a new sample in the moving averages of costs
+    accept_alpha: float = 0.02    # the same for acceptance and tree sizes: one round's accepted count swings
+    #                               0..depth, so a 10-round average flipped decisions on noise (and a low one,
+    #                               kept while decoding plainly, held the policy there)
     warmup_calls: int = 4         # Verify calls measured on a replica before its policy judges (full spec till then)
     prior_slope: float = 1 / 64   # C(r) per extra row, as a fraction of C(1), until two sizes are measured
     probe_every: int = 200        # rounds between probes of a setting the policy has not measured lately
@@ -77,8 +80,10 @@ class Ema:
         self.n = 0
 
     def add(self, x: float, alpha: float) -> None:
-        self.value = x if self.value is None else (1 - alpha) * self.value + alpha * x
+        """The mean of the samples so far until there are 1/alpha of them, then a moving average."""
         self.n += 1
+        w = max(alpha, 1.0 / self.n)
+        self.value = x if self.value is None else (1 - w) * self.value + w * x
 
 
 class CostModel:
@@ -166,7 +171,7 @@ class LoadPolicy:
 
     def observe_tree(self, budget: int, tree_size: int, tree_path) -> None:
         """A verified tree drafted with `budget`: its size and its accepted path (tree indices, root first)."""
-        a = self.config.alpha
+        a = self.config.accept_alpha
         path = list(tree_path)[1:]
         for b in self.ladder:
             if b > budget:
