@@ -9,3 +9,12 @@ LIMIT=${LIMIT:-24}
 "$GSD" bench --limit "$LIMIT" --max-new-tokens 128 --methods ar,chain,tree,gsd,hf-assisted --out bench/results/greedy
 "$GSD" bench --limit 6 --max-new-tokens 64 --temperatures 0,0.7,1.0 --methods ar,chain,tree,gsd,gsd-adaptive \
   --out bench/results/sampled
+# Against llama.cpp's plain decoding of the same GGUF (needs llama-cpp-python: see README "Against llama.cpp"),
+# in the CPU's auto dtype and in fp32, each twice (the spread is part of the result).
+if .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  for r in 1 2; do for d in bfloat16 float32; do
+    "$GSD" bench --limit 12 --max-new-tokens 128 --methods ar,gsd,llama.cpp --dtype "$d" --out "bench/results/llamacpp-$d-run$r"
+  done; done
+fi
+# Served: concurrent OpenAI streams against `gsd-serve serve`, ar and gsd, 1-32 streams.
+"$GSD" bench-serve --limit 12 --max-tokens 64 --methods ar,gsd --out bench/results/serve

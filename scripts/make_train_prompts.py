@@ -950,69 +950,41 @@ SUMMARY_INSTRUCTIONS = [
 ]
 
 
+# Arithmetic word problems: (template, the draw of its numbers and names). Each draw calls the RNG in the
+# order the template's values appear, and a template is drawn 8 times before the next one, so the prompts
+# (and the training data made from them) stay the same run after run.
+MATH_TEMPLATES = [
+    ("{n} has {a} {obj}. {m} gives {n} {b} more. How many {obj} does {n} have now?",
+     lambda r: dict(zip("nm", r.sample(NAMES, 2)), a=r.randint(5, 40), b=r.randint(2, 20), obj=r.choice(COUNT_OBJECTS))),
+    ("{n} buys {a} {item} for {p} dollars each. How much does {n} spend in total?",
+     lambda r: dict(n=r.choice(NAMES), a=r.randint(2, 9), p=r.randint(2, 12), item=r.choice(BUY_ITEMS))),
+    ("A bus has {a} passengers. At the next stop, {b} people get off and {c} people get on. "
+     "How many passengers are on the bus now?",
+     lambda r: {"a": (a := r.randint(15, 50)), "b": r.randint(2, a - 5), "c": r.randint(1, 15)}),
+    ("{n} reads {a} pages every day. How many pages will {n} read in {d} days?",
+     lambda r: dict(n=r.choice(NAMES), a=r.randint(5, 30), d=r.randint(3, 14))),
+    ("There are {km} cookies shared equally among {k} children. How many cookies does each child get?",
+     lambda r: {"k": (k := r.randint(2, 8)), "km": k * r.randint(2, 9)}),
+    ("{n} walks {a} kilometers on Monday and {b} kilometers on Tuesday. How many kilometers does {n} walk in total?",
+     lambda r: dict(n=r.choice(NAMES), a=r.randint(2, 12), b=r.randint(2, 12))),
+    ("A store had {a} bottles of water. It sold {b} in the morning and {c} in the afternoon. "
+     "How many bottles are left?",
+     lambda r: {"a": (a := r.randint(40, 120)), "b": (b := r.randint(5, a // 2)), "c": r.randint(5, a - b - 1)}),
+    ("{n} earns {a} dollars per hour. How much does {n} earn after working {h} hours?",
+     lambda r: dict(n=r.choice(NAMES), a=r.randint(8, 25), h=r.randint(3, 40))),
+    ("A garden has {r} rows of flowers with {c} flowers in each row. How many flowers are there in total?",
+     lambda r: dict(r=r.randint(3, 12), c=r.randint(4, 15))),
+    ("{n} had {a} dollars and spent {b} dollars on lunch. How much money does {n} have left?",
+     lambda r: {"n": r.choice(NAMES), "a": (a := r.randint(20, 100)), "b": r.randint(4, a - 3)}),
+    ("A rope is {km} meters long. It is cut into {k} equal pieces. How long is each piece?",
+     lambda r: {"k": (k := r.randint(2, 8)), "km": k * r.randint(2, 10)}),
+    ("{n} is {a} years old. {m} is {b} years older than {n}. How old will {m} be in {c} years?",
+     lambda r: dict(zip("nm", r.sample(NAMES, 2)), a=r.randint(5, 40), b=r.randint(1, 10), c=r.randint(2, 10))),
+]
+
+
 def math_problems(rng):
-    out = []
-
-    def nm():
-        return rng.choice(NAMES)
-
-    for _ in range(8):
-        n, m = rng.sample(NAMES, 2)
-        a, b = rng.randint(5, 40), rng.randint(2, 20)
-        obj = rng.choice(COUNT_OBJECTS)
-        out.append(f"{n} has {a} {obj}. {m} gives {n} {b} more. How many {obj} does {n} have now?")
-    for _ in range(8):
-        n = nm()
-        a, p = rng.randint(2, 9), rng.randint(2, 12)
-        item = rng.choice(BUY_ITEMS)
-        out.append(f"{n} buys {a} {item} for {p} dollars each. How much does {n} spend in total?")
-    for _ in range(8):
-        a = rng.randint(15, 50)
-        b, c = rng.randint(2, a - 5), rng.randint(1, 15)
-        out.append(f"A bus has {a} passengers. At the next stop, {b} people get off and "
-                   f"{c} people get on. How many passengers are on the bus now?")
-    for _ in range(8):
-        n = nm()
-        a, d = rng.randint(5, 30), rng.randint(3, 14)
-        out.append(f"{n} reads {a} pages every day. How many pages will {n} read in {d} days?")
-    for _ in range(8):
-        k, m = rng.randint(2, 8), rng.randint(2, 9)
-        out.append(f"There are {k * m} cookies shared equally among {k} children. "
-                   f"How many cookies does each child get?")
-    for _ in range(8):
-        n = nm()
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        out.append(f"{n} walks {a} kilometers on Monday and {b} kilometers on Tuesday. "
-                   f"How many kilometers does {n} walk in total?")
-    for _ in range(8):
-        a = rng.randint(40, 120)
-        b = rng.randint(5, a // 2)
-        c = rng.randint(5, a - b - 1)
-        out.append(f"A store had {a} bottles of water. It sold {b} in the morning and {c} "
-                   f"in the afternoon. How many bottles are left?")
-    for _ in range(8):
-        n = nm()
-        a, h = rng.randint(8, 25), rng.randint(3, 40)
-        out.append(f"{n} earns {a} dollars per hour. How much does {n} earn after working {h} hours?")
-    for _ in range(8):
-        r, c = rng.randint(3, 12), rng.randint(4, 15)
-        out.append(f"A garden has {r} rows of flowers with {c} flowers in each row. "
-                   f"How many flowers are there in total?")
-    for _ in range(8):
-        n = nm()
-        a = rng.randint(20, 100)
-        b = rng.randint(4, a - 3)
-        out.append(f"{n} had {a} dollars and spent {b} dollars on lunch. How much money "
-                   f"does {n} have left?")
-    for _ in range(8):
-        k, m = rng.randint(2, 8), rng.randint(2, 10)
-        out.append(f"A rope is {k * m} meters long. It is cut into {k} equal pieces. "
-                   f"How long is each piece?")
-    for _ in range(8):
-        n, m = rng.sample(NAMES, 2)
-        a, b, c = rng.randint(5, 40), rng.randint(1, 10), rng.randint(2, 10)
-        out.append(f"{n} is {a} years old. {m} is {b} years older than {n}. "
-                   f"How old will {m} be in {c} years?")
+    out = [text.format(**draw(rng)) for text, draw in MATH_TEMPLATES for _ in range(8)]
     return [p + rng.choice(MATH_SUFFIXES) for p in out]
 
 
