@@ -179,14 +179,17 @@ def test_load_policy_margin():
 
 
 def test_load_policy_probes_the_setting_it_does_not_measure():
-    # decoding plainly at saturation: every probe_every rounds, probe_rounds rounds of the tree predicted best
+    # decoding plainly at saturation: probe_rounds rounds of the tree predicted best, every probe_every rounds of
+    # each session: with n sessions per forward, every probe_every x n rounds of the replica
     p = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=3))
     _feed(p, n=512, cost=lambda r: 0.02 + 0.001 * r, path=DEEP_PATH, tree_size=12)
-    got = [(d.budget, d.reason) for d in (p.decide() for _ in range(24))]
+    period = 10 * round(p.batch.value)
+    assert period == 5120
+    got = [(d.budget, d.reason) for d in (p.decide() for _ in range(10 + period + 4))]
     rates = p.last.rates
     tree = max((b for b in rates if b > 1), key=rates.get)
     assert tree > 1 and rates[tree] < (1 + p.config.margin) * rates[1]   # plain was chosen
-    assert [b for b, _ in got] == [1] * 10 + [tree] * 3 + [1] * 7 + [tree] * 3 + [1], got
+    assert [b for b, _ in got] == [1] * 10 + [tree] * 3 + [1] * (period - 3) + [tree] * 3 + [1], got[:40]
     assert {r for b, r in got if b == tree} == {"probe"}
     # speculating at a batch size whose plain forward was never measured: a few plain rounds now and then
     q = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=3))

@@ -42,7 +42,9 @@ class LoadPolicyConfig:
     #                               kept while decoding plainly, held the policy there)
     warmup_calls: int = 4         # Verify calls measured on a replica before its policy judges (full spec till then)
     prior_slope: float = 1 / 64   # C(r) per extra row, as a fraction of C(1), until two sizes are measured
-    probe_every: int = 200        # rounds between probes of a setting the policy has not measured lately
+    probe_every: int = 200        # rounds of each session between probes of a setting not measured lately (with n
+    #                               sessions per forward the replica probes every probe_every x n of its rounds:
+    #                               at saturation a probe's drafting, catch-up included, slows every session)
     probe_rounds: int = 8         # rounds a probe lasts (its costs need clean batches: the replica's whole load)
 
     @classmethod
@@ -154,6 +156,7 @@ class LoadPolicy:
         self.rounds = 0
         self.last: Decision = Decision(budget, reason="full spec until measured")
         self._probe_left = 0
+        self._next_probe = self.config.probe_every      # the round the next probe may start at
         self._probe_budget: int | None = None
         self._rng = rng or random.Random(0)
 
@@ -245,8 +248,9 @@ class LoadPolicy:
         plainly, the tree predicted best (its acceptance, size and draft cost were measured when the load
         was another: the probe refreshes exactly the numbers that would make it win)."""
         cfg = self.config
-        if cfg.probe_every <= 0 or self.rounds % cfg.probe_every:
+        if cfg.probe_every <= 0 or self.rounds < self._next_probe:
             return
+        self._next_probe = self.rounds + cfg.probe_every * max(1, round(n))
         if best > 1 and not self.cost.known(n):
             self._probe_budget = 1
         elif best == 1:
