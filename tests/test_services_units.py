@@ -243,6 +243,61 @@ def test_resync_and_draft_failover_stay_exact(stack, tiny_pair, tokenizer):
     asyncio.run(main())
 
 
+def test_a_target_whose_forward_fails_costs_a_failover_not_the_request(tiny_pair, tokenizer):
+    """A Verify item refused for the request's content fails the request; one the replica itself failed (its
+    forward raised: a tensor-parallel rank died, the device failed) is the replica's fault, and the router fails
+    over to another target, which rebuilds the session. With several sessions in the call, a failed fused
+    forward is retried item by item and each item comes back refused with INTERNAL: the router used to fail
+    those requests ("target replica refused a round", seen with a killed TP rank in
+    test_services_tensor_parallel.py)."""
+    from conftest import router_core, start_workers
+
+    from gsd_serve.serving.router import GenerateParams
+
+    engine = _engine(tiny_pair, tokenizer)
+    spec = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+    prompts = [tokenizer(t)["input_ids"] for t in ("Once upon a time", "The sea is", "One, two, three")]
+    wants = [engine.generate(p, 24, spec=spec).token_ids for p in prompts]
+    servers = start_workers(tiny_pair, SECRET, names=("d1", "t1", "t2"))
+    broken, live, spare = [], None, None
+
+    def dead(*args, **kwargs):
+        raise RuntimeError("tensor-parallel rank(s) [2] died during forward")
+
+    async def one(core, ids):
+        run = core.start(GenerateParams(ids, 24, SamplingParams()))
+        out, last = [], None
+        async for chunk in run.chunks():
+            out += chunk
+            last = run.target.replica_id if run.target is not None else last
+            if len(out) >= 4 and not broken and run.target is not None:
+                worker = servers[run.target.replica_id][0]
+                broken.append(worker.replica_id)
+                live["t2"] = spare                      # the other target appears now
+                # the replica's own forwards fail from now on (its process and gRPC server stay up)
+                worker.runner.forward = dead
+                worker.runner.forward_many = dead
+        return out, run, last
+
+    try:
+        async def main():
+            nonlocal live, spare
+            core, live = router_core(servers, tokenizer, SECRET)
+            spare = live.pop("t2")      # every session starts on t1, so t1's Verify calls carry several items
+            got = await asyncio.gather(*[one(core, p) for p in prompts])
+            await core.close()
+            return got
+        got = asyncio.run(main())
+    finally:
+        for _, server, _ in servers.values():
+            server.stop(0)
+    assert broken
+    for want, (out, run, last) in zip(wants, got):
+        assert out == want
+        assert last != broken[0]           # every request finished on the other target
+    assert broken == ["t1"] and all(run.stats.failovers >= 1 for _, run, _ in got)
+
+
 def test_admission_control_and_http_errors(stack, tokenizer):
     from gsd_serve.serving.openai_api import OpenAIFrontend
     from gsd_serve.serving.router import GenerateParams, Overloaded

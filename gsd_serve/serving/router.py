@@ -46,6 +46,8 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 pb = rpc.pb
+# error codes of a refused Verify item that are the request's fault (no failover)
+CLIENT_ERROR_CODES = (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 
 
 # ---------------------------------------------------------------- config
@@ -738,8 +740,18 @@ class RouterCore:
                 continue
             if res is None:
                 raise ServingError("target replica returned no result for the session")
-            if res.status == rpc.ERROR:     # this item alone was refused; the batch's others went on
-                raise ServingError(f"target replica refused a round: {res.error}")
+            if res.status == rpc.ERROR:     # this item alone failed; the batch's others went on
+                if res.error_code in CLIENT_ERROR_CODES:     # its content was refused: the request fails
+                    raise ServingError(f"target replica refused a round: {res.error}")
+                # the replica failed it (its forward raised, e.g. a tensor-parallel rank died): fail over, as
+                # for a failed call; the next replica rebuilds the session from the committed tokens
+                last = RuntimeError(res.error)
+                self.mark_dead(ep, last)
+                run.stats.failovers += 1
+                run.assign("target", None)
+                run.t_synced = 0
+                await self._backoff(attempt)
+                continue
             if res.status == rpc.RESYNC:
                 run.t_synced = 0
                 run.stats.resyncs += 1
