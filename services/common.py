@@ -127,12 +127,12 @@ def env_setup(args: dict | None = None, kind: str | None = None) -> dict:
     """Environment of a replica process, and its torch threads (serving/threads.py: the app arg
     `<kind>_torch_threads` or `torch_threads`, else $GSD_TORCH_THREADS, else the CPUs Ray gave the replica,
     else all cores). Returns {threads, why, openmp_wait} for the replica's Info."""
-    from ..serving.threads import MODEL_THREAD, apply_threads, choose_threads, prepare_openmp
+    from ..serving.threads import MODEL_THREAD, apply_threads, choose_threads, openmp_wait_setting
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    wait = prepare_openmp()
+    wait = openmp_wait_setting()
     if kind is None:     # the router: no model work
         return {}
     args = args or {}

@@ -351,6 +351,18 @@ def test_hot_prefix_is_served_by_every_replica_exactly(workers, tiny_pair, token
 
 # ---------------------------------------------------------------- BatchGate
 
+def _submitter(gate):
+    """(results, call): call(x) submits x to the gate and records its result or error under x."""
+    results: dict = {}
+
+    def call(x):
+        try:
+            results[x] = gate.submit(x)
+        except Exception as exc:  # noqa: BLE001
+            results[x] = exc
+    return results, call
+
+
 def test_batch_gate_fuses_overlapping_calls_and_answers_each():
     from gsd_serve.serving.batching import BatchGate
 
@@ -369,13 +381,7 @@ def test_batch_gate_fuses_overlapping_calls_and_answers_each():
                 j.result = j.payload * 10
 
     gate = BatchGate(run_batch, max_batch=4)
-    results: dict = {}
-
-    def call(x):
-        try:
-            results[x] = gate.submit(x)
-        except Exception as exc:  # noqa: BLE001
-            results[x] = exc
+    results, call = _submitter(gate)
 
     threads = [threading.Thread(target=call, args=(1,))]
     threads[0].start()
@@ -416,13 +422,7 @@ def test_batch_gate_batch_failure_reaches_only_unanswered_calls():
         raise RuntimeError("the fused forward failed")
 
     gate = BatchGate(run_batch)
-    results: dict = {}
-
-    def call(x):
-        try:
-            results[x] = gate.submit(x)
-        except Exception as exc:  # noqa: BLE001
-            results[x] = exc
+    results, call = _submitter(gate)
 
     t0 = threading.Thread(target=call, args=(0,))
     t0.start()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import cache_dir
-from .llama_forward import _rms_norm, _rotate_half
+from .llama_forward import _rms_norm, layer_qkv, layer_rest
 from .runner import ModelRunner
 
 MAX_COMPILED_ROWS = 64
@@ -127,27 +127,19 @@ class CompiledRunner(ModelRunner):
     def _static_step(self, tokens, positions, mask, slots, k_all, v_all):
         """Hidden states [B, d] of B rows; their K/V go to `slots` of every layer's buffer."""
         dec = self._lean.decoder
-        hd, n = self._lean.head_dim, tokens.shape[0]
+        hd = self._lean.head_dim
         h = dec.embed_tokens(tokens.view(1, -1))
         cos, sin = dec.rotary_emb(h, positions.view(1, -1))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         adt = k_all.dtype
         for i, layer in enumerate(dec.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = _rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
-            v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = layer_qkv(layer, h, cos, sin, hd)
             k_all[i].index_copy_(2, slots, k.to(adt))
             v_all[i].index_copy_(2, slots, v.to(adt))
             o = F.scaled_dot_product_attention(q.to(adt), k_all[i], v_all[i], attn_mask=mask,
                                                scale=self._lean.scaling,
                                                enable_gqa=k_all.shape[2] != q.shape[1]).to(h.dtype)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
-            x = _rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = layer_rest(layer, h, o)
         return _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)[0]
 
     @torch.inference_mode()

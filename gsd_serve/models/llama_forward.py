@@ -54,6 +54,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def layer_qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hd: int):
+    """A decoder layer's queries, keys and values [1, heads, n, hd] for hidden states h [1, n, d], RoPE applied."""
+    attn, n = layer.self_attn, h.shape[1]
+    x = _rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+    q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def layer_rest(layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The layer's output from its input h and its attention output o [1, heads, n, hd]: o_proj, residual, MLP."""
+    n = h.shape[1]
+    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+    x = _rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+    mlp = layer.mlp
+    return h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
 class LeanDecoder:
     """hidden states [n, d] for n new tokens fed after a KVCache, given positions and an optional mask."""
 
@@ -77,7 +96,6 @@ class LeanDecoder:
         after those layers, concatenated [n, len(collect) * d] (what a feature draft reads)."""
         dec = self.decoder
         sizes = [t.numel() for t in tokens]
-        n = sum(sizes)
         starts = [c.length for c in caches]
         h = dec.embed_tokens(torch.cat(tokens).view(1, -1))               # [1, n, d]
         cos, sin = dec.rotary_emb(h, torch.cat(positions).view(1, -1))    # [1, n, hd]
@@ -101,13 +119,7 @@ class LeanDecoder:
         # in the attention dtype (exact upcasts).
         adt = torch.float64 if h.dtype in (torch.bfloat16, torch.float16) else h.dtype
         for i, layer in enumerate(dec.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = _rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
-            v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = layer_qkv(layer, h, cos, sin, hd)
             outs = []
             for cache, (a, b), m in zip(caches, bounds, masks):
                 keys, values = cache.update(k[:, :, a:b].to(adt), v[:, :, a:b].to(adt), i)
@@ -115,9 +127,7 @@ class LeanDecoder:
                                                            scale=self.scaling,
                                                            enable_gqa=keys.shape[1] != q.shape[1]))
             o = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).to(h.dtype)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
-            x = _rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = layer_rest(layer, h, o)
             if i in collect:
                 kept[i] = h[0]
         hidden = _rms_norm(h, dec.norm.weight, dec.norm.variance_epsilon)[0]

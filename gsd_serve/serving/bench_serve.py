@@ -199,25 +199,19 @@ class ServeProcess:
             raise
 
     def _wait_ready(self, timeout_s: float) -> None:
-        import httpx
+        from .reliability import wait_healthy
 
         app = self.config["applications"][0]
         want = {d["name"]: int(d.get("num_replicas", 1)) for d in app.get("deployments") or []}
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def alive() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gsd-serve serve exited with {self.proc.returncode}; log: {self.log_path}: "
                                    + self.log_tail())
-            try:
-                h = httpx.get(self.url + "/health", timeout=5).json()
-                if h.get("target_replicas", 0) >= want.get("Target", 1) and \
-                        h.get("draft_replicas", 0) >= want.get("Draft", 1):
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not ready within {timeout_s:.0f}s; log: {self.log_path}")
-            time.sleep(1.0)
+
+        wait_healthy(self.url, lambda h: h.get("target_replicas", 0) >= want.get("Target", 1)
+                     and h.get("draft_replicas", 0) >= want.get("Draft", 1),
+                     timeout_s, poll_s=1.0, alive=alive, what=f"the server (log: {self.log_path})")
 
     def log_tail(self, n: int = 2000) -> str:
         try:
@@ -515,7 +509,7 @@ def markdown(report: dict) -> str:
     res = report["results"]
     methods = list(res)
     levels = sorted({int(c) for m in res.values() for c in m})
-    lines = [f"# Serving benchmark", "",
+    lines = ["# Serving benchmark", "",
              f"`{report['command']}`", "",
              f"CPU: {report['cpu']} ({report['cores']} cores); dtype {report['dtype']}; {report['n_prompts']} prompts "
              f"from {Path(report['prompts']).name}, {report['max_tokens']} new tokens, greedy; commit "

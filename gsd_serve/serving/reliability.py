@@ -263,24 +263,34 @@ class AppProbe:
 
 def deploy_app(app_name: str, args: dict, base_url: str, drafts: int, targets: int, timeout_s: float = 600) -> None:
     """Deploy the gsd application and wait until the router sees all its replicas."""
-    import httpx
     from ray import serve
 
     from ..services.app import build_app
 
     args = dict(args, replicas={"draft": drafts, "target": targets})
     serve.run(build_app(args), name=app_name, route_prefix="/")
+    wait_healthy(base_url, lambda h: h.get("draft_replicas") == drafts and h.get("target_replicas") == targets,
+                 timeout_s)
+
+
+def wait_healthy(base_url: str, ready, timeout_s: float, *, poll_s: float = 0.5, alive=None,
+                 what: str = "the application") -> None:
+    """Poll `base_url`/health until `ready(health)` holds; `alive()` (if given) raises when what is being
+    waited for has died, and a TimeoutError ends the wait after `timeout_s`."""
+    import httpx
+
     deadline = time.monotonic() + timeout_s
     while True:
+        if alive is not None:
+            alive()
         try:
-            h = httpx.get(base_url + "/health", timeout=10).json()
-            if h.get("draft_replicas") == drafts and h.get("target_replicas") == targets:
+            if ready(httpx.get(base_url + "/health", timeout=10).json()):
                 return
         except (httpx.HTTPError, ValueError):
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the application did not come up within {timeout_s:.0f}s")
-        time.sleep(0.5)
+            raise TimeoutError(f"{what} was not ready within {timeout_s:.0f}s")
+        time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------- chaos

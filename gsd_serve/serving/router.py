@@ -46,8 +46,10 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 pb = rpc.pb
-# error codes of a refused Verify item that are the request's fault (no failover)
-CLIENT_ERROR_CODES = (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+# a worker's answers that are the request's fault, not the replica's (no failover): for a failed call its
+# status code, for a refused Verify item its error_code
+CLIENT_STATUS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+CLIENT_ERROR_CODES = tuple(c.value[0] for c in CLIENT_STATUS)
 
 
 # ---------------------------------------------------------------- config
@@ -503,11 +505,21 @@ class RouterCore:
         ep.dead_until = time.monotonic() + self.config.dead_s
         self.metrics.inc("failovers", kind=ep.kind)
 
+    def fail_over(self, run: "Run", ep: Endpoint, exc: Exception) -> None:
+        """`ep` failed `run`'s call: avoid it for a while and drop the run's session there; the next attempt
+        picks another replica, which rebuilds the session from the committed tokens."""
+        self.mark_dead(ep, exc)
+        run.stats.failovers += 1
+        run.assign(ep.kind, None)
+        if ep.kind == "draft":
+            run.d_synced = 0
+        else:
+            run.t_synced = 0
+
     @staticmethod
     def _client_bug(exc: Exception) -> bool:
         """A worker refused the call's content (not the replica's fault: no failover)."""
-        return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                                                         grpc.StatusCode.RESOURCE_EXHAUSTED)
+        return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in CLIENT_STATUS
 
     @staticmethod
     def _refusal(exc: "grpc.aio.AioRpcError") -> ServingError:
@@ -609,8 +621,7 @@ class RouterCore:
                 if self._client_bug(exc):
                     raise self._refusal(exc) from None
                 last = exc
-                self.mark_dead(ep, exc)
-                run.stats.failovers += 1
+                self.fail_over(run, ep, exc)
                 await self._backoff(attempt)
                 continue
             run.t_synced = len(run.prompt)      # the target holds prompt + first; the next delta resends first
@@ -681,10 +692,7 @@ class RouterCore:
                 run.rpc_timeout()   # a call cut short by the request's own deadline is not the replica's fault
                 if self._client_bug(exc):
                     raise ServingError(f"draft replica refused a round: {exc.details()}") from None
-                self.mark_dead(ep, exc)
-                run.stats.failovers += 1
-                run.assign("draft", None)
-                run.d_synced = 0
+                self.fail_over(run, ep, exc)
                 continue
             finally:
                 if target is not None:
@@ -732,10 +740,7 @@ class RouterCore:
                 if self._client_bug(exc):
                     raise ServingError(f"target replica refused a round: {exc.details()}") from None
                 last = exc
-                self.mark_dead(ep, exc)
-                run.stats.failovers += 1
-                run.assign("target", None)
-                run.t_synced = 0
+                self.fail_over(run, ep, exc)
                 await self._backoff(attempt)
                 continue
             if res is None:
@@ -746,10 +751,7 @@ class RouterCore:
                 # the replica failed it (its forward raised, e.g. a tensor-parallel rank died): fail over, as
                 # for a failed call; the next replica rebuilds the session from the committed tokens
                 last = RuntimeError(res.error)
-                self.mark_dead(ep, last)
-                run.stats.failovers += 1
-                run.assign("target", None)
-                run.t_synced = 0
+                self.fail_over(run, ep, last)
                 await self._backoff(attempt)
                 continue
             if res.status == rpc.RESYNC:

@@ -53,7 +53,7 @@ def choose_threads(requested=None, env: str | None = None, assigned_cpus: float 
     return cores, "num_cpus 0: all cores of the machine"
 
 
-def prepare_openmp() -> str:
+def openmp_wait_setting() -> str:
     """How this replica's idle OpenMP threads wait (reported in its Info)."""
     if "OMP_WAIT_POLICY" in os.environ:
         return "OMP_WAIT_POLICY=" + os.environ["OMP_WAIT_POLICY"]
