@@ -17,9 +17,9 @@ machine, full speculation, 12 prompts x 64 tokens: a 2-thread draft gave 40.7 / 
 streams, a 1-thread draft 52.8 / 48.2 / 71.7 (served ar: about 41 / 41 / 60).
 
 OpenMP's wait policy is left as the environment sets it. PASSIVE (idle threads sleep at once) makes each
-of a forward's ~400 parallel regions wake its threads with a futex (in process, 53.6 -> 35.9 tok/s), and a
-short spin (GOMP_SPINCOUNT=10000) was as fast in process but cost served ar a quarter of its speed at one
-stream (40.4 -> 31.5 tok/s): the default spin it is.
+of a forward's parallel regions wake its threads with a futex: a bf16 step took 31-32 ms instead of 16.5
+(bench/results/serve-experiments/model_thread.jsonl); a short spin (GOMP_SPINCOUNT=10000) gave no clear
+difference (one sweep each, within this machine's noise), so replicas keep OpenMP's default.
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ class ModelThread:
 
     OpenMP keeps a team of worker threads per thread that starts parallel regions. A replica used to load
     its model on one thread and run forwards on whichever gRPC handler thread took the call, so several
-    teams lived on the same cores, and a forward on a handler thread was ~1.5x slower than the same forward
-    on the loading thread (bf16 step of the default target on 2 cores: 19.3 ms on the loading thread, 29.5 ms
-    on another; 18.6 ms when one thread did both). Handlers hand their model work here and wait for it.
+    teams lived on the same cores, and a forward on a handler thread was ~1.8x slower than the same forward
+    on the loading thread (bf16 step of the default target on 2 cores: 16.5 ms on the loading thread, 28.5-30.9
+    ms on another; bench/model_thread_check.py). Handlers hand their model work here and wait for it.
     torch's inference mode is per thread: work run here enters it itself."""
 
     def __init__(self, name: str = "gsd-model"):
