@@ -44,9 +44,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run the target's decoding steps and verification trees as torch.compile'd static-shape "
                         "steps (tree sizes bucketed); auto: on CUDA only (on the CPUs measured, compiling was "
                         "slower and takes minutes per shape); a shape that fails to compile runs eagerly")
-    g.add_argument("--target-weights", default="dense", choices=("dense", "gguf-q4"),
-                   help="gguf-q4: run the default target's projections as its own 4-bit GGUF blocks (int4 "
-                        "matmuls, bf16 activations; fewer bytes per token, not bit-exact, slow for trees)")
+    g.add_argument("--target-weights", default="dense", choices=("dense", "gguf"),
+                   help="gguf: run the default target's projections and output layer on its own GGUF blocks "
+                        "(Q4_1 / Q8_0, this project's C kernels, fp32 activations; the same model with sums in "
+                        "another order, ~6x fewer weight bytes per step than fp32; the target runs in fp32)")
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:

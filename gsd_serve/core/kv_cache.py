@@ -85,6 +85,24 @@ class KVCache(Cache):
     def length(self) -> int:
         return self.layers[0].get_seq_length() if self.layers else 0
 
+    def append_slots(self, layer_idx: int, n: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for n new entries of layer `layer_idx`, for a forward that writes them itself: returns that
+        layer's key and value buffers [1, kv_heads, capacity, head_dim] and the first new slot; the new
+        entries count as cached from now on."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(BufferLayer())
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            empty = torch.empty(1, kv_heads, 0, head_dim, dtype=dtype, device=device)
+            layer.lazy_initialization(empty, empty)
+        start = layer.length
+        layer._reserve(start + n)
+        layer.length = start + n
+        layer.keys = layer._k[..., : layer.length, :]
+        layer.values = layer._v[..., : layer.length, :]
+        return layer._k, layer._v, start
+
     def truncate(self, length: int) -> None:
         for layer in self.layers:
             layer.truncate(length)

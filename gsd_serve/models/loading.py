@@ -255,13 +255,13 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
                 target_weights: str = "dense", compile: str = "auto", draft_kind: str = "auto"):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
-    target runs as that many ranks (processes). target_weights "gguf-q4": the default target's projections
-    run as its own 4-bit GGUF blocks (models/gguf_q4.py; bf16 activations, not bit-exact). compile: on, off or
+    target runs as that many ranks (processes). target_weights "gguf": the default target's projections and
+    output layer run on its own GGUF blocks (models/gguf_blocks.py; fp32 activations, batch-invariant). compile: on, off or
     auto (CUDA only) runs the target's small forwards as compiled static-shape steps (models/compiled.py)."""
-    if target_weights not in ("dense", "gguf-q4"):
-        raise ValueError(f"target weights must be 'dense' or 'gguf-q4', got '{target_weights}'")
-    if target_weights == "gguf-q4" and (target_spec != DEFAULT_TARGET or tensor_parallel_size != 1):
-        raise ValueError("--target-weights gguf-q4 runs the default target's own GGUF, in one process")
+    if target_weights not in ("dense", "gguf"):
+        raise ValueError(f"target weights must be 'dense' or 'gguf', got '{target_weights}'")
+    if target_weights == "gguf" and (target_spec != DEFAULT_TARGET or tensor_parallel_size != 1):
+        raise ValueError("--target-weights gguf runs the default target's own GGUF blocks, in one process")
     from ..core.engine import Engine
     from ..core.prompts import stop_token_ids
     from .runner import ModelRunner, make_runner
@@ -278,10 +278,11 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
         target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target,  # rank 0 shards it
                                            dtype=dtype)
     else:
-        if target_weights == "gguf-q4":
-            from .gguf_q4 import use_gguf_q4
-            target = target.to(torch.bfloat16)
-            use_gguf_q4(target)
+        if target_weights == "gguf":
+            from .gguf_blocks import use_gguf_blocks
+            if next(target.parameters()).dtype != torch.float32:
+                target = load_model(target_spec, torch.float32)   # block weights take fp32 activations
+            use_gguf_blocks(target)
         from .compiled import CompiledRunner, compile_wanted
         wants_features = draft is not None and is_feature_draft_model(draft)
         if compile_wanted(compile, next(target.parameters()).device) and not wants_features:

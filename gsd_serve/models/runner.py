@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.kv_cache import KVCache
+from .gguf_blocks import BlockLinear, gguf_decoder
 from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_available
 from .llama_forward import lean_decoder
 
@@ -31,14 +32,20 @@ class ModelRunner:
             # the full-vocabulary head too when it is the one used (plain generate() calls benefit alike)
             pack_linears(model if output_ids is None else model.base_model)
         head = model.get_output_embeddings()
-        self.head_weight = head.weight if output_ids is None else head.weight[output_ids].contiguous()
-        self.head_bias = getattr(head, "bias", None)
-        if self.head_bias is not None and output_ids is not None:
-            self.head_bias = self.head_bias[output_ids].contiguous()
-        self._lean = lean_decoder(model)
+        if isinstance(head, BlockLinear):
+            # the output layer runs on its GGUF blocks; the dense weight (the tied embedding) only sets the dtype
+            if output_ids is not None:
+                raise ValueError("a GGUF block output layer serves the full vocabulary only")
+            self.head_weight, self.head_bias = model.get_input_embeddings().weight, None
+        else:
+            self.head_weight = head.weight if output_ids is None else head.weight[output_ids].contiguous()
+            self.head_bias = getattr(head, "bias", None)
+            if self.head_bias is not None and output_ids is not None:
+                self.head_bias = self.head_bias[output_ids].contiguous()
+        self._lean = gguf_decoder(model) or lean_decoder(model)
         self._head = None
-        if isinstance(head, PackedLinear) and output_ids is None:
-            self._head = head._kernel
+        if isinstance(head, (PackedLinear, BlockLinear)) and output_ids is None:
+            self._head = head if isinstance(head, BlockLinear) else head._kernel
         elif pack and packing_available(self.head_weight):
             self._head = PackedWeight(self.head_weight, self.head_bias)
         self.output_ids = output_ids

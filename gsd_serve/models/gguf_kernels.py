@@ -1,0 +1,88 @@
+"""The C kernels for GGUF block weights (kernels/gguf_matmul.c), built on first use and called via ctypes.
+
+The source is compiled once per machine with the system C compiler (`cc -O3 -march=native -fopenmp`, a few
+seconds) into the cache directory, keyed by the source, the flags and the CPU's feature flags (the library is
+built for this CPU). It links the OpenMP runtime torch already loaded (both say libgomp.so.1), so the
+kernels share torch's thread team and its `torch.set_num_threads`.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..core.config import cache_dir
+
+SOURCE = Path(__file__).parent / "kernels" / "gguf_matmul.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_lib = None
+
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be built here (no C compiler, or it failed)."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"gguf_matmul-{key}.so"
+    if out.exists():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise KernelBuildError("no C compiler (cc or gcc) found to build the GGUF kernels; install gcc")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise KernelBuildError(f"building the GGUF kernels failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp_out, out)   # atomic: concurrent builders (replicas) never load a half-written file
+    return out
+
+
+def library() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        lib = ctypes.CDLL(str(_build()))
+        for name in ("q4_1_matmul", "q8_0_matmul"):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                           ctypes.c_void_p]
+            fn.restype = None
+        P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        L = ctypes.c_long
+        signatures = {"rms_norm": [P, P, F, I, I, P],
+                      "rope_split": [P, P, P, I, I, I, I, P, P, P, L, L],
+                      "attention": [P, P, P, L, I, P, I, I, I, I, F, P]}
+        for name, args in signatures.items():
+            getattr(lib, name).argtypes = args
+            getattr(lib, name).restype = None
+        _lib = lib
+    return _lib
+
+
+def block_matmul(kind: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 contiguous times the weight held as GGUF blocks [out_features, K/32 * block bytes]
+    (uint8, kind "q4_1" or "q8_0"): [M, out_features] fp32."""
+    M, K = x.shape
+    y = torch.empty(M, out_features, dtype=torch.float32)
+    fn = library().q4_1_matmul if kind == "q4_1" else library().q8_0_matmul
+    fn(x.data_ptr(), M, K, blocks.data_ptr(), out_features, y.data_ptr())
+    return y

@@ -1,0 +1,134 @@
+"""--target-weights gguf: the default target's own Q4_1/Q8_0 blocks in this project's C kernels.
+
+The same model as the dense fp32 target (the blocks are checked against its weights element by element at
+load), summed in another order; batch-invariant, so every speculative method equals plain decoding in this
+mode token for token, and the mode itself is compared with dense fp32 plain decoding (identical, or leaving
+it first at a near-tie).
+"""
+import pytest
+import torch
+
+from gsd_serve.cli.bench import NEAR_TIE_EPS, divergence
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.engine import Engine
+from gsd_serve.core.prompts import encode, stop_token_ids
+from gsd_serve.core.sampling import SamplingParams
+from gsd_serve.models import ModelRunner, draft_output_ids, load_default_pair
+from gsd_serve.models.gguf_blocks import BlockLinear, dequantize, use_gguf_blocks
+from gsd_serve.models.gguf_kernels import block_matmul
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
+           "Explain how a bicycle works to a child.", "List three tips for learning a new language."]
+
+
+def _random_blocks(kind: str, rows: int, cols: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rows * 7 + cols)
+    nb = cols // 32
+    d = (torch.rand(rows, nb, generator=g) * 0.01 + 1e-3).half().view(torch.uint8).view(rows, nb, 2)
+    if kind == "Q8_0":
+        q = torch.randint(0, 256, (rows, nb, 32), generator=g, dtype=torch.uint8)
+        return torch.cat([d, q], -1).reshape(rows, -1)
+    m = (-torch.rand(rows, nb, generator=g) * 0.05).half().view(torch.uint8).view(rows, nb, 2)
+    q = torch.randint(0, 256, (rows, nb, 16), generator=g, dtype=torch.uint8)
+    return torch.cat([d, m, q], -1).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind):
+    rows, cols = 200, 576
+    blocks = _random_blocks(kind, rows, cols)
+    w = dequantize(kind, blocks, cols)
+    x = torch.randn(13, cols, generator=torch.Generator().manual_seed(1))
+    y = block_matmul(kind.lower(), x, blocks, rows)
+    ref = x.double() @ w.double().T
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # every row alone, and every split of the rows, gives bit-identical outputs
+    alone = torch.cat([block_matmul(kind.lower(), x[i:i + 1].contiguous(), blocks, rows) for i in range(13)])
+    assert torch.equal(y, alone)
+    assert torch.equal(y[3:11], block_matmul(kind.lower(), x[3:11].contiguous(), blocks, rows))
+
+
+@pytest.fixture(scope="module")
+def gguf_pair():
+    target, draft, tokenizer = load_default_pair(torch.float32)
+    assert use_gguf_blocks(target) == 7 * target.config.num_hidden_layers + 1
+    return target, draft, tokenizer
+
+
+def test_the_blocks_replace_every_projection_and_the_output_layer(gguf_pair):
+    target, _, _ = gguf_pair
+    layer = target.model.layers[0]
+    assert all(isinstance(getattr(layer.self_attn, n), BlockLinear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert all(isinstance(getattr(layer.mlp, n), BlockLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert isinstance(target.lm_head, BlockLinear) and target.lm_head.kind == "Q8_0"
+    assert layer.self_attn.q_proj.kind == "Q4_1"
+
+
+def test_a_model_whose_weights_are_not_the_blocks_is_refused():
+    target, _, _ = load_default_pair(torch.float32)
+    with torch.no_grad():
+        target.model.layers[3].mlp.up_proj.weight[0, 0] += 1e-3
+    with pytest.raises(ValueError, match="do not match the model's weights"):
+        use_gguf_blocks(target)
+    bf16, _, _ = load_default_pair(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        use_gguf_blocks(bf16)
+
+
+def test_forward_is_close_to_dense_and_trees_equal_steps_bit_for_bit(gguf_pair, default_pair):
+    dense, g = ModelRunner(default_pair[0]), ModelRunner(gguf_pair[0])
+    prompt = torch.arange(1000, 1120)
+    with torch.inference_mode():
+        cd, cg = dense.new_cache(), g.new_cache()
+        ld, lg = dense.forward(cd, prompt), g.forward(cg, prompt)
+        assert (ld - lg).abs().max() < 1e-3 and torch.equal(ld.argmax(-1), lg.argmax(-1))
+        # a tree: 0 -> 1 -> 2, 0 -> 3 -> 4, 1 -> 5, verified in one forward under its mask
+        parents, toks = [-1, 0, 1, 0, 3, 1], torch.tensor([5, 17, 300, 42, 7, 999])
+        n, L = len(parents), cg.length
+        mask = torch.zeros(n, L + n, dtype=torch.bool)
+        mask[:, :L] = True
+        depth = []
+        for i, p in enumerate(parents):
+            j = i
+            while j >= 0:
+                mask[i, L + j] = True
+                j = parents[j]
+            depth.append(0 if p < 0 else depth[p] + 1)
+        pos = torch.tensor([L + d for d in depth])
+        tree = g.forward(cg, toks, pos, mask[None, None])
+        cd.truncate(L)
+        assert (dense.forward(cd, toks, pos, mask[None, None]) - tree).abs().max() < 1e-3
+        cg.truncate(L)
+        steps = [g.forward(cg, toks[i:i + 1])[0] for i in (0, 1, 2)]
+        assert all(torch.equal(tree[i], steps[i]) for i in (0, 1, 2))
+        cg.truncate(L)
+        chunk = g.forward(cg, toks[:3])
+        assert all(torch.equal(chunk[i], steps[i]) for i in range(3))
+        # two sequences fused in one pass equal each alone
+        c1, c2 = g.new_cache(), g.new_cache()
+        g.forward(c1, prompt[:50])
+        g.forward(c2, prompt[:80])
+        a1, a2 = g.forward(c1, toks[:2]), g.forward(c2, toks[:3])
+        c1.truncate(50)
+        c2.truncate(80)
+        f1, f2 = g.forward_many([c1, c2], [toks[:2], toks[:3]], [torch.arange(50, 52), torch.arange(80, 83)],
+                                [None, None])
+        assert torch.equal(f1, a1) and torch.equal(f2, a2)
+
+
+def test_gguf_speculation_equals_gguf_plain_decoding_and_dense_up_to_near_ties(gguf_pair, default_pair):
+    target, draft, tokenizer = gguf_pair
+    stops = stop_token_ids(tokenizer, target)
+    engine = Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids("default-independent")),
+                    stop_token_ids=stops)
+    dense = Engine(ModelRunner(default_pair[0]), None, stop_token_ids=stops)
+    greedy = SamplingParams(temperature=0.0)
+    for text in PROMPTS:
+        ids = encode(tokenizer, text)
+        plain = engine.generate(ids, 48, SpecConfig.for_method("ar"), greedy).token_ids
+        for method in ("chain", "tree", "gsd"):
+            assert engine.generate(ids, 48, SpecConfig.for_method(method), greedy).token_ids == plain, (text, method)
+        ref = dense.generate(ids, 48, SpecConfig.for_method("ar"), greedy).token_ids
+        if plain != ref:
+            d = divergence(dense.target, ids, ref, plain, greedy)
+            assert d["top2_gap"] < NEAR_TIE_EPS, (text, d)
