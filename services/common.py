@@ -172,8 +172,11 @@ def load_models(args: dict, want: str):
     draft_spec = args.get("draft", DEFAULT_DRAFT)
     dtype = args.get("dtype", "auto")
     if want == "target":
+        from ..models.loading import apply_target_weights
+
         target, _, _, _ = load_pair(target_spec, None, dtype)
-        return target, None
+        return apply_target_weights(target, target_spec, args.get("target_weights", "auto"),
+                                    args.get("target_device")), None
     target, draft, _, ids = load_pair(target_spec, draft_spec, dtype)
     del target
     return draft, ids

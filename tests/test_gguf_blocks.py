@@ -14,7 +14,7 @@ from gsd_serve.core.engine import Engine
 from gsd_serve.core.prompts import encode, stop_token_ids
 from gsd_serve.core.sampling import SamplingParams
 from gsd_serve.models import ModelRunner, draft_output_ids, load_default_pair
-from gsd_serve.models.gguf_blocks import BlockLinear, dequantize, use_gguf_blocks
+from gsd_serve.models.gguf_blocks import BlockLinear, dequantize, repack, use_gguf_blocks
 from gsd_serve.models.gguf_kernels import block_matmul
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
@@ -38,6 +38,7 @@ def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind):
     rows, cols = 200, 576
     blocks = _random_blocks(kind, rows, cols)
     w = dequantize(kind, blocks, cols)
+    blocks = repack(kind, blocks)
     x = torch.randn(13, cols, generator=torch.Generator().manual_seed(1))
     y = block_matmul(kind.lower(), x, blocks, rows)
     ref = x.double() @ w.double().T
@@ -45,7 +46,8 @@ def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind):
     # every row alone, and every split of the rows, gives bit-identical outputs
     alone = torch.cat([block_matmul(kind.lower(), x[i:i + 1].contiguous(), blocks, rows) for i in range(13)])
     assert torch.equal(y, alone)
-    assert torch.equal(y[3:11], block_matmul(kind.lower(), x[3:11].contiguous(), blocks, rows))
+    for a, b in ((3, 11), (0, 8), (2, 9), (5, 7)):    # a full tile of rows and remainders of every size
+        assert torch.equal(y[a:b], block_matmul(kind.lower(), x[a:b].contiguous(), blocks, rows))
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,8 @@ def test_forward_is_close_to_dense_and_trees_equal_steps_bit_for_bit(gguf_pair, 
         cg.truncate(L)
         steps = [g.forward(cg, toks[i:i + 1])[0] for i in (0, 1, 2)]
         assert all(torch.equal(tree[i], steps[i]) for i in (0, 1, 2))
+        cg.truncate(L)   # a path whose ancestors sit at other slots in the tree than as steps: 0 -> 3 -> 4
+        assert all(torch.equal(tree[i], g.forward(cg, toks[i:i + 1])[0]) for i in (0, 3, 4))
         cg.truncate(L)
         chunk = g.forward(cg, toks[:3])
         assert all(torch.equal(chunk[i], steps[i]) for i in range(3))

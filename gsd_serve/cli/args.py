@@ -44,8 +44,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run the target's decoding steps and verification trees as torch.compile'd static-shape "
                         "steps (tree sizes bucketed); auto: on CUDA only (on the CPUs measured, compiling was "
                         "slower and takes minutes per shape); a shape that fails to compile runs eagerly")
-    g.add_argument("--target-weights", default="dense", choices=("dense", "gguf"),
-                   help="gguf: run the default target's projections and output layer on its own GGUF blocks "
+    g.add_argument("--target-weights", default="auto", choices=("auto", "dense", "gguf"),
+                   help="auto: gguf for the default target on a CPU where it measures faster than dense weights "
+                        "(measured once per CPU, remembered), else dense. gguf: run the default target's projections and output layer on its own GGUF blocks "
                         "(Q4_1 / Q8_0, this project's C kernels, fp32 activations; the same model with sums in "
                         "another order, ~6x fewer weight bytes per step than fp32; the target runs in fp32)")
 
@@ -99,5 +100,5 @@ def build_engine(args, method: str | None = None):
 
     return load_engine(args.target, args.draft if method != "ar" else None, dtype=getattr(args, "dtype", "auto"),
                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1,
-                       target_weights=getattr(args, "target_weights", "dense"),
+                       target_weights=getattr(args, "target_weights", "auto"),
                        compile=getattr(args, "compile", "auto"), draft_kind=getattr(args, "draft_kind", "auto"))

@@ -20,10 +20,13 @@ import torch
 # differing token lie within this many logits (bf16 keeps 8 significant bits: logits of ~20 round to 0.125)
 NEAR_TIE_EPS = 0.25
 SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-adaptive")   # gsd-adaptive: gsd with SpecConfig.adaptive
+# plain decoding with the dense fp32 target: the exact reference, for runs in a faster numeric mode (GGUF block
+# weights, bf16): its row says whether the run's ar left it, and where, at what top-2 gap
+REFERENCE_METHOD = "ar-fp32"
 # what users would run instead, on the same prompts: transformers' assisted generation with the same pair,
 # and llama.cpp's plain decoding of the default target's own GGUF (optional: pip install llama-cpp-python)
 EXTERNAL_METHODS = ("hf-assisted", "llama.cpp")
-ALL_METHODS = SPEC_METHODS + EXTERNAL_METHODS
+ALL_METHODS = SPEC_METHODS + (REFERENCE_METHOD,) + EXTERNAL_METHODS
 
 
 def _hf_assisted(target, draft, ids: list[int], max_new: int, stop_ids: set[int], sampling) -> dict:
@@ -125,6 +128,13 @@ def run_bench(args) -> dict:
     specs = {m: _bench_spec(args, m, spec_from_args) for m in methods if m in SPEC_METHODS}
     target_model, draft_model = engine.target.model, engine.draft.model if engine.draft else None
     engines = {m: engine for m in methods}
+    if REFERENCE_METHOD in methods:
+        from ..core.engine import Engine
+        from ..models.loading import load_model
+        from ..models.runner import ModelRunner
+        engines[REFERENCE_METHOD] = Engine(ModelRunner(load_model(args.target, torch.float32)), None,
+                                           stop_token_ids=engine.stop_token_ids)
+        specs[REFERENCE_METHOD] = _bench_spec(args, "ar", spec_from_args)
     if tp > 1:
         # the same methods with the target as tp ranks (TP=1 above is the reference)
         from ..core.engine import Engine
@@ -193,7 +203,10 @@ def run_bench(args) -> dict:
                 identical = None if (m == "hf-assisted" and t > 0) or m == "llama.cpp" else tokens == ref
                 row = {"temperature": t, "prompt": rec.get("id", i), "category": rec.get("category", "all"),
                        "method": m, "identical": identical, "stats": stats, "token_ids": tokens}
-                if identical is False and m not in external:
+                if identical is False and m == REFERENCE_METHOD:
+                    # where the run's plain decoding left the exact reference, judged by the reference target
+                    row["divergence"] = divergence(engines[m].target, ids, tokens, ref, sp)
+                elif identical is False and m not in external:
                     row["divergence"] = divergence(engine.target, ids, ref, tokens, sp)
                 rows.append(row)
             done += 1
@@ -206,7 +219,7 @@ def run_bench(args) -> dict:
         "prompts": str(args.prompts or BENCH_PROMPTS), "n_prompts": len(records),
         "max_new_tokens": args.max_new_tokens, "methods": methods, "temperatures": temps,
         "specs": {m: s.to_dict() for m, s in specs.items()}, "target": args.target, "draft": args.draft,
-        "dtype": engine.dtype_name,
+        "dtype": engine.dtype_name, "target_weights": getattr(engine.target, "weights", "dense"),
         "compile_seconds": round(getattr(engine.target, "compile_seconds", 0.0), 1),   # spent in warm-up, not timed
         "machine": {"platform": platform.platform(), "cpu": cpu_description(),
                     "threads": torch.get_num_threads()},

@@ -50,7 +50,8 @@ def cmd_generate(args) -> int:
         elif multi:
             print(text, flush=True)
         s = result.stats
-        line = (f"[{args.method}, {engine.dtype_name}] {s.new_tokens} tokens in {s.seconds:.2f}s ({s.tokens_per_s:.1f} tok/s), "
+        weights = ", GGUF blocks" if getattr(engine.target, "weights", "dense") == "gguf" else ""
+        line = (f"[{args.method}, {engine.dtype_name}{weights}] {s.new_tokens} tokens in {s.seconds:.2f}s ({s.tokens_per_s:.1f} tok/s), "
                 f"mean acceptance length {s.mean_accept_len:.2f}, draft tokens/round {s.draft_tokens_per_round:.1f}")
         if multi:
             elapsed = time.time() - start

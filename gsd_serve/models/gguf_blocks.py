@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .gguf_kernels import block_matmul
 
@@ -44,6 +43,15 @@ def dequantize(kind: str, blocks: torch.Tensor, cols: int) -> torch.Tensor:
     return (q * d + m).reshape(rows, cols)
 
 
+def repack(kind: str, blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks [rows, nb * block bytes] -> the kernels' row layout (gguf_matmul.c): per row the blocks'
+    fp16 scales d, then (Q4_1) their minimums m, then their q bytes. The same bytes, reordered."""
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, -1, BLOCK_BYTES[kind])
+    parts = [b[:, :, 0:2]] + ([b[:, :, 2:4], b[:, :, 4:]] if kind == "Q4_1" else [b[:, :, 2:]])
+    return torch.cat([p.reshape(rows, -1) for p in parts], dim=1).contiguous()
+
+
 def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
     """The row order transformers' GGUF loader gives q/k projections (undoing llama.cpp's rope permute)."""
     idx = np.arange(n_rows)
@@ -52,11 +60,12 @@ def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 
 class BlockLinear(nn.Module):
-    """y = x @ W.T, W held as GGUF blocks (kind Q4_1 or Q8_0), fp32 in and out."""
+    """y = x @ W.T, W held as GGUF blocks (kind Q4_1 or Q8_0) in the kernels' row layout (`repack`), fp32 in
+    and out."""
 
     def __init__(self, kind: str, blocks: torch.Tensor, in_features: int):
         super().__init__()
-        if kind not in BLOCK_BYTES or in_features % GROUP:
+        if kind not in BLOCK_BYTES or in_features % GROUP or in_features > 4096 * GROUP:
             raise ValueError(f"unsupported block weight {kind} with {in_features} inputs")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
@@ -98,7 +107,7 @@ def use_gguf_blocks(model: nn.Module, gguf_path: str | None = None) -> int:
             err = (dequantize(kind, blocks, cols) - dense.detach()).abs().max().item()
             raise ValueError(f"{t.name}: the GGUF blocks do not match the model's weights (max error {err:g}); "
                              "GGUF block weights are for the default target only")
-        setattr(owner, attr, BlockLinear(kind, blocks, cols))
+        setattr(owner, attr, BlockLinear(kind, repack(kind, blocks), cols))
 
     for t in reader.tensors:
         parts = t.name.split(".")
@@ -127,13 +136,14 @@ def _fuse(parts: list[BlockLinear]) -> BlockLinear:
 
 
 class GGUFDecoder:
-    """The decoder forward over GGUF block weights, every step in this project's C kernels.
+    """The decoder forward over GGUF block weights: each layer is one call into this project's C kernels
+    (`layer_forward`: RMSNorm, the fused q|k|v projection, RoPE and the cache write, attention, o_proj, the
+    fused gate|up projection, SiLU, down_proj, both residual adds).
 
-    Same interface and arithmetic as LeanDecoder (models/llama_forward.py), but each part of a layer runs per
-    token in a fixed order: RMSNorm, the fused q|k|v and gate|up projections, RoPE, the cache write, attention
-    over the visible keys in slot order, SiLU. So a token's hidden state is bit-identical whether it is decoded
-    alone, verified in a tree or batched with other sequences, and there are ~8 calls per layer instead of the
-    ~40 tensor operations of the eager path."""
+    Same interface and arithmetic as LeanDecoder (models/llama_forward.py), but everything runs per token in
+    fixed orders, so a token's hidden state is bit-identical whether it is decoded alone, verified in a tree
+    or batched with other sequences; and a layer costs one call instead of ~40 tensor operations, which on a
+    2-core CPU is several milliseconds per step."""
 
     def __init__(self, model: nn.Module):
         from .gguf_kernels import library
@@ -148,22 +158,24 @@ class GGUFDecoder:
         if self.head_dim % 16 or self.heads % self.kv_heads:
             raise ValueError("GGUFDecoder needs a head size that is a multiple of 16 and whole KV groups")
         self.scaling = float(getattr(first, "scaling", self.head_dim ** -0.5))
+        self.hidden_size = int(cfg.hidden_size)
+        self.ff = int(dec.layers[0].mlp.gate_proj.out_features)
         self.layers = []
+        self._keep = []     # the fused weights and fp32 norms the pointers below point into
         for layer in dec.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(dict(
-                qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]), o=attn.o_proj,
-                gate_up=_fuse([mlp.gate_proj, mlp.up_proj]), down=mlp.down_proj,
-                norm1=(layer.input_layernorm.weight.detach().float().contiguous(),
-                       float(layer.input_layernorm.variance_epsilon)),
-                norm2=(layer.post_attention_layernorm.weight.detach().float().contiguous(),
-                       float(layer.post_attention_layernorm.variance_epsilon))))
+            parts = [_fuse([attn.q_proj, attn.k_proj, attn.v_proj]), attn.o_proj,
+                     _fuse([mlp.gate_proj, mlp.up_proj]), mlp.down_proj]
+            if any(p.kind != "Q4_1" for p in parts):
+                raise ValueError("GGUFDecoder runs Q4_1 projections")
+            n1 = layer.input_layernorm.weight.detach().float().contiguous()
+            n2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
+            self._keep.append((parts, n1, n2))
+            self.layers.append((n1.data_ptr(), float(layer.input_layernorm.variance_epsilon), parts[0].blocks.data_ptr(),
+                                parts[1].blocks.data_ptr(), n2.data_ptr(),
+                                float(layer.post_attention_layernorm.variance_epsilon), parts[2].blocks.data_ptr(),
+                                parts[3].blocks.data_ptr()))
         self.final_norm = (dec.norm.weight.detach().float().contiguous(), float(dec.norm.variance_epsilon))
-
-    def _norm(self, x: torch.Tensor, norm) -> torch.Tensor:
-        out = torch.empty_like(x)
-        self.lib.rms_norm(x.data_ptr(), norm[0].data_ptr(), norm[1], x.shape[0], x.shape[1], out.data_ptr())
-        return out
 
     def __call__(self, cache, tokens, positions, mask):
         return self.forward_many([cache], [tokens], [positions], [mask])[0]
@@ -171,12 +183,16 @@ class GGUFDecoder:
     @torch.inference_mode()
     def forward_many(self, caches: list, tokens: list[torch.Tensor], positions: list[torch.Tensor],
                      masks: list[torch.Tensor | None], collect: tuple[int, ...] = ()) -> list:
+        import ctypes
+
         dec, lib = self.decoder, self.lib
-        H, KVH, hd = self.heads, self.kv_heads, self.head_dim
+        H, KVH, hd, d, ff = self.heads, self.kv_heads, self.head_dim, self.hidden_size, self.ff
         sizes = [t.numel() for t in tokens]
-        bounds = [(sum(sizes[:j]), sum(sizes[: j + 1])) for j in range(len(sizes))]
-        n = bounds[-1][1]
-        h = dec.embed_tokens(torch.cat(tokens)).float().contiguous()             # [n, d]
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        n, nseq = bounds[-1], len(caches)
+        h = dec.embed_tokens(torch.cat(tokens)).float().contiguous()             # [n, d], updated in place
         cos, sin = dec.rotary_emb(h[None], torch.cat(positions).view(1, -1))
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()        # [n, hd]
         mask_bytes = []
@@ -187,36 +203,98 @@ class GGUFDecoder:
                     raise ValueError(f"mask covers {m.shape[1]} keys, the cache and new tokens {cache.length + size}")
                 m = m.to(torch.uint8).contiguous()
             mask_bytes.append(m)
-        q = torch.empty(n, H, hd)
-        o = torch.empty(n, H * hd)
+        c_bounds = (ctypes.c_int * (nseq + 1))(*bounds)
+        c_masks = (ctypes.c_void_p * nseq)(*[None if m is None else m.data_ptr() for m in mask_bytes])
+        c_k, c_v = (ctypes.c_void_p * nseq)(), (ctypes.c_void_p * nseq)()
+        c_caps, c_starts = (ctypes.c_long * nseq)(), (ctypes.c_long * nseq)()
+        scratch = torch.empty(n * (d + (H + 2 * KVH) * hd + 2 * H * hd + 3 * ff + d))
         kept = {}
-        for i, L in enumerate(self.layers):
-            qkv = L["qkv"](self._norm(h, L["norm1"]))
-            for cache, (a, b), m in zip(caches, bounds, mask_bytes):
-                kbuf, vbuf, start = cache.append_slots(i, b - a, KVH, hd, torch.float32)
-                cap = kbuf.shape[2]
-                lib.rope_split(qkv[a:b].data_ptr(), cos[a:b].data_ptr(), sin[a:b].data_ptr(), b - a, H, KVH, hd,
-                               q[a:b].data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(), cap, start)
-                lib.attention(q[a:b].data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(), cap, start + b - a,
-                              None if m is None else m.data_ptr(), b - a, H, KVH, hd, self.scaling,
-                              o[a:b].data_ptr())
-            h = h + L["o"](o)
-            gate_up = L["gate_up"](self._norm(h, L["norm2"]))
-            f = gate_up.shape[1] // 2
-            # torch's vectorised SiLU: elementwise, the same for a token whatever the rows (f is a multiple of 16)
-            h = h + L["down"](F.silu(gate_up[:, :f]) * gate_up[:, f:])
+        for i, (n1, e1, qkv, o, n2, e2, gate_up, down) in enumerate(self.layers):
+            for s, (cache, size) in enumerate(zip(caches, sizes)):
+                kbuf, vbuf, start = cache.append_slots(i, size, KVH, hd, torch.float32)
+                c_k[s], c_v[s], c_caps[s], c_starts[s] = kbuf.data_ptr(), vbuf.data_ptr(), kbuf.shape[2], start
+            lib.layer_forward(h.data_ptr(), n, d, n1, e1, qkv, o, n2, e2, gate_up, ff, down, cos.data_ptr(),
+                              sin.data_ptr(), nseq, c_bounds, c_k, c_v, c_caps, c_starts, c_masks, H, KVH, hd,
+                              self.scaling, scratch.data_ptr())
             if i in collect:
-                kept[i] = h
-        hidden = self._norm(h, self.final_norm)
+                kept[i] = h.clone()
+        hidden = torch.empty_like(h)
+        lib.rms_norm(h.data_ptr(), self.final_norm[0].data_ptr(), self.final_norm[1], n, d, hidden.data_ptr())
         if not collect:
-            return [hidden[a:b] for a, b in bounds]
+            return [hidden[a:b] for a, b in zip(bounds, bounds[1:])]
         feats = torch.cat([kept[i] for i in collect], dim=-1)
-        return [(hidden[a:b], feats[a:b]) for a, b in bounds]
+        return [(hidden[a:b], feats[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def uses_gguf_blocks(model: nn.Module) -> bool:
+    """Whether `model`'s projections run on GGUF blocks (use_gguf_blocks)."""
+    layers = getattr(getattr(model, "base_model", None), "layers", None)
+    return bool(layers) and isinstance(getattr(layers[0].self_attn, "q_proj", None), BlockLinear)
 
 
 def gguf_decoder(model: nn.Module) -> GGUFDecoder | None:
     """A GGUFDecoder where `model`'s projections run on GGUF blocks (use_gguf_blocks), else None."""
-    layers = getattr(model.base_model, "layers", None)
-    if not layers or not isinstance(getattr(layers[0].self_attn, "q_proj", None), BlockLinear):
-        return None
-    return GGUFDecoder(model)
+    return GGUFDecoder(model) if uses_gguf_blocks(model) else None
+
+
+def _time_forwards(runner) -> float:
+    """Seconds of a decoding step plus a 16-token tree after a 200-token context (best of a few)."""
+    import time
+
+    best = float("inf")
+    with torch.inference_mode():
+        cache = runner.new_cache()
+        runner.hidden(cache, torch.arange(100, 300))
+        for _ in range(4):
+            t0 = time.perf_counter()
+            runner.logits(runner.hidden(cache, torch.tensor([400])))
+            cache.truncate(200)
+            runner.logits(runner.hidden(cache, torch.arange(400, 416)))
+            cache.truncate(200)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gguf_blocks_faster(dense_model: nn.Module) -> bool:
+    """Whether the default target runs faster on its GGUF blocks than as `dense_model` (its dense form in the
+    chosen dtype) on this CPU: measured once per CPU, thread count and dtype (a step plus a 16-token tree,
+    each way), then remembered in the cache directory. GSD_SERVE_GGUF_BLOCKS=1/0 forces the answer."""
+    import json
+    import os
+    import sys
+
+    from ..core.config import cache_dir
+    from .dtypes import _cpu_key, dtype_name
+    from .gguf_kernels import KernelBuildError
+    from .runner import ModelRunner
+
+    forced = os.environ.get("GSD_SERVE_GGUF_BLOCKS")
+    if forced is not None:
+        return forced.lower() in ("1", "true", "yes", "on")
+    dtype = next(dense_model.parameters()).dtype
+    key = f"{_cpu_key()}|{dtype_name(dtype)}"
+    path = cache_dir() / "cpu-target-weights.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        from .loading import DEFAULT_TARGET, load_model
+
+        try:
+            blocks = load_model(DEFAULT_TARGET, torch.float32)
+            use_gguf_blocks(blocks)
+        except KernelBuildError as e:
+            print(f"gsd-serve: GGUF block weights unavailable here ({e}); using dense weights", file=sys.stderr)
+            return False
+        dense_s, gguf_s = _time_forwards(ModelRunner(dense_model)), _time_forwards(ModelRunner(blocks))
+        known[key] = {"dense_ms": round(dense_s * 1e3, 2), "gguf_ms": round(gguf_s * 1e3, 2),
+                      "gguf": gguf_s < dense_s}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass
+    return bool(known[key]["gguf"])

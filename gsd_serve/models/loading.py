@@ -250,16 +250,39 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
     return target, draft, tokenizer, draft_output_ids(draft_spec)
 
 
+def apply_target_weights(target, target_spec: str, choice: str = "auto", device: str | None = None):
+    """The target with the weights `choice` names (models/gguf_blocks.py): "gguf" runs the default target's
+    projections and output layer on its own GGUF blocks (in fp32: a model loaded in another dtype is reloaded),
+    "auto" does so for the default target on a CPU where that measures faster, "dense" leaves it."""
+    if choice not in ("auto", "dense", "gguf"):
+        raise ValueError(f"target weights must be 'auto', 'dense' or 'gguf', got '{choice}'")
+    on_cpu = (device or "cpu") == "cpu" and next(target.parameters()).device.type == "cpu"
+    if choice == "gguf" and (target_spec != DEFAULT_TARGET or not on_cpu):
+        raise ValueError("--target-weights gguf runs the default target's own GGUF blocks, on a CPU")
+    if choice == "auto":
+        from .gguf_blocks import gguf_blocks_faster
+
+        choice = "gguf" if target_spec == DEFAULT_TARGET and on_cpu and gguf_blocks_faster(target) else "dense"
+    if choice == "gguf":
+        from .gguf_blocks import use_gguf_blocks
+
+        if next(target.parameters()).dtype != torch.float32:
+            target = load_model(target_spec, torch.float32)   # block weights take fp32 activations
+        use_gguf_blocks(target)
+    return target
+
+
 def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
                 dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None,
-                target_weights: str = "dense", compile: str = "auto", draft_kind: str = "auto"):
+                target_weights: str = "auto", compile: str = "auto", draft_kind: str = "auto"):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
     target runs as that many ranks (processes). target_weights "gguf": the default target's projections and
-    output layer run on its own GGUF blocks (models/gguf_blocks.py; fp32 activations, batch-invariant). compile: on, off or
+    output layer run on its own GGUF blocks (models/gguf_blocks.py; fp32 activations, batch-invariant); "auto":
+    that for the default target on a CPU where it measures faster than dense weights, else dense. compile: on, off or
     auto (CUDA only) runs the target's small forwards as compiled static-shape steps (models/compiled.py)."""
-    if target_weights not in ("dense", "gguf"):
-        raise ValueError(f"target weights must be 'dense' or 'gguf', got '{target_weights}'")
+    if target_weights not in ("auto", "dense", "gguf"):
+        raise ValueError(f"target weights must be 'auto', 'dense' or 'gguf', got '{target_weights}'")
     if target_weights == "gguf" and (target_spec != DEFAULT_TARGET or tensor_parallel_size != 1):
         raise ValueError("--target-weights gguf runs the default target's own GGUF blocks, in one process")
     from ..core.engine import Engine
@@ -278,14 +301,12 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
         target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target,  # rank 0 shards it
                                            dtype=dtype)
     else:
-        if target_weights == "gguf":
-            from .gguf_blocks import use_gguf_blocks
-            if next(target.parameters()).dtype != torch.float32:
-                target = load_model(target_spec, torch.float32)   # block weights take fp32 activations
-            use_gguf_blocks(target)
+        target = apply_target_weights(target, target_spec, target_weights)
         from .compiled import CompiledRunner, compile_wanted
         wants_features = draft is not None and is_feature_draft_model(draft)
-        if compile_wanted(compile, next(target.parameters()).device) and not wants_features:
+        from .gguf_blocks import uses_gguf_blocks
+        if compile_wanted(compile, next(target.parameters()).device) and not wants_features \
+                and not uses_gguf_blocks(target):    # block weights run their own kernels, uncompiled
             target_runner = CompiledRunner(target)
         else:
             target_runner = ModelRunner(target)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.kv_cache import KVCache
-from .gguf_blocks import BlockLinear, gguf_decoder
+from .gguf_blocks import BlockLinear, GGUFDecoder, gguf_decoder
 from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_available
 from .llama_forward import lean_decoder
 
@@ -43,6 +43,7 @@ class ModelRunner:
             if self.head_bias is not None and output_ids is not None:
                 self.head_bias = self.head_bias[output_ids].contiguous()
         self._lean = gguf_decoder(model) or lean_decoder(model)
+        self.weights = "gguf" if isinstance(self._lean, GGUFDecoder) else "dense"   # for reports
         self._head = None
         if isinstance(head, (PackedLinear, BlockLinear)) and output_ids is None:
             self._head = head if isinstance(head, BlockLinear) else head._kernel

@@ -1,8 +1,10 @@
-/* y = x @ W.T for GGUF block-quantized weights W, in fp32, batch-invariant.
+/* y = x @ W.T for GGUF block-quantized weights W, in fp32, batch-invariant; and the rest of a Llama layer.
  *
- * W is held in the file's own blocks, rows in output order: Q4_1 (20 bytes per 32 inputs: fp16 d, fp16 m,
- * 16 bytes of 4-bit q; low nibbles are inputs 0..15, high nibbles 16..31; w = q * d + m) or Q8_0 (34 bytes:
- * fp16 d, 32 int8 q; w = q * d).
+ * W comes from the file's blocks (Q4_1: per 32 inputs an fp16 scale d, an fp16 minimum m and 32 4-bit q,
+ * w = q * d + m; Q8_0: an fp16 d and 32 int8 q, w = q * d), repacked per output row by gguf_blocks.py as
+ * [d of every block (fp16)] [m of every block (fp16), Q4_1 only] [q of every block]: the same bytes, laid out
+ * so that a row's scales convert to fp32 16 at a time. Q4_1 q: 16 bytes per block, low nibbles are inputs
+ * 0..15, high nibbles 16..31. Q8_0 q: 32 int8 per block.
  *
  * Each weight is dequantized exactly as the dense fp32 model holds it (q * d is exact in fp32, so the fused
  * q * d + m rounds once, like the dense model's separate multiply and add), multiplied with fp32
@@ -12,29 +14,20 @@
  * then a fixed pairwise reduction), whatever M is and wherever the row sits among the others, so a token
  * verified in a tree and the same token decoded alone get bit-identical projections.
  *
- * Fast: a decoding step reads 0.63 (Q4_1) or 1.06 (Q8_0) bytes per weight instead of 4, and weight bytes
- * are what a CPU decoding step waits for. Rows are taken TILE at a time so that a block is dequantized once
- * for several rows of a verification tree.
+ * Fast: a decoding step reads 0.63 (Q4_1) or 1.06 (Q8_0) bytes per weight instead of 4. With AVX-512 a
+ * Q4_1 block dequantizes through a 16-entry table (i * d + m for i = 0..15, one FMA) indexed by the nibbles
+ * (vpermps), and up to TILE rows of x share each dequantized block.
  */
 #include <stdint.h>
-#include <string.h>
 #include <stdlib.h>
+#include <string.h>
 #include <immintrin.h>
 
 #define QK 32
-#define Q4_BYTES 20
-#define Q8_BYTES 34
-#ifndef PREFETCH
-#define PREFETCH 4096
-#endif
+#define TILE 8
+#define MAX_BLOCKS 4096     /* inputs per row up to 131072 */
 
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
-/* the fixed reduction of 32 lane sums: a[j] + a[j+16], then halves again, then (0+2) + (1+3) */
+/* the fixed reduction of 32 lane sums: s16[j] = a[j] + a[j+16], then halves again, then (0+2) + (1+3) */
 static inline float reduce16(const float *s16) {
     float s8[8], s4[4];
     for (int j = 0; j < 8; j++) s8[j] = s16[j] + s16[j + 8];
@@ -42,109 +35,125 @@ static inline float reduce16(const float *s16) {
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+/* fp16 scales -> fp32 (exact) */
+static inline void halves_to_floats(const uint8_t *src, int n, float *dst) {
+    int b = 0;
 #if defined(__AVX512F__)
-#define TILE 8
+    for (; b + 16 <= n; b += 16)
+        _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * b))));
+#endif
+    for (; b < n; b++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * b, 2);
+        dst[b] = _cvtsh_ss(h);
+    }
+}
+
+#if defined(__AVX512F__)
 typedef struct { __m512 lo, hi; } wblock;   /* inputs 0..15 and 16..31 of a block */
 
-static inline wblock load_q4_1(const uint8_t *blk) {
-    __m512 d = _mm512_set1_ps(half_to_float(blk)), m = _mm512_set1_ps(half_to_float(blk + 2));
-    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
-    __m512i lo = _mm512_and_si512(q, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(q, 4);
-    wblock w = {_mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m), _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m)};
+static inline wblock dequant_q4_1(const uint8_t *q, float d, float m) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));   /* i * d + m, rounded once */
+    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    wblock w = {_mm512_permutexvar_ps(idx, table), _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table)};
+    return w;   /* vpermps reads the low 4 bits of each index: the low nibble, then the high one */
+}
+
+static inline wblock dequant_q8_0(const uint8_t *q, float d, float m) {
+    (void)m;
+    __m512 dv = _mm512_set1_ps(d);
+    __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+    wblock w = {_mm512_mul_ps(_mm512_cvtepi32_ps(lo), dv), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), dv)};
     return w;
 }
 
-static inline wblock load_q8_0(const uint8_t *blk) {
-    __m512 d = _mm512_set1_ps(half_to_float(blk));
-    __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
-    __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)));
-    wblock w = {_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d)};
-    return w;
-}
-
-#define DEFINE_KERNEL(NAME, LOAD, BYTES)                                                                  \
-static inline __attribute__((always_inline)) void NAME##_rows(const float *x, int K, const uint8_t *wrow, float *y, int N, int n, int r0, \
-                               int rows) {                                                               \
-    const int nb = K / QK;                                                                               \
-    __m512 lo[TILE], hi[TILE];                                                                           \
-    for (int r = 0; r < TILE; r++) lo[r] = hi[r] = _mm512_setzero_ps();                                  \
-    for (int b = 0; b < nb; b++) {                                                                       \
-        wblock w = LOAD(wrow + (size_t)b * BYTES);                                                       \
-        for (int r = 0; r < rows; r++) {                                                                 \
-            const float *xr = x + (size_t)(r0 + r) * K + (size_t)b * QK;                                 \
-            lo[r] = _mm512_fmadd_ps(w.lo, _mm512_loadu_ps(xr), lo[r]);                                   \
-            hi[r] = _mm512_fmadd_ps(w.hi, _mm512_loadu_ps(xr + 16), hi[r]);                              \
-        }                                                                                                \
-    }                                                                                                    \
-    for (int r = 0; r < rows; r++) {                                                                     \
-        float s16[16];                                                                                   \
-        _mm512_storeu_ps(s16, _mm512_add_ps(lo[r], hi[r]));                                              \
-        y[(size_t)(r0 + r) * N + n] = reduce16(s16);                                                     \
-    }                                                                                                    \
+/* ROWS (a constant) rows of x from r0 against one output row: its scales dv/mv, its q bytes */
+static inline __attribute__((always_inline)) void dot_rows(
+        int kind, const float *x, int K, const uint8_t *q, int qbytes, const float *dv, const float *mv,
+        float *y, int N, int n, int r0, const int ROWS) {
+    const int nb = K / QK;
+    __m512 lo[TILE], hi[TILE];
+    for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        wblock w = kind == 4 ? dequant_q4_1(q + (size_t)b * qbytes, dv[b], mv[b])
+                             : dequant_q8_0(q + (size_t)b * qbytes, dv[b], 0.0f);
+        for (int r = 0; r < ROWS; r++) {
+            const float *xr = x + (size_t)(r0 + r) * K + (size_t)b * QK;
+            lo[r] = _mm512_fmadd_ps(w.lo, _mm512_loadu_ps(xr), lo[r]);
+            hi[r] = _mm512_fmadd_ps(w.hi, _mm512_loadu_ps(xr + 16), hi[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        float s16[16];
+        _mm512_storeu_ps(s16, _mm512_add_ps(lo[r], hi[r]));
+        y[(size_t)(r0 + r) * N + n] = reduce16(s16);
+    }
 }
 #else
 /* portable fallback (AVX2 machines and others): the same arithmetic per lane, left to the compiler */
-#define TILE 4
-typedef struct { float v[QK]; } wblock;
-
-static inline wblock load_q4_1(const uint8_t *blk) {
-    wblock w;
-    float d = half_to_float(blk), m = half_to_float(blk + 2);
-    for (int j = 0; j < 16; j++) {
-        w.v[j] = __builtin_fmaf((float)(blk[4 + j] & 15), d, m);
-        w.v[j + 16] = __builtin_fmaf((float)(blk[4 + j] >> 4), d, m);
+static inline __attribute__((always_inline)) void dot_rows(
+        int kind, const float *x, int K, const uint8_t *q, int qbytes, const float *dv, const float *mv,
+        float *y, int N, int n, int r0, const int ROWS) {
+    const int nb = K / QK;
+    float acc[TILE][QK];
+    memset(acc, 0, sizeof acc);
+    for (int b = 0; b < nb; b++) {
+        float w[QK];
+        const uint8_t *qb = q + (size_t)b * qbytes;
+        if (kind == 4) {
+            for (int j = 0; j < 16; j++) {
+                w[j] = __builtin_fmaf((float)(qb[j] & 15), dv[b], mv[b]);
+                w[j + 16] = __builtin_fmaf((float)(qb[j] >> 4), dv[b], mv[b]);
+            }
+        } else {
+            for (int j = 0; j < QK; j++) w[j] = (float)(int8_t)qb[j] * dv[b];
+        }
+        for (int r = 0; r < ROWS; r++) {
+            const float *xr = x + (size_t)(r0 + r) * K + (size_t)b * QK;
+            for (int j = 0; j < QK; j++) acc[r][j] = __builtin_fmaf(w[j], xr[j], acc[r][j]);
+        }
     }
-    return w;
-}
-
-static inline wblock load_q8_0(const uint8_t *blk) {
-    wblock w;
-    float d = half_to_float(blk);
-    for (int j = 0; j < QK; j++) w.v[j] = (float)(int8_t)blk[2 + j] * d;
-    return w;
-}
-
-#define DEFINE_KERNEL(NAME, LOAD, BYTES)                                                                  \
-static inline __attribute__((always_inline)) void NAME##_rows(const float *x, int K, const uint8_t *wrow, float *y, int N, int n, int r0, \
-                               int rows) {                                                               \
-    const int nb = K / QK;                                                                               \
-    float acc[TILE][QK];                                                                                 \
-    memset(acc, 0, sizeof acc);                                                                          \
-    for (int b = 0; b < nb; b++) {                                                                       \
-        wblock w = LOAD(wrow + (size_t)b * BYTES);                                                       \
-        for (int r = 0; r < rows; r++) {                                                                 \
-            const float *xr = x + (size_t)(r0 + r) * K + (size_t)b * QK;                                 \
-            for (int j = 0; j < QK; j++) acc[r][j] = __builtin_fmaf(w.v[j], xr[j], acc[r][j]);           \
-        }                                                                                                \
-    }                                                                                                    \
-    for (int r = 0; r < rows; r++) {                                                                     \
-        float s16[16];                                                                                   \
-        for (int j = 0; j < 16; j++) s16[j] = acc[r][j] + acc[r][j + 16];                               \
-        y[(size_t)(r0 + r) * N + n] = reduce16(s16);                                                     \
-    }                                                                                                    \
+    for (int r = 0; r < ROWS; r++) {
+        float s16[16];
+        for (int j = 0; j < 16; j++) s16[j] = acc[r][j] + acc[r][j + 16];
+        y[(size_t)(r0 + r) * N + n] = reduce16(s16);
+    }
 }
 #endif
 
-/* x [M, K] fp32, W [N, K/32 blocks] -> y [M, N]; threads split the outputs */
-#define DEFINE_MATMUL(NAME, BYTES)                                                                        \
-void NAME(const float *x, int M, int K, const uint8_t *w, int N, float *y) {                            \
-    const size_t row_bytes = (size_t)(K / QK) * BYTES;                                                   \
-    _Pragma("omp parallel for schedule(static)")                                                        \
-    for (int n = 0; n < N; n++) {                                                                        \
-        /* one row's worth of weights PREFETCH bytes ahead: the demand loads alone leave bandwidth unused */ \
-        const char *ahead = (const char *)w + (size_t)n * row_bytes + PREFETCH;                          \
-        for (size_t off = 0; off < row_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);        \
-        /* constant row counts, so that the accumulators live in registers */                            \
-        int r0 = 0;                                                                                      \
-        for (; r0 + TILE <= M; r0 += TILE) NAME##_rows(x, K, w + (size_t)n * row_bytes, y, N, n, r0, TILE); \
-        for (; r0 < M; r0++) NAME##_rows(x, K, w + (size_t)n * row_bytes, y, N, n, r0, 1);               \
-    }                                                                                                    \
+/* x [M, K] fp32, W [N rows of repacked blocks] -> y [M, N]; threads split the outputs. KIND 4: Q4_1, 8: Q8_0
+ * (a constant per function, so that each kind compiles to its own loop) */
+#define DEFINE_MATMUL(NAME, KIND)                                                                          \
+void NAME(const float *x, int M, int K, const uint8_t *w, int N, float *y) {                             \
+    const int nb = K / QK, qbytes = KIND == 4 ? 16 : 32;                                                  \
+    const size_t row_bytes = (size_t)nb * (KIND == 4 ? 20 : 34);                                          \
+    _Pragma("omp parallel for schedule(static)")                                                         \
+    for (int n = 0; n < N; n++) {                                                                         \
+        const uint8_t *row = w + (size_t)n * row_bytes;                                                   \
+        float dv[MAX_BLOCKS], mv[MAX_BLOCKS];                                                             \
+        halves_to_floats(row, nb, dv);                                                                    \
+        if (KIND == 4) halves_to_floats(row + 2 * nb, nb, mv);                                            \
+        const uint8_t *q = row + (size_t)nb * (KIND == 4 ? 4 : 2);                                        \
+        int r0 = 0;                                                                                       \
+        /* constant row counts, so that the accumulators live in registers */                             \
+        for (; r0 + TILE <= M; r0 += TILE) dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, TILE);    \
+        switch (M - r0) {                                                                                 \
+            case 7: dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, 7); break;                       \
+            case 6: dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, 6); break;                       \
+            case 5: dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, 5); break;                       \
+            case 4: dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, 4); break;                       \
+            case 3: dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, 3); break;                       \
+            case 2: dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, 2); break;                       \
+            case 1: dot_rows(KIND, x, K, q, qbytes, dv, mv, y, N, n, r0, 1); break;                       \
+            default: break;                                                                               \
+        }                                                                                                 \
+    }                                                                                                     \
 }
 
-DEFINE_KERNEL(q4_1_matmul, load_q4_1, Q4_BYTES)
-DEFINE_KERNEL(q8_0_matmul, load_q8_0, Q8_BYTES)
-DEFINE_MATMUL(q4_1_matmul, Q4_BYTES)
-DEFINE_MATMUL(q8_0_matmul, Q8_BYTES)
+DEFINE_MATMUL(q4_1_matmul, 4)
+DEFINE_MATMUL(q8_0_matmul, 8)
 
 /* ---- the rest of a Llama layer, per token, in fixed orders (so batch-invariant like the matmuls) ---- */
 #include <math.h>
@@ -231,6 +240,74 @@ static void exp_shifted(float *s, int count, float shift) {
     for (; j < count; j++) s[j] = exp_poly(s[j] - shift);
 }
 
+/* q . k over a head (hd a multiple of 16): 16 lane sums, then one fixed reduction */
+static inline __attribute__((always_inline)) float dot_hd(const float *q, const float *k, const int hd) {
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+    for (int a = 16; a < hd; a += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + a), _mm512_loadu_ps(k + a), acc);
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+#else
+    float s16[16] = {0};
+    for (int a = 0; a < hd; a += 16)
+        for (int l = 0; l < 16; l++) s16[l] = __builtin_fmaf(q[a + l], k[a + l], s16[l]);
+    return reduce16(s16);
+#endif
+}
+
+/* scores[j] = (q . K[j]) * scale for keys 0..count-1, four keys at a time (independent chains) */
+static inline __attribute__((always_inline)) void key_scores(const float *q, const float *K, int count,
+                                                             const int HD, float scale, float *scores) {
+    int j = 0;
+    for (; j + 4 <= count; j += 4) {
+        const float *k0 = K + (size_t)j * HD;
+        float a = dot_hd(q, k0, HD), b = dot_hd(q, k0 + HD, HD);
+        float c = dot_hd(q, k0 + 2 * HD, HD), d = dot_hd(q, k0 + 3 * HD, HD);
+        scores[j] = a * scale;
+        scores[j + 1] = b * scale;
+        scores[j + 2] = c * scale;
+        scores[j + 3] = d * scale;
+    }
+    for (; j < count; j++) scores[j] = dot_hd(q, K + (size_t)j * HD, HD) * scale;
+}
+
+/* o = sum_j p[j] V[j] / sum_j p[j] over the keys in slot order (keys with p = 0 skipped), lane sums of p in a
+ * fixed order; HD constant where it can be, so the accumulators stay in registers */
+static inline __attribute__((always_inline)) void weighted_sum(const float *p, int count, const float *V,
+                                                               const int HD, float *o) {
+    /* in slot order over the keys the query sees (p > 0): a tree node's ancestors sit at other slots than
+     * the same tokens decoded one by one, so lane-wise sums would group them differently */
+    float sum = 0.0f;
+    int j;
+    for (j = 0; j < count; j++)
+        if (p[j] != 0.0f) sum += p[j];
+#if defined(__AVX512F__)
+    __m512 acc[16];
+    if (HD <= 256) {
+        for (int a = 0; a < HD / 16; a++) acc[a] = _mm512_setzero_ps();
+        for (j = 0; j < count; j++) {
+            if (p[j] == 0.0f) continue;
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            const float *vv = V + (size_t)j * HD;
+            for (int a = 0; a < HD / 16; a++) acc[a] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vv + 16 * a), acc[a]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sum);
+        for (int a = 0; a < HD / 16; a++) _mm512_storeu_ps(o + 16 * a, _mm512_mul_ps(acc[a], inv));
+        return;
+    }
+#endif
+    for (int a = 0; a < HD; a++) o[a] = 0.0f;
+    for (j = 0; j < count; j++) {
+        if (p[j] == 0.0f) continue;
+        const float *vv = V + (size_t)j * HD;
+        for (int a = 0; a < HD; a++) o[a] = __builtin_fmaf(p[j], vv[a], o[a]);
+    }
+    const float inv = 1.0f / sum;
+    for (int a = 0; a < HD; a++) o[a] *= inv;
+}
+
 /* Attention of q [T, H, hd] over the cache's first L entries (k/v_cache [KVH, capacity, hd]), query head h
  * reading kv head h / (H / KVH). mask [T, L] (1 = attend) or NULL: query t sees keys < L - T + t + 1.
  * Scores, softmax and the weighted sum run over the visible keys in slot order, so a query's result depends
@@ -248,30 +325,65 @@ void attention(const float *q, const float *k_cache, const float *v_cache, long 
             const int visible = mask ? L : L - T + t + 1;
             float scores_stack[2048];
             float *scores = visible <= 2048 ? scores_stack : (float *)malloc(sizeof(float) * visible);
+            if (hd == 64) key_scores(qv, K, visible, 64, scale, scores);
+            else key_scores(qv, K, visible, hd, scale, scores);
             float mx = -INFINITY;
             for (int j = 0; j < visible; j++) {
-                if (m && !m[j]) { scores[j] = -INFINITY; continue; }
-                const float *kv = K + (size_t)j * hd;
-                float s16[16] = {0};
-                for (int a = 0; a + 16 <= hd; a += 16)
-                    for (int l = 0; l < 16; l++) s16[l] += qv[a + l] * kv[a + l];
-                float sc = reduce16(s16) * scale;
-                scores[j] = sc;
-                if (sc > mx) mx = sc;
+                if (m && !m[j]) scores[j] = -INFINITY;
+                else if (scores[j] > mx) mx = scores[j];
             }
             exp_shifted(scores, visible, mx);      /* masked keys: exp(-inf) = 0 */
-            float sum = 0.0f;
-            for (int j = 0; j < visible; j++) sum += scores[j];
             float *o = out + ((size_t)t * H + h) * hd;
-            for (int a = 0; a < hd; a++) o[a] = 0.0f;
-            for (int j = 0; j < visible; j++) {
-                if (scores[j] == 0.0f) continue;
-                const float p = scores[j], *vv = V + (size_t)j * hd;
-                for (int a = 0; a < hd; a++) o[a] += p * vv[a];
-            }
-            const float inv = 1.0f / sum;
-            for (int a = 0; a < hd; a++) o[a] *= inv;
+            if (hd == 64) weighted_sum(scores, visible, V, 64, o);
+            else weighted_sum(scores, visible, V, hd, o);
             if (scores != scores_stack) free(scores);
         }
     }
+}
+
+/* x = silu(gate) * up for gate_up [rows, 2 * f] (gate first) -> out [rows, f]; silu(g) = g / (1 + exp(-g)) */
+static void silu_mul(const float *gate_up, int rows, int f, float *out) {
+    float e[4096];
+    for (int r = 0; r < rows; r++) {
+        const float *g = gate_up + (size_t)r * 2 * f, *u = g + f;
+        float *o = out + (size_t)r * f;
+        for (int j0 = 0; j0 < f; j0 += 4096) {
+            int cnt = f - j0 < 4096 ? f - j0 : 4096;
+            for (int j = 0; j < cnt; j++) e[j] = -g[j0 + j];
+            exp_shifted(e, cnt, 0.0f);
+            for (int j = 0; j < cnt; j++) o[j0 + j] = g[j0 + j] / (1.0f + e[j]) * u[j0 + j];
+        }
+    }
+}
+
+/* One Llama decoder layer over n new tokens of one or more sequences, in place on the residual stream
+ * h [n, d]: h += o_proj(attention(rope(qkv(norm1(h))))); h += down(silu(gate) * up) of norm2(h).
+ * Sequence s owns rows bounds[s]..bounds[s+1]-1 and its layer cache k_bufs[s] / v_bufs[s]
+ * ([KVH, caps[s], hd], new entries written at starts[s]..), attends under masks[s] ([rows, starts[s] + rows]
+ * bytes, 1 = attend) or causally (NULL). Scratch: n * (d + qkv_n + 2 * H * hd + 2 * ff + ff) floats.
+ * One call per layer instead of ~10: the per-call cost of Python is what a 30-layer CPU step otherwise pays. */
+void layer_forward(float *h, int n, int d, const float *norm1, float eps1, const uint8_t *qkv_w,
+                   const uint8_t *o_w, const float *norm2, float eps2, const uint8_t *gate_up_w, int ff,
+                   const uint8_t *down_w, const float *cos_, const float *sin_, int nseq, const int *bounds,
+                   float *const *k_bufs, float *const *v_bufs, const long *caps, const long *starts,
+                   const uint8_t *const *masks, int H, int KVH, int hd, float scale, float *scratch) {
+    const int qkv_n = (H + 2 * KVH) * hd, attn_n = H * hd;
+    float *x = scratch, *qkv = x + (size_t)n * d, *q = qkv + (size_t)n * qkv_n, *att = q + (size_t)n * attn_n;
+    float *gu = att + (size_t)n * attn_n, *act = gu + (size_t)n * 2 * ff, *tmp = act + (size_t)n * ff;
+    rms_norm(h, norm1, eps1, n, d, x);
+    q4_1_matmul(x, n, d, qkv_w, qkv_n, qkv);
+    for (int s = 0; s < nseq; s++) {
+        const int a = bounds[s], rows = bounds[s + 1] - bounds[s];
+        rope_split(qkv + (size_t)a * qkv_n, cos_ + (size_t)a * hd, sin_ + (size_t)a * hd, rows, H, KVH, hd,
+                   q + (size_t)a * attn_n, k_bufs[s], v_bufs[s], caps[s], starts[s]);
+        attention(q + (size_t)a * attn_n, k_bufs[s], v_bufs[s], caps[s], (int)(starts[s] + rows), masks[s], rows,
+                  H, KVH, hd, scale, att + (size_t)a * attn_n);
+    }
+    q4_1_matmul(att, n, attn_n, o_w, d, tmp);
+    for (size_t i = 0; i < (size_t)n * d; i++) h[i] += tmp[i];
+    rms_norm(h, norm2, eps2, n, d, x);
+    q4_1_matmul(x, n, d, gate_up_w, 2 * ff, gu);
+    silu_mul(gu, n, ff, act);
+    q4_1_matmul(act, n, ff, down_w, d, tmp);
+    for (size_t i = 0; i < (size_t)n * d; i++) h[i] += tmp[i];
 }
