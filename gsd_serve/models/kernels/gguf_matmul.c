@@ -50,6 +50,14 @@ static inline void halves_to_floats(const uint8_t *src, int n, float *dst) {
 }
 
 #if defined(__AVX512F__)
+/* reduce16's order with shuffles: lanes j + (j+8), then + (j+4), + (j+2), + (j+1) */
+static inline float hsum16(__m512 v) {
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+
 typedef struct { __m512 lo, hi; } wblock;   /* inputs 0..15 and 16..31 of a block */
 
 static inline wblock dequant_q4_1(const uint8_t *q, float d, float m) {
@@ -85,11 +93,7 @@ static inline __attribute__((always_inline)) void dot_rows(
             hi[r] = _mm512_fmadd_ps(w.hi, _mm512_loadu_ps(xr + 16), hi[r]);
         }
     }
-    for (int r = 0; r < ROWS; r++) {
-        float s16[16];
-        _mm512_storeu_ps(s16, _mm512_add_ps(lo[r], hi[r]));
-        y[(size_t)(r0 + r) * N + n] = reduce16(s16);
-    }
+    for (int r = 0; r < ROWS; r++) y[(size_t)(r0 + r) * N + n] = hsum16(_mm512_add_ps(lo[r], hi[r]));
 }
 #else
 /* portable fallback (AVX2 machines and others): the same arithmetic per lane, left to the compiler */
