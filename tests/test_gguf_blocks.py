@@ -136,3 +136,26 @@ def test_gguf_speculation_equals_gguf_plain_decoding_and_dense_up_to_near_ties(g
         if plain != ref:
             d = divergence(dense.target, ids, ref, plain, greedy)
             assert d["top2_gap"] < NEAR_TIE_EPS, (text, d)
+
+
+def test_auto_measures_once_per_cpu_and_can_be_forced(monkeypatch, tmp_path, default_pair):
+    import json
+
+    from gsd_serve.models.gguf_blocks import gguf_blocks_faster, uses_gguf_blocks
+    from gsd_serve.models.loading import apply_target_weights
+
+    monkeypatch.setenv("GSD_SERVE_CACHE", str(tmp_path))
+    monkeypatch.delenv("GSD_SERVE_GGUF_BLOCKS", raising=False)
+    got = gguf_blocks_faster(default_pair[0])
+    (entry,) = json.loads((tmp_path / "cpu-target-weights.json").read_text()).values()
+    assert entry["gguf"] == got and entry["dense_ms"] > 0 and entry["gguf_ms"] > 0
+    assert entry["gguf"] == (entry["gguf_ms"] < entry["dense_ms"])
+    monkeypatch.setenv("GSD_SERVE_GGUF_BLOCKS", "0")
+    target, _, _ = load_default_pair(torch.float32)
+    assert not uses_gguf_blocks(apply_target_weights(target, "smollm2-135m-instruct", "auto"))
+    monkeypatch.setenv("GSD_SERVE_GGUF_BLOCKS", "1")
+    assert uses_gguf_blocks(apply_target_weights(target, "smollm2-135m-instruct", "auto"))
+    with pytest.raises(ValueError, match="default target's own GGUF"):
+        apply_target_weights(target, "/some/other/model", "gguf")
+    with pytest.raises(ValueError, match="target weights must be"):
+        apply_target_weights(target, "smollm2-135m-instruct", "int4")

@@ -101,20 +101,16 @@ def measure_bf16_gain(rows: int = 16, repeats: int = 30) -> float:
     return best(torch.float32) / best(torch.bfloat16)
 
 
-def cpu_prefers_bf16() -> bool:
-    """Whether bf16 GEMMs are measurably faster than fp32 on this CPU (measured once, then remembered)."""
-    forced = os.environ.get("GSD_SERVE_CPU_BF16")
-    if forced is not None:
-        return forced.lower() in ("1", "true", "yes", "on")
-    path = cache_dir() / "cpu-dtype.json"
-    key = _cpu_key()
+def remembered(filename: str, key: str, measure) -> dict:
+    """The entry `key` of the JSON file `filename` in the cache directory; measured with `measure()` (a dict)
+    and written back atomically when missing. For per-CPU choices that are measured once."""
+    path = cache_dir() / filename
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        gain = measure_bf16_gain()
-        known[key] = {"bf16_gain": round(gain, 3), "prefers_bf16": gain >= BF16_MIN_GAIN}
+        known[key] = measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -122,4 +118,17 @@ def cpu_prefers_bf16() -> bool:
             tmp.replace(path)
         except OSError:
             pass
-    return bool(known[key]["prefers_bf16"])
+    return known[key]
+
+
+def cpu_prefers_bf16() -> bool:
+    """Whether bf16 GEMMs are measurably faster than fp32 on this CPU (measured once, then remembered)."""
+    forced = os.environ.get("GSD_SERVE_CPU_BF16")
+    if forced is not None:
+        return forced.lower() in ("1", "true", "yes", "on")
+
+    def measure() -> dict:
+        gain = measure_bf16_gain()
+        return {"bf16_gain": round(gain, 3), "prefers_bf16": gain >= BF16_MIN_GAIN}
+
+    return bool(remembered("cpu-dtype.json", _cpu_key(), measure)["prefers_bf16"])

@@ -259,42 +259,28 @@ def gguf_blocks_faster(dense_model: nn.Module) -> bool:
     """Whether the default target runs faster on its GGUF blocks than as `dense_model` (its dense form in the
     chosen dtype) on this CPU: measured once per CPU, thread count and dtype (a step plus a 16-token tree,
     each way), then remembered in the cache directory. GSD_SERVE_GGUF_BLOCKS=1/0 forces the answer."""
-    import json
     import os
     import sys
 
-    from ..core.config import cache_dir
-    from .dtypes import _cpu_key, dtype_name
+    from .dtypes import _cpu_key, dtype_name, remembered
     from .gguf_kernels import KernelBuildError
     from .runner import ModelRunner
 
     forced = os.environ.get("GSD_SERVE_GGUF_BLOCKS")
     if forced is not None:
         return forced.lower() in ("1", "true", "yes", "on")
-    dtype = next(dense_model.parameters()).dtype
-    key = f"{_cpu_key()}|{dtype_name(dtype)}"
-    path = cache_dir() / "cpu-target-weights.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
+
+    def measure() -> dict:
         from .loading import DEFAULT_TARGET, load_model
 
-        try:
-            blocks = load_model(DEFAULT_TARGET, torch.float32)
-            use_gguf_blocks(blocks)
-        except KernelBuildError as e:
-            print(f"gsd-serve: GGUF block weights unavailable here ({e}); using dense weights", file=sys.stderr)
-            return False
+        blocks = load_model(DEFAULT_TARGET, torch.float32)
+        use_gguf_blocks(blocks)
         dense_s, gguf_s = _time_forwards(ModelRunner(dense_model)), _time_forwards(ModelRunner(blocks))
-        known[key] = {"dense_ms": round(dense_s * 1e3, 2), "gguf_ms": round(gguf_s * 1e3, 2),
-                      "gguf": gguf_s < dense_s}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass
-    return bool(known[key]["gguf"])
+        return {"dense_ms": round(dense_s * 1e3, 2), "gguf_ms": round(gguf_s * 1e3, 2), "gguf": gguf_s < dense_s}
+
+    key = f"{_cpu_key()}|{dtype_name(next(dense_model.parameters()).dtype)}"
+    try:
+        return bool(remembered("cpu-target-weights.json", key, measure)["gguf"])
+    except KernelBuildError as e:
+        print(f"gsd-serve: GGUF block weights unavailable here ({e}); using dense weights", file=sys.stderr)
+        return False
