@@ -177,9 +177,14 @@ def load_models(args: dict, want: str):
         target, _, _, _ = load_pair(target_spec, None, dtype)
         return apply_target_weights(target, target_spec, args.get("target_weights", "auto"),
                                     args.get("target_device")), None
+    from ..models.loading import apply_draft_weights, resolve_target_weights
+
     target, draft, _, ids = load_pair(target_spec, draft_spec, dtype)
+    # the draft follows the target onto block weights where the target replicas (same machine, same measurement) run them
+    target_weights = resolve_target_weights(target, target_spec, args.get("target_weights", "auto"),
+                                            args.get("target_device"))
     del target
-    return draft, ids
+    return apply_draft_weights(draft, args.get("draft_weights", "auto"), target_weights), ids
 
 
 class GrpcReplica:

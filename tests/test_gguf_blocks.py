@@ -159,3 +159,39 @@ def test_auto_measures_once_per_cpu_and_can_be_forced(monkeypatch, tmp_path, def
         apply_target_weights(target, "/some/other/model", "gguf")
     with pytest.raises(ValueError, match="target weights must be"):
         apply_target_weights(target, "smollm2-135m-instruct", "int4")
+
+
+def test_a_q8_draft_is_close_to_its_dense_self_and_speculation_stays_exact(gguf_pair):
+    from gsd_serve.models.gguf_blocks import quantize_q8_0, use_q8_blocks, uses_gguf_blocks
+    from gsd_serve.models.loading import apply_draft_weights
+
+    w = torch.randn(64, 576, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(4))
+    y = block_matmul("q8_0", x, quantize_q8_0(w), 64)
+    ref = x @ w.T
+    assert (y - ref).abs().max() < 0.02 * ref.abs().max()             # lossy (8-bit weights), but close
+    with pytest.raises(ValueError, match="draft weights must be"):
+        apply_draft_weights(None, "int4")
+    target, _, tokenizer = gguf_pair
+    _, draft, _ = load_default_pair(torch.float32)
+    assert apply_draft_weights(draft, "auto", "dense") is draft and not uses_gguf_blocks(draft)
+    apply_draft_weights(draft, "auto", "gguf")
+    assert uses_gguf_blocks(draft) and draft.model.layers[0].mlp.down_proj.kind == "Q8_0"
+    runner = ModelRunner(draft, draft_output_ids("default-independent"))
+    assert runner.weights == "gguf" and runner._head.kind == "Q8_0"
+    stops = stop_token_ids(tokenizer, target)
+    engine = Engine(ModelRunner(target), runner, stop_token_ids=stops)
+    greedy = SamplingParams(temperature=0.0)
+    accepted = 0
+    for text in PROMPTS[:2]:
+        ids = encode(tokenizer, text)
+        plain = engine.generate(ids, 48, SpecConfig.for_method("ar"), greedy).token_ids
+        res = engine.generate(ids, 48, SpecConfig.for_method("gsd"), greedy)
+        assert res.token_ids == plain, text
+        accepted += res.stats.accepted_tokens
+    assert accepted > 0                                                   # the quantized draft still drafts
+    with pytest.raises(ValueError, match="cannot run as Q8_0"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+        use_q8_blocks(tiny)

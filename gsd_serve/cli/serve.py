@@ -39,7 +39,8 @@ def cmd_serve(args) -> int:
     config = load_config(args.config, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                          draft_replicas=args.draft_replicas, redis_url=args.redis_url,
                          tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                         target_weights=args.target_weights, api_key=api_key_from_env(args.api_key))
+                         target_weights=args.target_weights, draft_weights=args.draft_weights,
+                         api_key=api_key_from_env(args.api_key))
     if args.dry_run:
         print("\n".join(endpoints(config)))
         return 0
@@ -110,6 +111,9 @@ def register(sub) -> None:
                    help="the default target's weights in every target replica: gguf runs its own GGUF blocks in "
                         "this project's C kernels, auto does so on CPUs where that measures faster (overrides the "
                         "config's `target_weights` arg; default auto)")
+    p.add_argument("--draft-weights", choices=("auto", "dense", "q8"),
+                   help="the drafts' weights in every draft replica: q8 runs them on Q8_0 blocks (exact output), auto "
+                        "where the target runs GGUF blocks (overrides the config's `draft_weights` arg; default auto)")
     p.add_argument("--api-key", metavar="KEY",
                    help=f"require Authorization: Bearer KEY on /v1/* and gRPC Router calls (default: ${API_KEY_ENV}; "
                         "/health and /metrics stay open)")

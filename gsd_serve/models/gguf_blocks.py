@@ -52,6 +52,38 @@ def repack(kind: str, blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.reshape(rows, -1) for p in parts], dim=1).contiguous()
 
 
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """A dense weight [rows, cols] as Q8_0 blocks in the kernels' row layout (per 32 inputs an fp16 scale
+    d = max|w| / 127 and int8 q = round(w / d)), as llama.cpp quantizes. Lossy: for a draft, whose numerics only
+    shape proposals (verification keeps the output exact), never for the target."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // GROUP, GROUP)
+    d = (blocks.abs().amax(-1, keepdim=True) / 127).half()
+    safe = torch.where(d.float() == 0, torch.ones_like(d.float()), d.float())
+    q = torch.round(blocks / safe).clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8).reshape(rows, -1), q.view(torch.uint8).reshape(rows, -1)], dim=1).contiguous()
+
+
+def use_q8_blocks(model: nn.Module) -> int:
+    """Quantize a (draft) model's projections to Q8_0 blocks run by the C kernels (GGUFDecoder); returns how
+    many. ModelRunner then also runs its (possibly reduced) output layer as Q8_0 blocks. Lossy, so for drafts only."""
+    count = 0
+    for layer in model.base_model.layers:
+        for owner_name, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                  ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            owner = getattr(layer, owner_name)
+            for name in names:
+                dense = getattr(owner, name)
+                weight = getattr(dense, "weight", None)
+                if weight is None or getattr(dense, "bias", None) is not None or weight.shape[1] % GROUP:
+                    raise ValueError(f"{owner_name}.{name} cannot run as Q8_0 blocks")
+                setattr(owner, name, BlockLinear("Q8_0", quantize_q8_0(weight), weight.shape[1]))
+                count += 1
+    model.q8_output_layer = True    # ModelRunner quantizes the output layer it uses
+    return count
+
+
 def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
     """The row order transformers' GGUF loader gives q/k projections (undoing llama.cpp's rope permute)."""
     idx = np.arange(n_rows)
@@ -166,12 +198,14 @@ class GGUFDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             parts = [_fuse([attn.q_proj, attn.k_proj, attn.v_proj]), attn.o_proj,
                      _fuse([mlp.gate_proj, mlp.up_proj]), mlp.down_proj]
-            if any(p.kind != "Q4_1" for p in parts):
-                raise ValueError("GGUFDecoder runs Q4_1 projections")
+            kinds = {p.kind for p in parts}
+            if len(kinds) != 1:
+                raise ValueError("GGUFDecoder runs a layer's projections in one block kind")
             n1 = layer.input_layernorm.weight.detach().float().contiguous()
             n2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
             self._keep.append((parts, n1, n2))
-            self.layers.append((n1.data_ptr(), float(layer.input_layernorm.variance_epsilon), parts[0].blocks.data_ptr(),
+            self.layers.append((4 if kinds == {"Q4_1"} else 8,
+                                n1.data_ptr(), float(layer.input_layernorm.variance_epsilon), parts[0].blocks.data_ptr(),
                                 parts[1].blocks.data_ptr(), n2.data_ptr(),
                                 float(layer.post_attention_layernorm.variance_epsilon), parts[2].blocks.data_ptr(),
                                 parts[3].blocks.data_ptr()))
@@ -209,11 +243,11 @@ class GGUFDecoder:
         c_caps, c_starts = (ctypes.c_long * nseq)(), (ctypes.c_long * nseq)()
         scratch = torch.empty(n * (d + (H + 2 * KVH) * hd + 2 * H * hd + 3 * ff + d))
         kept = {}
-        for i, (n1, e1, qkv, o, n2, e2, gate_up, down) in enumerate(self.layers):
+        for i, (kind, n1, e1, qkv, o, n2, e2, gate_up, down) in enumerate(self.layers):
             for s, (cache, size) in enumerate(zip(caches, sizes)):
                 kbuf, vbuf, start = cache.append_slots(i, size, KVH, hd, torch.float32)
                 c_k[s], c_v[s], c_caps[s], c_starts[s] = kbuf.data_ptr(), vbuf.data_ptr(), kbuf.shape[2], start
-            lib.layer_forward(h.data_ptr(), n, d, n1, e1, qkv, o, n2, e2, gate_up, ff, down, cos.data_ptr(),
+            lib.layer_forward(kind, h.data_ptr(), n, d, n1, e1, qkv, o, n2, e2, gate_up, ff, down, cos.data_ptr(),
                               sin.data_ptr(), nseq, c_bounds, c_k, c_v, c_caps, c_starts, c_masks, H, KVH, hd,
                               self.scaling, scratch.data_ptr())
             if i in collect:

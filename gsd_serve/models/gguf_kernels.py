@@ -71,7 +71,7 @@ def library() -> ctypes.CDLL:
         signatures = {"rms_norm": [P, P, F, I, I, P],
                       "rope_split": [P, P, P, I, I, I, I, P, P, P, L, L],
                       "attention": [P, P, P, L, I, P, I, I, I, I, F, P],
-                      "layer_forward": [P, I, I, P, F, P, P, P, F, P, I, P, P, P, I, P, P, P, P, P, P,
+                      "layer_forward": [I, P, I, I, P, F, P, P, P, F, P, I, P, P, P, I, P, P, P, P, P, P,
                                         I, I, I, F, P]}
         for name, args in signatures.items():
             getattr(lib, name).argtypes = args

@@ -250,10 +250,10 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
     return target, draft, tokenizer, draft_output_ids(draft_spec)
 
 
-def apply_target_weights(target, target_spec: str, choice: str = "auto", device: str | None = None):
-    """The target with the weights `choice` names (models/gguf_blocks.py): "gguf" runs the default target's
-    projections and output layer on its own GGUF blocks (in fp32: a model loaded in another dtype is reloaded),
-    "auto" does so for the default target on a CPU where that measures faster, "dense" leaves it."""
+def resolve_target_weights(target, target_spec: str, choice: str = "auto", device: str | None = None) -> str:
+    """"dense" or "gguf" for a --target-weights choice: "gguf" runs the default target's projections and output
+    layer on its own GGUF blocks (models/gguf_blocks.py), "auto" does so for the default target on a CPU where
+    that measures faster."""
     if choice not in ("auto", "dense", "gguf"):
         raise ValueError(f"target weights must be 'auto', 'dense' or 'gguf', got '{choice}'")
     on_cpu = (device or "cpu") == "cpu" and next(target.parameters()).device.type == "cpu"
@@ -262,24 +262,49 @@ def apply_target_weights(target, target_spec: str, choice: str = "auto", device:
     if choice == "auto":
         from .gguf_blocks import gguf_blocks_faster
 
-        choice = "gguf" if target_spec == DEFAULT_TARGET and on_cpu and gguf_blocks_faster(target) else "dense"
-    if choice == "gguf":
+        return "gguf" if target_spec == DEFAULT_TARGET and on_cpu and gguf_blocks_faster(target) else "dense"
+    return choice
+
+
+def apply_target_weights(target, target_spec: str, choice: str = "auto", device: str | None = None):
+    """The target with the weights `choice` resolves to (block weights run with fp32 activations: a target
+    loaded in another dtype is reloaded in fp32)."""
+    if resolve_target_weights(target, target_spec, choice, device) == "gguf":
         from .gguf_blocks import use_gguf_blocks
 
         if next(target.parameters()).dtype != torch.float32:
-            target = load_model(target_spec, torch.float32)   # block weights take fp32 activations
+            target = load_model(target_spec, torch.float32)
         use_gguf_blocks(target)
     return target
 
 
+def apply_draft_weights(draft, choice: str = "auto", target_weights: str = "dense"):
+    """The draft with the weights `choice` names: "q8" quantizes its projections and output layer to Q8_0
+    blocks run by the same C kernels (lossy, but a draft only shapes proposals: the output stays exact),
+    "auto" does so where the target runs GGUF blocks (a CPU where block weights measured faster), "dense"
+    leaves it. A feature draft stays dense."""
+    if choice not in ("auto", "dense", "q8"):
+        raise ValueError(f"draft weights must be 'auto', 'dense' or 'q8', got '{choice}'")
+    if draft is None or is_feature_draft_model(draft) or choice == "dense":
+        return draft
+    if choice == "auto" and (target_weights != "gguf" or next(draft.parameters()).device.type != "cpu"):
+        return draft
+    from .gguf_blocks import use_q8_blocks
+
+    use_q8_blocks(draft.float())
+    return draft
+
+
 def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
                 dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None,
-                target_weights: str = "auto", compile: str = "auto", draft_kind: str = "auto"):
+                target_weights: str = "auto", compile: str = "auto", draft_kind: str = "auto",
+                draft_weights: str = "auto"):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see models/dtypes.py). With tensor_parallel_size > 1 the
     target runs as that many ranks (processes). target_weights "gguf": the default target's projections and
     output layer run on its own GGUF blocks (models/gguf_blocks.py; fp32 activations, batch-invariant); "auto":
-    that for the default target on a CPU where it measures faster than dense weights, else dense. compile: on, off or
+    that for the default target on a CPU where it measures faster than dense weights, else dense; draft_weights
+    (apply_draft_weights) "q8" runs the draft on Q8_0 blocks, "auto" where the target runs GGUF blocks. compile: on, off or
     auto (CUDA only) runs the target's small forwards as compiled static-shape steps (models/compiled.py)."""
     if target_weights not in ("auto", "dense", "gguf"):
         raise ValueError(f"target weights must be 'auto', 'dense' or 'gguf', got '{target_weights}'")
@@ -301,7 +326,9 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
         target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target,  # rank 0 shards it
                                            dtype=dtype)
     else:
+        target_weights = resolve_target_weights(target, target_spec, target_weights)
         target = apply_target_weights(target, target_spec, target_weights)
+        draft = apply_draft_weights(draft, draft_weights, target_weights)
         from .compiled import CompiledRunner, compile_wanted
         wants_features = draft is not None and is_feature_draft_model(draft)
         from .gguf_blocks import uses_gguf_blocks

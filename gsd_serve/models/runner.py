@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.kv_cache import KVCache
-from .gguf_blocks import BlockLinear, GGUFDecoder, gguf_decoder
+from .gguf_blocks import BlockLinear, GGUFDecoder, gguf_decoder, quantize_q8_0
 from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_available
 from .llama_forward import lean_decoder
 
@@ -45,7 +45,13 @@ class ModelRunner:
         self._lean = gguf_decoder(model) or lean_decoder(model)
         self.weights = "gguf" if isinstance(self._lean, GGUFDecoder) else "dense"   # for reports
         self._head = None
-        if isinstance(head, (PackedLinear, BlockLinear)) and output_ids is None:
+        if getattr(model, "q8_output_layer", False) and not isinstance(head, BlockLinear):
+            # a draft quantized by use_q8_blocks: its (reduced) output layer as Q8_0 blocks too
+            self._head = BlockLinear("Q8_0", quantize_q8_0(self.head_weight.float()), self.head_weight.shape[1])
+            self.head_weight = self.head_weight.float()
+            if self.head_bias is not None:
+                raise ValueError("a Q8_0 output layer has no bias")
+        elif isinstance(head, (PackedLinear, BlockLinear)) and output_ids is None:
             self._head = head if isinstance(head, BlockLinear) else head._kernel
         elif pack and packing_available(self.head_weight):
             self._head = PackedWeight(self.head_weight, self.head_bias)

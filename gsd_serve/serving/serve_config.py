@@ -34,7 +34,8 @@ def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: in
 def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http_port: int = 8000,
                 grpc_port: int = 9000, draft_replicas: int = 1, redis_url: str | None = None,
                 tensor_parallel_size: int | None = None, dtype: str | None = None,
-                api_key: str | None = None, target_weights: str | None = None) -> dict:
+                api_key: str | None = None, target_weights: str | None = None,
+                draft_weights: str | None = None) -> dict:
     """A validated Serve config: the file's, else this machine's default; REDIS_URL (or redis_url) becomes
     the prefix cache of every application that names none, tensor_parallel_size overrides the apps', and
     api_key (from --api-key or $GSD_SERVE_API_KEY) protects every application that names none."""
@@ -61,6 +62,8 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
             app_args["dtype"] = dtype
         if target_weights is not None:
             app_args["target_weights"] = target_weights
+        if draft_weights is not None:
+            app_args["draft_weights"] = draft_weights
         if api_key and not app_args.get("api_key"):
             app_args["api_key"] = api_key
         if redis_url and not app_args.get("redis_url"):

@@ -365,8 +365,14 @@ static void silu_mul(const float *gate_up, int rows, int f, float *out) {
  * Sequence s owns rows bounds[s]..bounds[s+1]-1 and its layer cache k_bufs[s] / v_bufs[s]
  * ([KVH, caps[s], hd], new entries written at starts[s]..), attends under masks[s] ([rows, starts[s] + rows]
  * bytes, 1 = attend) or causally (NULL). Scratch: n * (d + qkv_n + 2 * H * hd + 2 * ff + ff) floats.
+ * kind: 4 if the layer's four weight matrices are Q4_1 blocks, 8 if Q8_0.
  * One call per layer instead of ~10: the per-call cost of Python is what a 30-layer CPU step otherwise pays. */
-void layer_forward(float *h, int n, int d, const float *norm1, float eps1, const uint8_t *qkv_w,
+static inline void block_matmul(int kind, const float *x, int M, int K, const uint8_t *w, int N, float *y) {
+    if (kind == 8) q8_0_matmul(x, M, K, w, N, y);
+    else q4_1_matmul(x, M, K, w, N, y);
+}
+
+void layer_forward(int kind, float *h, int n, int d, const float *norm1, float eps1, const uint8_t *qkv_w,
                    const uint8_t *o_w, const float *norm2, float eps2, const uint8_t *gate_up_w, int ff,
                    const uint8_t *down_w, const float *cos_, const float *sin_, int nseq, const int *bounds,
                    float *const *k_bufs, float *const *v_bufs, const long *caps, const long *starts,
@@ -375,7 +381,7 @@ void layer_forward(float *h, int n, int d, const float *norm1, float eps1, const
     float *x = scratch, *qkv = x + (size_t)n * d, *q = qkv + (size_t)n * qkv_n, *att = q + (size_t)n * attn_n;
     float *gu = att + (size_t)n * attn_n, *act = gu + (size_t)n * 2 * ff, *tmp = act + (size_t)n * ff;
     rms_norm(h, norm1, eps1, n, d, x);
-    q4_1_matmul(x, n, d, qkv_w, qkv_n, qkv);
+    block_matmul(kind, x, n, d, qkv_w, qkv_n, qkv);
     for (int s = 0; s < nseq; s++) {
         const int a = bounds[s], rows = bounds[s + 1] - bounds[s];
         rope_split(qkv + (size_t)a * qkv_n, cos_ + (size_t)a * hd, sin_ + (size_t)a * hd, rows, H, KVH, hd,
@@ -383,11 +389,11 @@ void layer_forward(float *h, int n, int d, const float *norm1, float eps1, const
         attention(q + (size_t)a * attn_n, k_bufs[s], v_bufs[s], caps[s], (int)(starts[s] + rows), masks[s], rows,
                   H, KVH, hd, scale, att + (size_t)a * attn_n);
     }
-    q4_1_matmul(att, n, attn_n, o_w, d, tmp);
+    block_matmul(kind, att, n, attn_n, o_w, d, tmp);
     for (size_t i = 0; i < (size_t)n * d; i++) h[i] += tmp[i];
     rms_norm(h, norm2, eps2, n, d, x);
-    q4_1_matmul(x, n, d, gate_up_w, 2 * ff, gu);
+    block_matmul(kind, x, n, d, gate_up_w, 2 * ff, gu);
     silu_mul(gu, n, ff, act);
-    q4_1_matmul(act, n, ff, down_w, d, tmp);
+    block_matmul(kind, act, n, ff, down_w, d, tmp);
     for (size_t i = 0; i < (size_t)n * d; i++) h[i] += tmp[i];
 }
