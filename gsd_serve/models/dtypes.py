@@ -66,7 +66,8 @@ def cpu_description() -> str:
     return f"{name or 'unknown CPU'} ({', '.join(have)})" if have else (name or "unknown CPU")
 
 
-def _cpu_key() -> str:
+def cpu_identity() -> str:
+    """This CPU's model name and feature flags as /proc/cpuinfo gives them (what kernels and dtypes depend on)."""
     info = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,6 +79,11 @@ def _cpu_key() -> str:
     except OSError:
         import platform
         info = platform.processor()
+    return info
+
+
+def _cpu_key() -> str:
+    info = cpu_identity()
     return hashlib.sha256(f"{info}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()[:16]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import cache_dir
+from .dtypes import cpu_identity
 
 SOURCE = Path(__file__).parent / "kernels" / "gguf_matmul.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -28,19 +29,9 @@ class KernelBuildError(RuntimeError):
     """The C kernels could not be built here (no C compiler, or it failed)."""
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 def _build() -> Path:
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + cpu_identity().encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"gguf_matmul-{key}.so"
     if out.exists():
         return out
@@ -67,10 +58,7 @@ def library() -> ctypes.CDLL:
                            ctypes.c_void_p]
             fn.restype = None
         P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        L = ctypes.c_long
         signatures = {"rms_norm": [P, P, F, I, I, P],
-                      "rope_split": [P, P, P, I, I, I, I, P, P, P, L, L],
-                      "attention": [P, P, P, L, I, P, I, I, I, I, F, P],
                       "layer_forward": [I, P, I, I, P, F, P, P, P, F, P, I, P, P, P, I, P, P, P, P, P, P,
                                         I, I, I, F, P]}
         for name, args in signatures.items():
