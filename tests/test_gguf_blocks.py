@@ -35,7 +35,7 @@ def _random_blocks(kind: str, rows: int, cols: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind):
-    rows, cols = 200, 576
+    rows, cols = 203, 576     # 203: outputs left over after every tile width (8, 4)
     blocks = _random_blocks(kind, rows, cols)
     w = dequantize(kind, blocks, cols)
     blocks = repack(kind, blocks)
@@ -46,7 +46,7 @@ def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind):
     # every row alone, and every split of the rows, gives bit-identical outputs
     alone = torch.cat([block_matmul(kind.lower(), x[i:i + 1].contiguous(), blocks, rows) for i in range(13)])
     assert torch.equal(y, alone)
-    for a, b in ((3, 11), (0, 8), (2, 9), (5, 7)):    # a full tile of rows and remainders of every size
+    for a, b in ((3, 11), (0, 8), (2, 9), (5, 7), (1, 7), (4, 13), (0, 3), (1, 5), (2, 7)):   # every tile shape
         assert torch.equal(y[a:b], block_matmul(kind.lower(), x[a:b].contiguous(), blocks, rows))
 
 

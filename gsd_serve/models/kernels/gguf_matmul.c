@@ -49,6 +49,188 @@ static inline void halves_to_floats(const uint8_t *src, int n, float *dst) {
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* AVX2 (AMD EPYC before Zen 4, older Intel): 8-lane sums. A row's 32 inputs of a block are 4 chunks of 8
+ * consecutive inputs; every chunk of every block adds into the same 8 lane accumulators in input order, then
+ * one fixed reduction (hsum8). That order is the same whatever M is and whichever tile computes the row, so
+ * the matmul stays batch-invariant. 8 lanes (not 32) so that one (output, row) pair needs one register:
+ * tiles of several outputs x several rows fit the 16 ymm registers, and a tree's rows share each
+ * dequantized weight from L1. */
+#define AI __attribute__((always_inline)) inline
+
+static AI float hsum8(__m256 v) {   /* lanes j + (j+4), then + (j+2), + (j+1) */
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+
+static AI float half_at(const uint8_t *p, int i) {
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return _cvtsh_ss(h);
+}
+
+/* one block's 32 weights as 4 chunks of 8 (inputs 0-7, 8-15, 16-23, 24-31) */
+static AI void dequant_block(const int kind, const uint8_t *q, float d, float m, __m256 *w) {
+    const __m256 dv = _mm256_set1_ps(d);
+    if (kind == 4) {   /* low nibbles of bytes 0..15 are inputs 0..15, high nibbles 16..31 */
+        const __m128i v = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(15);
+        const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        const __m256 mv = _mm256_set1_ps(m);
+        w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
+        w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo))), dv, mv);
+        w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
+        w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi))), dv, mv);
+    } else {           /* q * d is exact in fp32 */
+        for (int c = 0; c < 4; c++)
+            w[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                       _mm_loadl_epi64((const __m128i *)(q + 8 * c)))), dv);
+    }
+}
+
+/* Outputs n0..n0+NR-1 for rows r0..r0+MR-1, each weight dequantized in registers and used at once: the
+ * path of a decoding step and of small trees (up to 6 rows). Scales convert 8 blocks at a
+ * time (a row's scales are followed by its minimums or q bytes, so the 16-byte loads stay inside the row). */
+static AI void direct_tile(const int kind, const float *x, int K, const uint8_t *w, size_t row_bytes, int N,
+                           float *y, int n0, const int NR, int r0, const int MR) {
+    const int nb = K / QK, qbytes = kind == 4 ? 16 : 32, scale_bytes = kind == 4 ? 4 : 2;
+    __m256 acc[8][6];   /* NR x MR <= 8 of them used */
+    for (int i = 0; i < NR; i++)
+        for (int t = 0; t < MR; t++) acc[i][t] = _mm256_setzero_ps();
+    const uint8_t *next = w + (size_t)(n0 + NR) * row_bytes;
+    const size_t next_lines = (NR * row_bytes + 63) / 64;
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        float ds[8][8], ms[8][8];
+        for (int i = 0; i < NR; i++) {
+            const uint8_t *row = w + (size_t)(n0 + i) * row_bytes;
+            _mm256_storeu_ps(ds[i], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * b0))));
+            if (kind == 4)
+                _mm256_storeu_ps(ms[i], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * nb + 2 * b0))));
+        }
+        const int bend = nb - b0 < 8 ? nb - b0 : 8;
+        for (int bb = 0; bb < bend; bb++) {
+            const int b = b0 + bb;
+            /* the rows interleave NR streams, which the hardware prefetchers follow badly: fetch the next
+             * tile's bytes (contiguous) a slice per block; prefetching past the matrix does not fault */
+            for (size_t line = (size_t)b * next_lines / nb; line < (size_t)(b + 1) * next_lines / nb; line++)
+                _mm_prefetch((const char *)(next + 64 * line), _MM_HINT_T0);
+            for (int i = 0; i < NR; i++) {
+                const uint8_t *row = w + (size_t)(n0 + i) * row_bytes;
+                __m256 wc[4];
+                dequant_block(kind, row + (size_t)nb * scale_bytes + (size_t)b * qbytes, ds[i][bb],
+                              kind == 4 ? ms[i][bb] : 0.0f, wc);
+                for (int t = 0; t < MR; t++) {
+                    const float *xr = x + (size_t)(r0 + t) * K + (size_t)b * QK;
+                    for (int c = 0; c < 4; c++)
+                        acc[i][t] = _mm256_fmadd_ps(wc[c], _mm256_loadu_ps(xr + 8 * c), acc[i][t]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int t = 0; t < MR; t++) y[(size_t)(r0 + t) * N + n0 + i] = hsum8(acc[i][t]);
+}
+
+/* Outputs n0..n0+NR-1 (dequantized into wbuf [NR, K] beforehand) for rows r0..r0+MR-1: NR x MR
+ * accumulators (at most 3 x 4) over K in chunks of 8; with the NR weight chunks and one row's chunk that is
+ * all 16 ymm registers, so each loaded chunk feeds 3 or 4 FMAs. */
+static AI void buffered_tile(const float *wbuf, const float *x, int K, int N, float *y, int n0, const int NR,
+                             int r0, const int MR) {
+    __m256 acc[3][4];
+    for (int i = 0; i < NR; i++)
+        for (int t = 0; t < MR; t++) acc[i][t] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 8) {
+        __m256 wv[3];
+        for (int i = 0; i < NR; i++) wv[i] = _mm256_loadu_ps(wbuf + (size_t)i * K + k);
+        for (int t = 0; t < MR; t++) {
+            const __m256 xv = _mm256_loadu_ps(x + (size_t)(r0 + t) * K + k);
+            for (int i = 0; i < NR; i++) acc[i][t] = _mm256_fmadd_ps(wv[i], xv, acc[i][t]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int t = 0; t < MR; t++) y[(size_t)(r0 + t) * N + n0 + i] = hsum8(acc[i][t]);
+}
+
+static AI void buffered_rows(const float *wbuf, const float *x, int M, int K, int N, float *y, int n0,
+                             const int NR) {
+    int r0 = 0;
+    for (; r0 + 4 <= M; r0 += 4) buffered_tile(wbuf, x, K, N, y, n0, NR, r0, 4);
+    if (M - r0 == 3) buffered_tile(wbuf, x, K, N, y, n0, NR, r0, 3);
+    else if (M - r0 == 2) buffered_tile(wbuf, x, K, N, y, n0, NR, r0, 2);
+    else if (M - r0 == 1) buffered_tile(wbuf, x, K, N, y, n0, NR, r0, 1);
+}
+
+static AI void dequant_rows(const int kind, const uint8_t *w, size_t row_bytes, int K, int n0, const int NR,
+                            float *wbuf) {
+    const int nb = K / QK, qbytes = kind == 4 ? 16 : 32, scale_bytes = kind == 4 ? 4 : 2;
+    for (int i = 0; i < NR; i++) {
+        const uint8_t *row = w + (size_t)(n0 + i) * row_bytes;
+        for (int b = 0; b < nb; b++) {
+            __m256 wc[4];
+            dequant_block(kind, row + (size_t)nb * scale_bytes + (size_t)b * qbytes, half_at(row, b),
+                          kind == 4 ? half_at(row + 2 * nb, b) : 0.0f, wc);
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(wbuf + (size_t)i * K + (size_t)b * QK + 8 * c, wc[c]);
+        }
+    }
+}
+
+/* direct tiles: NR outputs x M rows, M <= 6, NR x M <= 8 accumulators (measured faster than the buffered
+ * path below 7 rows on a Zen 3) */
+static inline int direct_width(int M) { return M == 1 ? 8 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+
+static AI void direct_group(const int kind, const float *x, int M, int K, const uint8_t *w, size_t row_bytes,
+                            int N, float *y, int n0, const int NR) {
+    switch (M) {
+        case 1: direct_tile(kind, x, K, w, row_bytes, N, y, n0, NR, 0, 1); break;
+        case 2: direct_tile(kind, x, K, w, row_bytes, N, y, n0, NR, 0, 2); break;
+        case 3: direct_tile(kind, x, K, w, row_bytes, N, y, n0, NR, 0, 3); break;
+        case 4: direct_tile(kind, x, K, w, row_bytes, N, y, n0, NR, 0, 4); break;
+        case 5: direct_tile(kind, x, K, w, row_bytes, N, y, n0, NR, 0, 5); break;
+        default: direct_tile(kind, x, K, w, row_bytes, N, y, n0, NR, 0, 6); break;
+    }
+}
+
+#define DEFINE_MATMUL(NAME, KIND)                                                                          \
+void NAME(const float *x, int M, int K, const uint8_t *w, int N, float *y) {                             \
+    const size_t row_bytes = (size_t)(K / QK) * (KIND == 4 ? 20 : 34);                                    \
+    if (M <= 6) {                                                                                         \
+        const int NR = direct_width(M), groups = N / NR;                                                  \
+        _Pragma("omp parallel for schedule(static)")                                                     \
+        for (int g = 0; g < groups; g++) {                                                                \
+            switch (NR) {                                                                                 \
+                case 8: direct_group(KIND, x, M, K, w, row_bytes, N, y, g * 8, 8); break;                 \
+                case 4: direct_group(KIND, x, M, K, w, row_bytes, N, y, g * 4, 4); break;                 \
+                case 2: direct_group(KIND, x, M, K, w, row_bytes, N, y, g * 2, 2); break;                 \
+                default: direct_group(KIND, x, M, K, w, row_bytes, N, y, g, 1); break;                    \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int n = groups * NR; n < N; n++) direct_group(KIND, x, M, K, w, row_bytes, N, y, n, 1);      \
+        return;                                                                                           \
+    }                                                                                                     \
+    const int groups = (N + 2) / 3;                                                                       \
+    _Pragma("omp parallel")                                                                              \
+    {                                                                                                     \
+        float *wbuf = (float *)aligned_alloc(64, sizeof(float) * 3 * (size_t)K);                          \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int g = 0; g < groups; g++) {                                                                \
+            const int n0 = 3 * g;                                                                         \
+            if (n0 + 3 <= N) {                                                                            \
+                dequant_rows(KIND, w, row_bytes, K, n0, 3, wbuf);                                         \
+                for (size_t at = 0; at < 3 * row_bytes; at += 64)   /* the next tile's rows, during this one */ \
+                    _mm_prefetch((const char *)(w + (size_t)(n0 + 3) * row_bytes + at), _MM_HINT_T0);     \
+                buffered_rows(wbuf, x, M, K, N, y, n0, 3);                                                \
+            } else {                                                                                      \
+                for (int n = n0; n < N; n++) {                                                            \
+                    dequant_rows(KIND, w, row_bytes, K, n, 1, wbuf);                                      \
+                    buffered_rows(wbuf, x, M, K, N, y, n, 1);                                             \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        free(wbuf);                                                                                       \
+    }                                                                                                     \
+}
+
+#else   /* AVX-512 or portable: 32-lane sums per (output, row) */
 #if defined(__AVX512F__)
 /* reduce16's order with shuffles: lanes j + (j+8), then + (j+4), + (j+2), + (j+1) */
 static inline float hsum16(__m512 v) {
@@ -156,6 +338,8 @@ void NAME(const float *x, int M, int K, const uint8_t *w, int N, float *y) {    
     }                                                                                                     \
 }
 
+#endif
+
 DEFINE_MATMUL(q4_1_matmul, 4)
 DEFINE_MATMUL(q8_0_matmul, 8)
 
@@ -241,6 +425,39 @@ static void exp_shifted(float *s, int count, float shift) {
         _mm512_storeu_ps(s + j, _mm512_mask_blend_ps(low, e, _mm512_setzero_ps()));
     }
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    /* 8 lanes at a time; the tail goes through the same vector code (padded), so every value gets one formula */
+    const __m256 sh = _mm256_set1_ps(shift);
+    for (; j < count; j += 8) {
+        float pad[8] = {0};
+        const int n = count - j < 8 ? count - j : 8;
+        float *src = n == 8 ? s + j : pad;
+        if (n < 8) memcpy(pad, s + j, sizeof(float) * n);
+        __m256 x = _mm256_sub_ps(_mm256_loadu_ps(src), sh);
+        __m256 low = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+        __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        k = _mm256_min_ps(k, _mm256_set1_ps(127.0f));
+        __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693145751953125f), x);
+        r = _mm256_fmadd_ps(k, _mm256_set1_ps(-1.428606765330187e-06f), r);
+        __m256 p = _mm256_set1_ps(1.0f / 720);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+        /* 2^k built in the exponent field (k >= -126 here, a normal number), so p * 2^k rounds once */
+        __m256 two_k = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_max_ps(k, _mm256_set1_ps(-126.0f))), _mm256_set1_epi32(127)), 23));
+        __m256 e = _mm256_andnot_ps(low, _mm256_mul_ps(p, two_k));
+        if (n == 8) _mm256_storeu_ps(s + j, e);
+        else {
+            _mm256_storeu_ps(pad, e);
+            memcpy(s + j, pad, sizeof(float) * n);
+        }
+    }
+#endif
     for (; j < count; j++) s[j] = exp_poly(s[j] - shift);
 }
 
@@ -253,6 +470,15 @@ static inline __attribute__((always_inline)) float dot_hd(const float *q, const 
     __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
     __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* lanes 0-7 and 8-15 of the 16 lane sums, then reduce16's order */
+    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+    __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), _mm256_loadu_ps(k + 8));
+    for (int a = 16; a < hd; a += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + a), _mm256_loadu_ps(k + a), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + a + 8), _mm256_loadu_ps(k + a + 8), a1);
+    }
+    return hsum8(_mm256_add_ps(a0, a1));
 #else
     float s16[16] = {0};
     for (int a = 0; a < hd; a += 16)
@@ -299,6 +525,20 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, i
         }
         const __m512 inv = _mm512_set1_ps(1.0f / sum);
         for (int a = 0; a < HD / 16; a++) _mm512_storeu_ps(o + 16 * a, _mm512_mul_ps(acc[a], inv));
+        return;
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[8];
+    if (HD <= 64) {
+        for (int a = 0; a < HD / 8; a++) acc[a] = _mm256_setzero_ps();
+        for (j = 0; j < count; j++) {
+            if (p[j] == 0.0f) continue;
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float *vv = V + (size_t)j * HD;
+            for (int a = 0; a < HD / 8; a++) acc[a] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vv + 8 * a), acc[a]);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (int a = 0; a < HD / 8; a++) _mm256_storeu_ps(o + 8 * a, _mm256_mul_ps(acc[a], inv));
         return;
     }
 #endif
