@@ -195,3 +195,25 @@ def test_a_q8_draft_is_close_to_its_dense_self_and_speculation_stays_exact(gguf_
         tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=64, num_hidden_layers=1,
                                             num_attention_heads=2, num_key_value_heads=1))
         use_q8_blocks(tiny)
+
+
+def test_distill_data_decodes_a_batch_together_exactly_as_each_prompt_alone(gguf_pair):
+    """distill's data phase on GGUF blocks decodes a batch's sequences in one fused forward per token: greedy,
+    each answer equals plain decoding of its prompt alone, and the kept top-k are the logits of each choice."""
+    from gsd_serve.cli.distill import runner_answers
+
+    target, _, tokenizer = gguf_pair
+    runner = ModelRunner(target)
+    eos = tokenizer.eos_token_id
+    engine = Engine(runner, None, stop_token_ids={eos})
+    prompts = [encode(tokenizer, t) for t in PROMPTS]
+    items = runner_answers(runner, prompts, 20, eos, 8, 0.0, seed=0)
+    for p, it in zip(prompts, items):
+        assert it["prompt"] == p
+        assert it["cont"] == engine.generate(p, 20, SpecConfig.for_method("ar")).token_ids
+        assert it["top_ids"].shape == (len(it["cont"]), 8) and it["top_logits"].dtype == torch.float16
+        assert it["top_ids"][:, 0].tolist() == it["cont"]
+    # sampled answers are reproducible for a seed and differ from greedy
+    a = runner_answers(runner, prompts, 20, eos, 8, 0.8, seed=3)
+    b = runner_answers(runner, prompts, 20, eos, 8, 0.8, seed=3)
+    assert [x["cont"] for x in a] == [x["cont"] for x in b] != [x["cont"] for x in items]
