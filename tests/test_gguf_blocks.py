@@ -5,6 +5,8 @@ load), summed in another order; batch-invariant, so every speculative method equ
 mode token for token, and the mode itself is compared with dense fp32 plain decoding (identical, or leaving
 it first at a near-tie).
 """
+import platform
+
 import pytest
 import torch
 
@@ -33,21 +35,27 @@ def _random_blocks(kind: str, rows: int, cols: int) -> torch.Tensor:
     return torch.cat([d, m, q], -1).reshape(rows, -1)
 
 
+# this CPU's build (its vector path), and on x86 also the portable C loops (no AVX, no F16C), which the
+# build for an older CPU would take
+ARCHES = ["native"] + (["x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else [])
+
+
+@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind):
-    rows, cols = 203, 576     # 203: outputs left over after every tile width (8, 4)
+def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind, arch):
+    rows, cols = 203, 576     # 203: outputs left over after every tile width (8, 4, 3)
     blocks = _random_blocks(kind, rows, cols)
     w = dequantize(kind, blocks, cols)
     blocks = repack(kind, blocks)
     x = torch.randn(13, cols, generator=torch.Generator().manual_seed(1))
-    y = block_matmul(kind.lower(), x, blocks, rows)
+    y = block_matmul(kind.lower(), x, blocks, rows, arch)
     ref = x.double() @ w.double().T
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     # every row alone, and every split of the rows, gives bit-identical outputs
-    alone = torch.cat([block_matmul(kind.lower(), x[i:i + 1].contiguous(), blocks, rows) for i in range(13)])
+    alone = torch.cat([block_matmul(kind.lower(), x[i:i + 1].contiguous(), blocks, rows, arch) for i in range(13)])
     assert torch.equal(y, alone)
     for a, b in ((3, 11), (0, 8), (2, 9), (5, 7), (1, 7), (4, 13), (0, 3), (1, 5), (2, 7)):   # every tile shape
-        assert torch.equal(y[a:b], block_matmul(kind.lower(), x[a:b].contiguous(), blocks, rows))
+        assert torch.equal(y[a:b], block_matmul(kind.lower(), x[a:b].contiguous(), blocks, rows, arch))
 
 
 @pytest.fixture(scope="module")

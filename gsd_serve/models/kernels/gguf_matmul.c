@@ -25,6 +25,9 @@
 
 #define QK 32
 #define TILE 8
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+#define GSD_AVX2 1      /* the AVX2 paths below (every AVX2 CPU also has FMA and F16C) */
+#endif
 #define MAX_BLOCKS 4096     /* inputs per row up to 131072 */
 
 /* the fixed reduction of 32 lane sums: s16[j] = a[j] + a[j+16], then halves again, then (0+2) + (1+3) */
@@ -45,11 +48,24 @@ static inline void halves_to_floats(const uint8_t *src, int n, float *dst) {
     for (; b < n; b++) {
         uint16_t h;
         memcpy(&h, src + 2 * b, 2);
+#if defined(__F16C__)
         dst[b] = _cvtsh_ss(h);
+#else   /* CPUs without F16C: the same exact conversion in integer arithmetic */
+        const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 0x3ff;
+        uint32_t bits;
+        if (e == 31) bits = sign | 0x7f800000u | (mant << 13);                    /* inf, nan */
+        else if (e) bits = sign | ((e + 112) << 23) | (mant << 13);               /* normal */
+        else {                                                                    /* zero, subnormal: mant * 2^-24 */
+            float f = (float)mant * 5.9604644775390625e-8f;
+            memcpy(&bits, &f, 4);
+            bits |= sign;
+        }
+        memcpy(dst + b, &bits, 4);
+#endif
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(GSD_AVX2)
 /* AVX2 (AMD EPYC before Zen 4, older Intel): 8-lane sums. A row's 32 inputs of a block are 4 chunks of 8
  * consecutive inputs; every chunk of every block adds into the same 8 lane accumulators in input order, then
  * one fixed reduction (hsum8). That order is the same whatever M is and whichever tile computes the row, so
@@ -425,7 +441,7 @@ static void exp_shifted(float *s, int count, float shift) {
         _mm512_storeu_ps(s + j, _mm512_mask_blend_ps(low, e, _mm512_setzero_ps()));
     }
 #endif
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(GSD_AVX2)
     /* 8 lanes at a time; the tail goes through the same vector code (padded), so every value gets one formula */
     const __m256 sh = _mm256_set1_ps(shift);
     for (; j < count; j += 8) {
@@ -470,7 +486,7 @@ static inline __attribute__((always_inline)) float dot_hd(const float *q, const 
     __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
     __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(GSD_AVX2)
     /* lanes 0-7 and 8-15 of the 16 lane sums, then reduce16's order */
     __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
     __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), _mm256_loadu_ps(k + 8));
@@ -527,7 +543,7 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, i
         for (int a = 0; a < HD / 16; a++) _mm512_storeu_ps(o + 16 * a, _mm512_mul_ps(acc[a], inv));
         return;
     }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(GSD_AVX2)
     __m256 acc[8];
     if (HD <= 64) {
         for (int a = 0; a < HD / 8; a++) acc[a] = _mm256_setzero_ps();
