@@ -163,7 +163,11 @@ def ttt_forward(draft: FeatureDraft, ids: torch.Tensor, prev: torch.Tensor, step
 
 def ttt_loss(draft, tensors, steps: int):
     ids, prev, rows, cols, small, probs, teacher_top1 = tensors
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # bf16 autocast only where the CPU multiplies bf16 natively (AMX, avx512_bf16): elsewhere it is emulated
+    # and slower than fp32
+    from ..models.dtypes import cpu_prefers_bf16
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_prefers_bf16()):
         per_step = ttt_forward(draft, ids, prev, steps, rows, cols)
     loss, agree = 0.0, []
     norm = sum(TTT_DECAY ** k for k in range(steps))
