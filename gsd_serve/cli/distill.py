@@ -180,40 +180,10 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
         if runner is not None:
             items = runner_answers(runner, prompts, cfg.max_new_tokens, tokenizer.eos_token_id, cfg.topk,
                                    0.8 if sampled else 0.0, cfg.seed * 100003 + b)
-            produced += sum(len(it["cont"]) for it in items)
-            torch.save(items, shard)
-            shards.append(shard)
-            counts[shard.name] = sum(len(it["cont"]) for it in items)
-            counts_file.write_text(json.dumps(counts))
-            _progress(b + 1, len(batches), start, f"{produced} tokens ({produced / (time.time() - start):.0f}/s)")
-            continue
-        width = max(map(len, prompts))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
-        torch.manual_seed(cfg.seed * 100003 + b)
-        with torch.inference_mode():
-            gen = target.generate(
-                input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens,
-                do_sample=sampled, temperature=0.8 if sampled else None, top_k=0 if sampled else None,
-                top_p=None, output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
-        logits = torch.stack(gen.logits, dim=1)  # [B, steps, V]
-        seqs = gen.sequences[:, width:]
-        items = []
-        for i, p in enumerate(prompts):
-            cont = seqs[i].tolist()
-            n = len(cont)
-            for j, t in enumerate(cont):
-                if t == tokenizer.eos_token_id:
-                    n = j + 1
-                    break
-            top = torch.topk(logits[i, :n].float(), cfg.topk, dim=-1)
-            items.append({"prompt": p, "cont": cont[:n], "top_ids": top.indices.to(torch.int32),
-                          "top_logits": top.values.to(torch.float16)})
-            produced += n
+        else:
+            items = hf_answers(target, tokenizer, prompts, cfg.max_new_tokens, cfg.topk, sampled,
+                               cfg.seed * 100003 + b)
+        produced += sum(len(it["cont"]) for it in items)
         torch.save(items, shard)
         shards.append(shard)
         counts[shard.name] = sum(len(it["cont"]) for it in items)
@@ -221,6 +191,39 @@ def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
         _progress(b + 1, len(batches), start, f"{produced} tokens ({produced / (time.time() - start):.0f}/s)")
     print(file=sys.stderr)
     return shards
+
+
+def hf_answers(target, tokenizer, prompts: list[list[int]], max_new: int, topk: int, sampled: bool,
+               seed: int) -> list[dict]:
+    """The target's answers to `prompts` by transformers' generate (left-padded batch), in the item format of
+    runner_answers."""
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        gen = target.generate(
+            input_ids=ids, attention_mask=attn, max_new_tokens=max_new,
+            do_sample=sampled, temperature=0.8 if sampled else None, top_k=0 if sampled else None,
+            top_p=None, output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
+    logits = torch.stack(gen.logits, dim=1)  # [B, steps, V]
+    seqs = gen.sequences[:, width:]
+    items = []
+    for i, p in enumerate(prompts):
+        cont = seqs[i].tolist()
+        n = len(cont)
+        for j, t in enumerate(cont):
+            if t == tokenizer.eos_token_id:
+                n = j + 1
+                break
+        top = torch.topk(logits[i, :n].float(), topk, dim=-1)
+        items.append({"prompt": p, "cont": cont[:n], "top_ids": top.indices.to(torch.int32),
+                      "top_logits": top.values.to(torch.float16)})
+    return items
 
 
 @torch.inference_mode()
