@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #define QK 32
 #define TILE 8
@@ -246,55 +247,104 @@ void NAME(const float *x, int M, int K, const uint8_t *w, int N, float *y) {    
     }                                                                                                     \
 }
 
-#else   /* AVX-512 or portable: 32-lane sums per (output, row) */
-#if defined(__AVX512F__)
+#elif defined(__AVX512F__)
+/* AVX-512 (Intel since Skylake-SP, AMD since Zen 4): 32 lane sums per (output, row), as two 16-lane
+ * accumulators (inputs 0-15 and 16-31 of every block, blocks in input order), then lo + hi and reduce16's
+ * order; the same order whatever M is and wherever a row sits, so batch-invariant. */
+#define AI __attribute__((always_inline)) inline
+
 /* reduce16's order with shuffles: lanes j + (j+8), then + (j+4), + (j+2), + (j+1) */
-static inline float hsum16(__m512 v) {
+static AI float hsum16(__m512 v) {
     __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
     __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
     __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
-typedef struct { __m512 lo, hi; } wblock;   /* inputs 0..15 and 16..31 of a block */
-
-static inline wblock dequant_q4_1(const uint8_t *q, float d, float m) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));   /* i * d + m, rounded once */
-    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-    wblock w = {_mm512_permutexvar_ps(idx, table), _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table)};
-    return w;   /* vpermps reads the low 4 bits of each index: the low nibble, then the high one */
+/* a block's 32 weights: inputs 0..15 in lo, 16..31 in hi. Q4_1 through a 16-entry table (i * d + m, rounded
+ * once like the dense model's q * d + m) indexed by the nibbles (vpermps reads an index's low 4 bits). */
+static AI void dequant512(const int kind, const uint8_t *q, float d, float m, __m512 *lo, __m512 *hi) {
+    if (kind == 4) {
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        *lo = _mm512_permutexvar_ps(idx, table);
+        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
+    } else {   /* q * d is exact in fp32 */
+        const __m512 dv = _mm512_set1_ps(d);
+        *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), dv);
+        *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), dv);
+    }
 }
 
-static inline wblock dequant_q8_0(const uint8_t *q, float d, float m) {
-    (void)m;
-    __m512 dv = _mm512_set1_ps(d);
-    __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
-    __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
-    wblock w = {_mm512_mul_ps(_mm512_cvtepi32_ps(lo), dv), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), dv)};
-    return w;
-}
-
-/* ROWS (a constant) rows of x from r0 against one output row: its scales dv/mv, its q bytes */
-static inline __attribute__((always_inline)) void dot_rows(
-        int kind, const float *x, int K, const uint8_t *q, int qbytes, const float *dv, const float *mv,
-        float *y, int N, int n, int r0, const int ROWS) {
-    const int nb = K / QK;
+/* ROWS (a constant, <= TILE) rows of x from r0 against output n (its scales dv/mv, its q bytes): each
+ * dequantized block feeds every row; the inputs come from L1 as memory operands of the FMAs (measured as fast
+ * as tiles of 2-4 outputs that keep inputs in registers, on a Zen 5) */
+static AI void dot_rows(const int kind, const float *x, int K, const uint8_t *q, const float *dv, const float *mv,
+                        float *y, int N, int n, int r0, const int ROWS) {
+    const int nb = K / QK, qbytes = kind == 4 ? 16 : 32;
     __m512 lo[TILE], hi[TILE];
     for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        wblock w = kind == 4 ? dequant_q4_1(q + (size_t)b * qbytes, dv[b], mv[b])
-                             : dequant_q8_0(q + (size_t)b * qbytes, dv[b], 0.0f);
+        __m512 wl, wh;
+        dequant512(kind, q + (size_t)b * qbytes, dv[b], kind == 4 ? mv[b] : 0.0f, &wl, &wh);
         for (int r = 0; r < ROWS; r++) {
             const float *xr = x + (size_t)(r0 + r) * K + (size_t)b * QK;
-            lo[r] = _mm512_fmadd_ps(w.lo, _mm512_loadu_ps(xr), lo[r]);
-            hi[r] = _mm512_fmadd_ps(w.hi, _mm512_loadu_ps(xr + 16), hi[r]);
+            lo[r] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), lo[r]);
+            hi[r] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), hi[r]);
         }
     }
     for (int r = 0; r < ROWS; r++) y[(size_t)(r0 + r) * N + n] = hsum16(_mm512_add_ps(lo[r], hi[r]));
 }
-#else
-/* portable fallback (AVX2 machines and others): the same arithmetic per lane, left to the compiler */
+
+/* outputs n_begin..n_end-1 of every row. The outputs go in panels of ~256 KB of blocks; within a panel the
+ * row tiles run one after another over every output, so a tile's inputs stay in L1 while the panel's blocks
+ * come from L2. (Every output over all rows at once re-read a tree's inputs from L2 per output: 32 rows took
+ * 2.2x as long.) */
+static AI void outputs512(const int kind, const float *x, int M, int K, const uint8_t *w, int N, float *y,
+                          int n_begin, int n_end) {
+    const int nb = K / QK;
+    const size_t row_bytes = (size_t)nb * (kind == 4 ? 20 : 34), q_at = (size_t)nb * (kind == 4 ? 4 : 2);
+    const int panel = row_bytes * 64 >= 262144 ? 64 : (int)(262144 / row_bytes);   /* outputs */
+    float dv[MAX_BLOCKS], mv[MAX_BLOCKS];
+    for (int p0 = n_begin; p0 < n_end; p0 += panel) {
+        const int p1 = p0 + panel < n_end ? p0 + panel : n_end;
+        for (int r0 = 0; r0 < M; r0 += TILE) {
+            const int rows = M - r0 < TILE ? M - r0 : TILE;
+            for (int n = p0; n < p1; n++) {
+                const uint8_t *row = w + (size_t)n * row_bytes;
+                halves_to_floats(row, nb, dv);
+                if (kind == 4) halves_to_floats(row + 2 * (size_t)nb, nb, mv);
+#define ROWS512(R) dot_rows(kind, x, K, row + q_at, dv, mv, y, N, n, r0, R)
+                switch (rows) {   /* constant row counts, so that the accumulators live in registers */
+                    case 8: ROWS512(8); break;
+                    case 7: ROWS512(7); break;
+                    case 6: ROWS512(6); break;
+                    case 5: ROWS512(5); break;
+                    case 4: ROWS512(4); break;
+                    case 3: ROWS512(3); break;
+                    case 2: ROWS512(2); break;
+                    default: ROWS512(1); break;
+                }
+#undef ROWS512
+            }
+        }
+    }
+}
+
+/* threads split the outputs into contiguous ranges */
+#define DEFINE_MATMUL(NAME, KIND)                                                                          \
+void NAME(const float *x, int M, int K, const uint8_t *w, int N, float *y) {                             \
+    _Pragma("omp parallel")                                                                              \
+    {                                                                                                     \
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num(), per = (N + nt - 1) / nt;          \
+        const int a = t * per < N ? t * per : N, b = a + per < N ? a + per : N;                           \
+        if (a < b) outputs512(KIND, x, M, K, w, N, y, a, b);                                              \
+    }                                                                                                     \
+}
+
+#else   /* portable: 32-lane sums per (output, row) */
+/* the same arithmetic per lane, left to the compiler (CPUs without AVX2 or AVX-512) */
 static inline __attribute__((always_inline)) void dot_rows(
         int kind, const float *x, int K, const uint8_t *q, int qbytes, const float *dv, const float *mv,
         float *y, int N, int n, int r0, const int ROWS) {
@@ -323,7 +373,6 @@ static inline __attribute__((always_inline)) void dot_rows(
         y[(size_t)(r0 + r) * N + n] = reduce16(s16);
     }
 }
-#endif
 
 /* x [M, K] fp32, W [N rows of repacked blocks] -> y [M, N]; threads split the outputs. KIND 4: Q4_1, 8: Q8_0
  * (a constant per function, so that each kind compiles to its own loop) */
