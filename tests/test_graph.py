@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gsd_serve.core.acceptance import accept_greedy, accept_path
-from gsd_serve.core.graph import TokenGraph, ancestor_matrix, flatten_to_tree, tree_attention_mask
+from gsd_serve.core.graph import TokenGraph, ancestor_matrix, best_tree_size, flatten_to_tree, tree_attention_mask
 
 R, X, Y, THE, CAT, A, DOG = 100, 1, 2, 3, 4, 5, 6
 
@@ -120,6 +120,36 @@ def test_budget_keeps_the_most_probable_nodes_and_is_closed_under_ancestors():
         assert int(tree.parents[i]) < i
     tree = flatten_to_tree(g, budget=100)
     assert len(tree) == len(g)
+
+
+def test_flatten_gives_path_probabilities_best_first_and_prefixes_are_trees():
+    g = TokenGraph(R, merge_context=-1)
+    a, _ = g.add(0, A, 0.6)
+    b, _ = g.add(0, DOG, 0.3)
+    g.add(a, 10, 0.9)
+    g.add(b, 11, 0.5)
+    tree = flatten_to_tree(g, budget=10)
+    assert tree.tokens.tolist() == [R, A, 10, DOG, 11]
+    assert tree.path_probs == pytest.approx([1.0, 0.6, 0.54, 0.3, 0.15])
+    for n in range(1, len(tree) + 1):
+        cut = tree.prefix(n)
+        assert len(cut) == n and cut.tokens.tolist() == tree.tokens[:n].tolist()
+        assert all(int(cut.parents[i]) < i for i in range(1, n))
+        assert cut.path_probs == tree.path_probs[:n]
+
+
+def test_best_tree_size_keeps_what_pays_for_its_forward_cost():
+    probs = [1.0, 0.9, 0.6, 0.3, 0.1, 0.05]
+    # free tokens (a bandwidth-bound forward): every node adds expected tokens at no cost
+    assert best_tree_size(probs, lambda n: 1.0) == len(probs)
+    # every token costs as much as a plain step: no node beats the root's 1 token per step ((1 + 0.9) / 2 < 1)
+    assert best_tree_size(probs, lambda n: float(n)) == 1
+    # a fixed overhead per round (the draft) makes extra tokens relatively cheaper
+    # with 2.0 s of overhead: 1.9 / 4 = 0.475, 2.5 / 5 = 0.5, 2.8 / 6 = 0.467 -> 3
+    assert best_tree_size(probs, lambda n: float(n), overhead_seconds=2.0) == 3
+    # a step costs 1, each extra token 0.25: 1.9 / 1.25 = 1.52, 2.5 / 1.5 = 1.67, 2.8 / 1.75 = 1.6 -> 3
+    assert best_tree_size(probs, lambda n: 1 + 0.25 * (n - 1)) == 3
+    assert best_tree_size([1.0], lambda n: 1.0) == 1
 
 
 def test_flatten_ranks_a_merged_subtree_by_each_parents_edge():

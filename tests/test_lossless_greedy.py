@@ -81,6 +81,34 @@ def test_adaptive_speculation_is_lossless_whichever_way_it_decides(engine, refer
     assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids   # the real, timed governor
 
 
+def test_trees_cut_by_cost_are_lossless_and_follow_the_cost_table(engine, reference):
+    """gsd (default: trees sized by the target's measured forward times) and gsd with full trees both emit plain
+    decoding; with a cost table where every verified token costs ten plain steps, no drafted node pays, so
+    every round verifies its root alone."""
+    full = SpecConfig.for_method("gsd", size_by_cost=False)
+    sized = SpecConfig.for_method("gsd")
+    assert sized.size_by_cost
+    runner = engine.target
+    sec = [runner.forward_seconds(n) for n in range(1, 41)]
+    assert sec[0] > 0 and all(a <= b for a, b in zip(sec, sec[1:]))     # more tokens never cost less
+    assert sec[4] == pytest.approx((sec[3] + sec[5]) / 2)    # 5 tokens: halfway between the measured 4 and 6
+    for i in (1, 3):
+        ids, ref = reference[i]
+        for spec in (full, sized):
+            assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids
+    saved = runner._costs
+    try:
+        runner._costs = ([1, 2], [1.0, 11.0])
+        ids, ref = reference[4]
+        got = engine.generate(ids, NEW_TOKENS, sized)
+        assert got.token_ids == ref.token_ids
+        assert got.stats.verified_tokens == got.stats.rounds and got.stats.accepted_tokens == 0
+        got = engine.generate(ids, NEW_TOKENS, full)
+        assert got.token_ids == ref.token_ids and got.stats.verified_tokens > got.stats.rounds
+    finally:
+        runner._costs = saved
+
+
 def test_eos_ends_generation_for_every_method(engine, tokenizer):
     ids = encode(tokenizer, "What is the capital of France? Answer in one sentence.")
     eos = tokenizer.eos_token_id

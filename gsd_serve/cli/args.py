@@ -72,6 +72,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adaptive", action="store_true", default=None,
                    help="decode plainly while speculation measures slower than plain steps for a sequence "
                         "(e.g. at high temperature on a CPU where verification is costly); same output")
+    g.add_argument("--full-trees", action="store_true", default=None,
+                   help="verify every node the budget allows; by default a round verifies only as many of its "
+                        "most probable nodes as maximize the expected tokens per second under the target's "
+                        "forward times, measured once per machine; same output")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +93,8 @@ def spec_from_args(args, method: str):
         method, load_tuned_defaults(),
         k=args.k, merge_context=args.merge_context, sibling_threshold=args.sibling_threshold,
         confidence_threshold=args.confidence_threshold, max_depth=args.max_depth, max_width=args.max_width,
-        budget=args.budget, lookup=getattr(args, "lookup", None), adaptive=getattr(args, "adaptive", None))
+        budget=args.budget, lookup=getattr(args, "lookup", None), adaptive=getattr(args, "adaptive", None),
+        size_by_cost=False if getattr(args, "full_trees", None) else None)
 
 
 def sampling_from_args(args):

@@ -19,7 +19,8 @@ import torch
 # A divergence from ar in a non-fp32 mode is a near-tie when the target's top-2 choice scores at the first
 # differing token lie within this many logits (bf16 keeps 8 significant bits: logits of ~20 round to 0.125)
 NEAR_TIE_EPS = 0.25
-SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-adaptive")   # gsd-adaptive: gsd with SpecConfig.adaptive
+# gsd-adaptive: gsd with SpecConfig.adaptive; gsd-full: gsd verifying every node the budget allows
+SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-adaptive", "gsd-full")
 # plain decoding with the dense fp32 target: the exact reference, for runs in a faster numeric mode (GGUF block
 # weights, bf16): its row says whether the run's ar left it, and where, at what top-2 gap
 REFERENCE_METHOD = "ar-fp32"
@@ -420,6 +421,9 @@ def _bench_spec(args, method: str, spec_from_args):
         a.max_width = None
     if method == "gsd-adaptive":
         a.adaptive = True
+        return spec_from_args(a, "gsd")
+    if method == "gsd-full":
+        a.full_trees = True
         return spec_from_args(a, "gsd")
     return spec_from_args(a, method)
 

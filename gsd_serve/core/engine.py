@@ -96,6 +96,7 @@ class Engine:
         loop = decode(seq, spec, governor, DecodeStats(method=spec.method))
         slots: list[int] = []
         answer = None
+        draft_ema: float | None = None    # seconds of a drafting round (moving average), for sizing trees
         with torch.inference_mode():
             while True:
                 try:
@@ -110,11 +111,15 @@ class Engine:
                 elif isinstance(request, Propose):
                     n = max(spec.merge_context, 0)
                     context = tuple(seq.tokens[-1 - n:-1]) if n > 0 else ()
+                    t0 = time.perf_counter()
                     answer, slots = draft.propose(seq.root, seq.root_index, context, spec, chooser,
                                                   max_depth=request.max_depth,
                                                   history=seq.tokens if spec.lookup else None)
+                    draft_s = time.perf_counter() - t0
+                    draft_ema = draft_s if draft_ema is None else 0.8 * draft_ema + 0.2 * draft_s
                 elif isinstance(request, Verify):
-                    answer = target.verify(request.graph, spec.budget, seq.root_index, chooser)
+                    answer = target.verify(request.graph, spec.budget, seq.root_index, chooser,
+                                           overhead_seconds=draft_ema if spec.size_by_cost else None)
                     draft.commit(request.graph, slots, answer.graph_path)
                     draft.add_features(seq.root_index, answer.features)
                 elif isinstance(request, Step):

@@ -58,6 +58,7 @@ class ModelRunner:
         self.output_ids = output_ids
         self.dtype = self.head_weight.dtype
         self.vocab_size = int(model.config.vocab_size)
+        self._costs: tuple[list[int], list[float]] | None = None
         self.forwards = 0
         self.tokens_fed = 0
 
@@ -157,6 +158,22 @@ class ModelRunner:
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.output_ids is None else self.output_ids[ids]
 
+    def forward_seconds(self, n: int) -> float:
+        """The wall time of a forward of n new tokens after a short context (for sizing verification trees,
+        core.graph.best_tree_size): measured at a few sizes on first use (about 30 forwards), interpolated
+        linearly between them and extended with the last slope beyond; remembered per CPU, thread count and
+        model in the cache directory."""
+        if self._costs is None:
+            self._costs = measured_forward_costs(self)
+        sizes, seconds = self._costs
+        if n <= sizes[0]:
+            return seconds[0]
+        for (a, ta), (b, tb) in zip(zip(sizes, seconds), zip(sizes[1:], seconds[1:])):
+            if n <= b:
+                return ta + (tb - ta) * (n - a) / (b - a)
+        (a, ta), (b, tb) = (sizes[-2], seconds[-2]), (sizes[-1], seconds[-1])
+        return tb + (tb - ta) * (n - b) / (b - a)
+
 
 class DeviceModelRunner(ModelRunner):
     """A ModelRunner for a model on an accelerator: the core builds token/position/mask tensors on the CPU,
@@ -177,6 +194,49 @@ class DeviceModelRunner(ModelRunner):
         out = super().forward(cache, tokens.to(dev), positions.to(dev), None if mask is None else mask.to(dev),
                               last_only=last_only)
         return out.cpu()
+
+
+COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def measured_forward_costs(runner: ModelRunner) -> tuple[list[int], list[float]]:
+    """(sizes, seconds): the best of 3 timed forwards of each size in COST_SIZES after a 64-token context, measured
+    once per CPU, thread count and model (and remembered in the cache directory)."""
+    import time
+
+    from .dtypes import _cpu_key, remembered
+
+    cfg = runner.model.config
+    params = sum(p.numel() for p in runner.model.parameters())
+    key = (f"{_cpu_key()}|{cfg.model_type}|{params}|{cfg.num_hidden_layers}|{runner.weights}|{runner.dtype}|"
+           f"{type(runner).__name__}|{type(runner._lean).__name__}|{type(runner._head).__name__}|"
+           f"{getattr(runner, 'device', 'cpu')}")
+
+    def measure() -> dict:
+        vocab = min(runner.vocab_size, 1000)
+        seconds = []
+        counters = runner.forwards, runner.tokens_fed    # not the runner's work: restored below
+        with torch.inference_mode():
+            cache = runner.new_cache()
+            runner.forward(cache, torch.arange(64) % vocab, last_only=True)
+            for n in COST_SIZES:
+                tokens = (torch.arange(n) * 7 + 11) % vocab
+                best = float("inf")
+                for rep in range(4):
+                    t0 = time.perf_counter()
+                    runner.forward(cache, tokens)
+                    if rep:      # the first is a warm-up
+                        best = min(best, time.perf_counter() - t0)
+                    cache.truncate(64)
+                seconds.append(best)
+        runner.forwards, runner.tokens_fed = counters
+        return {"sizes": list(COST_SIZES), "seconds": [round(x, 6) for x in seconds]}
+
+    found = remembered("forward-costs.json", key, measure)
+    seconds = list(found["seconds"])
+    for i in range(1, len(seconds)):   # more tokens never cost less: a dip is timing noise
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return list(found["sizes"]), seconds
 
 
 def make_runner(model, output_ids=None, device: str | None = None):
