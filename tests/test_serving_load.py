@@ -663,6 +663,47 @@ def test_invalid_verify_item_fails_only_its_own_request(workers, tiny_pair):
     stub.Release(pb.ReleaseRequest(session_ids=list(firsts)), timeout=60)
 
 
+def test_target_replica_sizes_trees_by_its_forward_costs_and_stays_exact(workers):
+    """Items with size_by_cost are cut to the nodes that pay for their rows under the replica's measured forward
+    times (here set: each row costs ten steps, then rows are free); items without it stay whole. The verdict
+    agrees with the full tree's on every token the cut tree verifies."""
+    import grpc
+
+    from gsd_serve.core.graph import TokenGraph
+
+    worker, _, port = workers["t2"]
+    stub = rpc.pb_grpc.TargetStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    prompt = list(range(300, 318))
+    n = len(prompt)
+    sids = ("full", "cut", "free")
+    firsts = {sid: stub.Prefill(pb.PrefillRequest(session_id=sid, tokens=prompt), timeout=60).first_token
+              for sid in sids}
+    f = firsts["full"]
+    g = TokenGraph(f, merge_context=-1)
+    a, _ = g.add(0, 11, 0.9)
+    g.add(a, 12, 0.8)
+    g.add(0, 13, 0.05)
+
+    def item(sid, **kw):
+        return pb.VerifyItem(session_id=sid, delta_start=n, delta=[f], graph=rpc.graph_to_proto(g), root_index=n,
+                             budget=16, **kw)
+
+    saved = worker.runner._costs
+    try:
+        worker.runner._costs = ([1, 2], [1.0, 11.0])
+        full = stub.Verify(pb.VerifyRequest(items=[item("full")]), timeout=60).results[0]
+        resp = stub.Verify(pb.VerifyRequest(items=[item("cut", size_by_cost=True, round_overhead_s=0.5)]), timeout=60)
+        cut = resp.results[0]
+        assert full.verified_tokens == 4 and cut.verified_tokens == 1 and resp.rows == 1
+        assert list(cut.emitted) == list(full.emitted)[:1]
+        worker.runner._costs = ([1, 2], [1.0, 1.0])
+        free = stub.Verify(pb.VerifyRequest(items=[item("free", size_by_cost=True)]), timeout=60).results[0]
+        assert free.verified_tokens == 4 and list(free.emitted) == list(full.emitted)
+    finally:
+        worker.runner._costs = saved
+        stub.Release(pb.ReleaseRequest(session_ids=list(sids)), timeout=60)
+
+
 # ---------------------------------------------------------------- (b) SSE dropped before its first chunk
 
 def _asgi_post(path: str, body: bytes, spec_version: str) -> dict:

@@ -138,16 +138,35 @@ def best_tree_size(path_probs: list[float], forward_seconds, overhead_seconds: f
     1 + sum(path_probs[1:n]) tokens and costs forward_seconds(n) + overhead_seconds (the round's draft and
     bookkeeping). Where a verified token costs nearly nothing (bandwidth-bound forwards, GPUs) this keeps the
     whole tree; where every token costs its own arithmetic (CPUs) it drops the improbable tail, which cost
-    more than it returned (on a 2-core Zen 5, full trees of ~6.8 nodes ran gsd at 0.82x plain decoding).
+    more than it returned (on a 2-core Zen 5, full trees of ~6.6 nodes ran gsd at 0.8x plain decoding).
     `forward_seconds(n)`: the target's forward time for n tokens."""
-    best_n, best_rate, expected = 1, 0.0, 1.0
-    for n in range(1, len(path_probs) + 1):
-        if n > 1:
-            expected += path_probs[n - 1]
-        rate = expected / max(forward_seconds(n) + overhead_seconds, 1e-9)
+    return best_batch_sizes([path_probs], forward_seconds, overhead_seconds)[0]
+
+
+def best_batch_sizes(path_probs: list[list[float]], forward_seconds, overhead_seconds: float = 0.0,
+                     whole: list[bool] | None = None) -> list[int]:
+    """best_tree_size for the trees of one fused forward: how many nodes of each tree (best-first lists of path
+    probabilities, root first) to verify for the most expected tokens per second of the whole forward, which
+    costs forward_seconds(rows in total) + overhead_seconds. Trees marked in `whole` are verified whole. A node
+    joins in order of probability across the trees; the wider the forward, the more tokens per second it
+    already yields, so the more a node must be worth to pay for its row: under load the trees shrink."""
+    whole = whole or [False] * len(path_probs)
+    sizes = [len(probs) if keep else (1 if probs else 0) for probs, keep in zip(path_probs, whole)]
+    expected = sum(sum(probs) if keep else float(n) for probs, keep, n in zip(path_probs, whole, sizes))
+    rows = sum(sizes)
+    best, best_rate = list(sizes), expected / max(forward_seconds(max(rows, 1)) + overhead_seconds, 1e-9)
+    # every tree's list falls (a child is never more probable than its parent), so taking nodes in order of
+    # probability across trees keeps each tree a prefix of its own list
+    candidates = sorted(((p, i) for i, probs in enumerate(path_probs) if not whole[i] for p in probs[1:]),
+                        key=lambda c: -c[0])
+    for p, i in candidates:
+        sizes[i] += 1
+        expected += p
+        rows += 1
+        rate = expected / max(forward_seconds(rows) + overhead_seconds, 1e-9)
         if rate > best_rate:
-            best_n, best_rate = n, rate
-    return best_n
+            best, best_rate = list(sizes), rate
+    return best
 
 
 def flatten_to_tree(graph: TokenGraph, budget: int) -> VerifyTree:

@@ -40,7 +40,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "bench_prompts.
 METHODS: dict[str, dict] = {
     "ar": {"spec": {"method": "ar"}},
     "gsd": {"spec": {"method": "gsd"}},                                       # load-following (the default)
-    "gsd-static": {"spec": {"method": "gsd"}, "router": {"load_policy": "off"}},   # always the full tree
+    "gsd-static": {"spec": {"method": "gsd", "size_by_cost": False}, "router": {"load_policy": "off"}},  # full trees
     "gsd-adaptive": {"spec": {"method": "gsd", "adaptive": True}, "router": {"load_policy": "off"}},
 }
 

@@ -287,6 +287,8 @@ class Run:
         self.t_synced = 0
         self.last_path: list[int] = []
         self.round_budget = core.config.spec.budget
+        self.round_overhead_s: float | None = None   # moving average of a round's time outside its target calls
+        self.target_done: float | None = None        # when the latest target call returned
         self.features: list = []            # pb.Features the draft has not been sent yet (feature drafts)
         self.feature_bytes = 0              # feature bytes received from the target and sent to the draft
         self.sampling_pb = rpc.sampling_to_proto(params.sampling)
@@ -371,7 +373,13 @@ class Run:
                         answer = resp.graph
                         m.inc("drafts")
                 elif isinstance(request, Verify):
+                    t = time.perf_counter()
+                    if self.target_done is not None:   # the round's time outside target calls, for tree sizing
+                        gap = t - self.target_done
+                        self.round_overhead_s = gap if self.round_overhead_s is None else \
+                            0.8 * self.round_overhead_s + 0.2 * gap
                     answer = await core.verify(self, request.graph, self.round_budget)
+                    self.target_done = time.perf_counter()
                     self.last_path = list(answer.graph_path)
                     n = len(answer.emitted)
                     m.inc("draft_tokens", max(answer.verified_tokens - 1, 0))
@@ -386,6 +394,7 @@ class Run:
                     self.last_path = list(res.graph_path)
                     answer = res.emitted[0]
                     core.step_seconds = time.perf_counter() - t0
+                    self.target_done = time.perf_counter()
                 elif isinstance(request, Prefill):
                     answer, cached = await core.prefill(self)
                     self.stats.cached_prompt_tokens = cached
@@ -732,7 +741,9 @@ class RouterCore:
                 run.t_synced = 0
             item = pb.VerifyItem(session_id=run.id, delta_start=run.t_synced, delta=run.committed[run.t_synced:],
                                  graph=graph, root_index=len(run.committed) - 1,
-                                 budget=budget or self.config.spec.budget, sampling=run.sampling_pb)
+                                 budget=budget or self.config.spec.budget, sampling=run.sampling_pb,
+                                 size_by_cost=self.config.spec.size_by_cost,
+                                 round_overhead_s=run.round_overhead_s or 0.0)
             try:
                 res = await ep.batcher.submit(item, run.deadline)
             except grpc.aio.AioRpcError as exc:

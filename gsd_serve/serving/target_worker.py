@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from ..core.graph import flatten_to_tree
+from ..core.graph import best_batch_sizes, flatten_to_tree
 from ..core.verification import TargetSession, verify_batch
 from ..models.runner import ModelRunner, make_runner
 from . import rpc
@@ -237,6 +237,20 @@ class TargetWorker:
         return pb.VerifyResult(session_id=sid, status=rpc.ERROR, error=f"{exc}"[:1000] or type(exc).__name__,
                                error_code=code.value[0])
 
+    def _size_by_cost(self, jobs: list, items: list) -> list:
+        """Cut the trees of the items that ask for it to the nodes that pay for their rows in this fused forward
+        (best_batch_sizes, by the runner's measured forward times): under load the trees shrink, down to plain
+        steps. A session's round overhead overlaps the other sessions' forwards, so the batch's fixed cost is
+        their mean overhead over the batch's size. Trees of items that do not ask stay whole."""
+        costs = getattr(self.runner, "forward_seconds", None)
+        sized = [bool(item.size_by_cost) for item in items]
+        if costs is None or not any(sized):
+            return jobs
+        overheads = [max(float(item.round_overhead_s), 0.0) for item, s in zip(items, sized) if s]
+        overhead = sum(overheads) / len(overheads) / len(jobs)
+        sizes = best_batch_sizes([job[3].path_probs for job in jobs], costs, overhead, whole=[not s for s in sized])
+        return [job[:3] + (job[3].prefix(n),) + job[4:] for job, n in zip(jobs, sizes)]
+
     def _verify_jobs(self, jobs: list) -> list:
         """Verdicts of the jobs: one fused forward; if that fails, each job alone (so one bad item fails only
         itself). A job's entry is an exception where it failed."""
@@ -283,6 +297,7 @@ class TargetWorker:
             except Exception as exc:  # noqa: BLE001 (this item alone is refused)
                 prepared.append(self._refused(item.session_id, exc))
         jobs = [p for p in prepared if not isinstance(p, pb.VerifyResult)]
+        jobs = self._size_by_cost(jobs, [i for i, p in zip(req.items, prepared) if not isinstance(p, pb.VerifyResult)])
         tf = time.perf_counter()
         verdicts = self._verify_jobs(jobs) if jobs else []
         forward_s = time.perf_counter() - tf

@@ -213,7 +213,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
 
 class VerifyItem(_message.Message):
-    __slots__ = ("session_id", "delta_start", "delta", "graph", "root_index", "budget", "sampling")
+    __slots__ = ("session_id", "delta_start", "delta", "graph", "root_index", "budget", "sampling", "size_by_cost", "round_overhead_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DELTA_START_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,8 @@ class VerifyItem(_message.Message):
     ROOT_INDEX_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BY_COST_FIELD_NUMBER: _ClassVar[int]
+    ROUND_OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     delta_start: int
     delta: _containers.RepeatedScalarFieldContainer[int]
@@ -228,7 +230,9 @@ class VerifyItem(_message.Message):
     root_index: int
     budget: int
     sampling: SamplingParams
-    def __init__(self, session_id: _Optional[str] = ..., delta_start: _Optional[int] = ..., delta: _Optional[_Iterable[int]] = ..., graph: _Optional[_Union[TokenGraph, _Mapping]] = ..., root_index: _Optional[int] = ..., budget: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    size_by_cost: bool
+    round_overhead_s: float
+    def __init__(self, session_id: _Optional[str] = ..., delta_start: _Optional[int] = ..., delta: _Optional[_Iterable[int]] = ..., graph: _Optional[_Union[TokenGraph, _Mapping]] = ..., root_index: _Optional[int] = ..., budget: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., size_by_cost: _Optional[bool] = ..., round_overhead_s: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("items", "feature_layers")
