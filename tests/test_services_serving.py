@@ -35,7 +35,9 @@ def app(ray_serve, redis_server):
 
     args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(), "dtype": "float32",
             "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16,
-            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": MAX}}
+            # load_policy off: these tests exercise drafting rounds (a killed draft replica, failover), which the
+            # load policy may turn into plain steps on a CPU where speculation does not pay
+            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": MAX, "load_policy": "off"}}
     serve.run(build_app(args), name=APP, route_prefix="/")
     deadline = time.time() + 120
     while True:   # replicas register their gRPC ports through heartbeats

@@ -28,8 +28,14 @@ def _call(context, worker, fn, request):
     if remaining is not None and remaining <= 0:
         worker.expired_calls += 1
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
+    def expired() -> bool:
+        # the deadline itself, not only is_active(): the server may not have processed the client's cancellation
+        # yet when a call that waited behind the model lock gets it
+        left = context.time_remaining()
+        return not context.is_active() or (left is not None and left <= 0)
+
     try:
-        return fn(request, expired=lambda: not context.is_active())
+        return fn(request, expired=expired)
     except Expired as exc:
         worker.expired_calls += 1
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
