@@ -56,8 +56,8 @@ class SpecConfig:
     budget: int = 16
     lookup: int = 6
     adaptive: bool = False
-    # CPU forwards cost arithmetic per verified token: verifying a full tree ran gsd at 0.82x plain decoding on
-    # a 2-core Zen 5 (12 held-out prompts), the cut trees faster than ar (README, "Trees sized by cost")
+    # CPU forwards cost arithmetic per verified token: verifying full trees ran gsd at 0.77-0.83x plain decoding
+    # on a 2-core Zen 5 (12 held-out prompts), the cut trees on par with it (README, "Trees sized by cost")
     size_by_cost: bool = True
 
     def __post_init__(self) -> None:
