@@ -154,19 +154,19 @@ def best_batch_sizes(path_probs: list[list[float]], forward_seconds, overhead_se
     sizes = [len(probs) if keep else (1 if probs else 0) for probs, keep in zip(path_probs, whole)]
     expected = sum(sum(probs) if keep else float(n) for probs, keep, n in zip(path_probs, whole, sizes))
     rows = sum(sizes)
-    best, best_rate = list(sizes), expected / max(forward_seconds(max(rows, 1)) + overhead_seconds, 1e-9)
     # every tree's list falls (a child is never more probable than its parent), so taking nodes in order of
     # probability across trees keeps each tree a prefix of its own list
     candidates = sorted(((p, i) for i, probs in enumerate(path_probs) if not whole[i] for p in probs[1:]),
                         key=lambda c: -c[0])
-    for p, i in candidates:
-        sizes[i] += 1
+    taken, best_rate = 0, expected / max(forward_seconds(max(rows, 1)) + overhead_seconds, 1e-9)
+    for k, (p, _) in enumerate(candidates, 1):
         expected += p
-        rows += 1
-        rate = expected / max(forward_seconds(rows) + overhead_seconds, 1e-9)
+        rate = expected / max(forward_seconds(rows + k) + overhead_seconds, 1e-9)
         if rate > best_rate:
-            best, best_rate = list(sizes), rate
-    return best
+            taken, best_rate = k, rate
+    for _, i in candidates[:taken]:
+        sizes[i] += 1
+    return sizes
 
 
 def flatten_to_tree(graph: TokenGraph, budget: int) -> VerifyTree:

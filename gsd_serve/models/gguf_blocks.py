@@ -271,24 +271,6 @@ def gguf_decoder(model: nn.Module) -> GGUFDecoder | None:
     return GGUFDecoder(model) if uses_gguf_blocks(model) else None
 
 
-def _time_forwards(runner) -> float:
-    """Seconds of a decoding step plus a 16-token tree after a 200-token context (best of a few)."""
-    import time
-
-    best = float("inf")
-    with torch.inference_mode():
-        cache = runner.new_cache()
-        runner.hidden(cache, torch.arange(100, 300))
-        for _ in range(4):
-            t0 = time.perf_counter()
-            runner.logits(runner.hidden(cache, torch.tensor([400])))
-            cache.truncate(200)
-            runner.logits(runner.hidden(cache, torch.arange(400, 416)))
-            cache.truncate(200)
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def gguf_blocks_faster(dense_model: nn.Module) -> bool:
     """Whether the default target runs faster on its GGUF blocks than as `dense_model` (its dense form in the
     chosen dtype) on this CPU: measured once per CPU, thread count and dtype (a step plus a 16-token tree,
@@ -309,7 +291,10 @@ def gguf_blocks_faster(dense_model: nn.Module) -> bool:
 
         blocks = load_model(DEFAULT_TARGET, torch.float32)
         use_gguf_blocks(blocks)
-        dense_s, gguf_s = _time_forwards(ModelRunner(dense_model)), _time_forwards(ModelRunner(blocks))
+        # a decoding step plus a 16-token tree each way, from the runners' measured forward times
+        dense, gguf = ModelRunner(dense_model), ModelRunner(blocks)
+        dense_s = dense.forward_seconds(1) + dense.forward_seconds(16)
+        gguf_s = gguf.forward_seconds(1) + gguf.forward_seconds(16)
         return {"dense_ms": round(dense_s * 1e3, 2), "gguf_ms": round(gguf_s * 1e3, 2), "gguf": gguf_s < dense_s}
 
     key = f"{_cpu_key()}|{dtype_name(next(dense_model.parameters()).dtype)}"

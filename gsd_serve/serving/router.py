@@ -41,7 +41,7 @@ from ..core.sampling import SamplingParams
 from . import rpc
 from .auth import SharedSecret
 from .errors import BadRequest, DeadlineExceeded, Overloaded, ServingError, TooLarge, Unavailable
-from .load_policy import LoadPolicy, LoadPolicyConfig, spec_for_budget
+from .load_policy import Ema, LoadPolicy, LoadPolicyConfig, spec_for_budget
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class Run:
         self.t_synced = 0
         self.last_path: list[int] = []
         self.round_budget = core.config.spec.budget
-        self.round_overhead_s: float | None = None   # moving average of a round's time outside its target calls
+        self.round_overhead = Ema()                  # a round's time outside its target calls (seconds)
         self.target_done: float | None = None        # when the latest target call returned
         self.features: list = []            # pb.Features the draft has not been sent yet (feature drafts)
         self.feature_bytes = 0              # feature bytes received from the target and sent to the draft
@@ -375,9 +375,7 @@ class Run:
                 elif isinstance(request, Verify):
                     t = time.perf_counter()
                     if self.target_done is not None:   # the round's time outside target calls, for tree sizing
-                        gap = t - self.target_done
-                        self.round_overhead_s = gap if self.round_overhead_s is None else \
-                            0.8 * self.round_overhead_s + 0.2 * gap
+                        self.round_overhead.add(t - self.target_done, 0.2)
                     answer = await core.verify(self, request.graph, self.round_budget)
                     self.target_done = time.perf_counter()
                     self.last_path = list(answer.graph_path)
@@ -743,7 +741,7 @@ class RouterCore:
                                  graph=graph, root_index=len(run.committed) - 1,
                                  budget=budget or self.config.spec.budget, sampling=run.sampling_pb,
                                  size_by_cost=self.config.spec.size_by_cost,
-                                 round_overhead_s=run.round_overhead_s or 0.0)
+                                 round_overhead_s=run.round_overhead.value or 0.0)
             try:
                 res = await ep.batcher.submit(item, run.deadline)
             except grpc.aio.AioRpcError as exc:
