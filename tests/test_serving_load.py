@@ -206,6 +206,49 @@ def test_load_policy_probes_the_setting_it_does_not_measure():
     assert {r.decide().budget for _ in range(50)} == {1}
 
 
+def test_load_policy_backs_off_probes_that_confirm_plain_decoding():
+    # 16 sessions per forward that costs in proportion to its rows: plain decoding wins; each probe that leaves it
+    # chosen doubles the wait for the next (10 x 16 rounds, then 20 x 16, ..., at most 2**probe_backoff x 10 x 16)
+    p = LoadPolicy(16, LoadPolicyConfig(probe_every=10, probe_rounds=2, probe_backoff=3))
+    _feed(p, n=16, cost=lambda r: 0.002 * r, path=[0, 1, 2], tree_size=16)
+    assert p.decide().budget == 1
+    reasons = [p.decide().reason for _ in range(5000)]
+    starts = [i for i, r in enumerate(reasons) if r == "probe" and (i == 0 or reasons[i - 1] != "probe")]
+    assert all(reasons[i + 1] == "probe" and reasons[i + 2] == "measured" for i in starts)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[:5] == [160, 320, 640, 1280, 1280], gaps
+    assert p.snapshot()["probe_streak"] >= 3
+    # a load where speculation wins: a decision to speculate resets the wait
+    _feed(p, n=1, cost=lambda r: 0.02 + 0.0001 * r, path=DEEP_PATH, tree_size=16, times=200)
+    assert p.decide().budget > 1 and p.snapshot()["probe_streak"] == 0
+
+
+def test_router_counts_only_steady_proposes_in_the_draft_cost(workers, tiny_pair, tokenizer, monkeypatch):
+    # a Propose that catches the draft up on the tokens of plain rounds (or feeds it the prompt) is not what a
+    # speculating round costs: the policy's D(b) must not see it
+    core = _core(workers, tokenizer)
+    full, depth = core.config.spec.budget, core.config.spec.max_depth
+    pattern = iter(([full] + [1] * (depth + 2)) * 100)    # one speculating round, then enough plain ones to lag
+    monkeypatch.setattr(core, "round_budget", lambda run: next(pattern))
+    sent, counted = [], []
+    real_propose = core.propose
+
+    async def propose(run, d):
+        sent.append((run.d_synced, len(run.committed) - run.d_synced))
+        return await real_propose(run, d)
+
+    monkeypatch.setattr(core, "propose", propose)
+    real_observe = LoadPolicy.observe_propose
+    monkeypatch.setattr(LoadPolicy, "observe_propose", lambda self, b, sec: (counted.append(b), real_observe(self, b, sec)))
+    ids = tokenizer.encode("Count: one two three four five")
+    out, _ = asyncio.run(_generate(core, ids, 40))
+    assert out == _engine(tiny_pair, tokenizer).generate(ids, 40).token_ids       # still exact
+    catch_ups = [d for start, d in sent if start > 0 and d > depth + 1]
+    steady = [d for start, d in sent if start > 0 and d <= depth + 1]
+    assert sent[0][0] == 0 and catch_ups, sent          # the prompt's feed, then catch-ups after plain rounds
+    assert len(counted) == len(steady), (sent, counted)
+
+
 @pytest.mark.parametrize("spec", [SpecConfig.for_method("gsd"), SPEC, SpecConfig.for_method("tree", budget=7),
                                   SpecConfig.for_method("chain", max_depth=5, budget=6),
                                   SpecConfig.for_method("gsd", k=8, max_width=16, max_depth=10, budget=64)])

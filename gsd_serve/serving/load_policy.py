@@ -46,6 +46,10 @@ class LoadPolicyConfig:
     #                               sessions per forward the replica probes every probe_every x n of its rounds:
     #                               at saturation a probe's drafting, catch-up included, slows every session)
     probe_rounds: int = 8         # rounds a probe lasts (its costs need clean batches: the replica's whole load)
+    probe_backoff: int = 4        # each probe of a tree that leaves plain decoding chosen doubles the wait for the
+    #                               next, up to 2**probe_backoff x probe_every (a probe costs its sessions' draft
+    #                               catch-up and rounds of speculation at a load where it loses); a decision
+    #                               to speculate resets it
 
     @classmethod
     def from_value(cls, value) -> "LoadPolicyConfig":
@@ -158,6 +162,8 @@ class LoadPolicy:
         self._probe_left = 0
         self._next_probe = self.config.probe_every      # the round the next probe may start at
         self._probe_budget: int | None = None
+        self._probe_from: int | None = None       # the decision a probe of a tree interrupted, until judged
+        self._probe_streak = 0                    # probes in a row that left that decision standing
         self._rng = rng or random.Random(0)
 
     # what the router reports ----------------------------------------------------------------
@@ -238,6 +244,11 @@ class LoadPolicy:
         plain = rates.get(1)
         if best > 1 and plain is not None and rates[best] < (1 + cfg.margin) * plain:
             best = 1
+        if self._probe_from is not None:      # the first decision after a probe judges it
+            self._probe_streak = self._probe_streak + 1 if best == self._probe_from else 0
+            self._probe_from = None
+        if best > 1:
+            self._probe_streak = 0
         self.last = Decision(best, rates, "measured")
         self._maybe_probe(best, n, rates)
         return self.last
@@ -250,18 +261,20 @@ class LoadPolicy:
         cfg = self.config
         if cfg.probe_every <= 0 or self.rounds < self._next_probe:
             return
-        self._next_probe = self.rounds + cfg.probe_every * max(1, round(n))
+        wait = cfg.probe_every * max(1, round(n)) * 2 ** min(self._probe_streak, max(cfg.probe_backoff, 0))
+        self._next_probe = self.rounds + wait
         if best > 1 and not self.cost.known(n):
             self._probe_budget = 1
         elif best == 1:
             trees = [b for b in rates if b > 1]
             self._probe_budget = max(trees, key=rates.get) if trees else self.ladder[0]
+            self._probe_from = 1
         else:
             return
         self._probe_left = cfg.probe_rounds
 
     def snapshot(self) -> dict:
-        return {"budget": self.last.budget, "reason": self.last.reason,
+        return {"budget": self.last.budget, "reason": self.last.reason, "probe_streak": self._probe_streak,
                 "rates": {str(k): round(v, 2) for k, v in self.last.rates.items()},
                 "batch": None if self.batch.value is None else round(self.batch.value, 2),
                 "overhead_ms": None if self.overhead.value is None else round(1000 * self.overhead.value, 2),

@@ -712,9 +712,10 @@ class RouterCore:
             seconds = time.perf_counter() - t0
             m = self.metrics
             m.draft_s.labels(model_name=m.model_name).observe(seconds)
-            if target is not None and req.delta_start > 0:
-                # a steady round's cost: a first Propose also feeds the draft the whole prompt (its prefill),
-                # which would make every tree look expensive to the policy
+            if target is not None and req.delta_start > 0 and len(req.delta) <= self.config.spec.max_depth + 1:
+                # a steady round's cost: a first Propose also feeds the draft the whole prompt (its prefill), and
+                # the first after plain rounds feeds it every token since (its catch-up); either would make every
+                # tree look expensive to the policy
                 target.policy.observe_propose(budget, seconds)
             # a fresh session on this replica was fed the whole sequence before the root: its prefill
             prefill = len(run.committed) - 1 if req.delta_start == 0 else 0
