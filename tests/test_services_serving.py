@@ -222,6 +222,11 @@ def test_concurrent_requests_exact_and_batched(app, engine, tokenizer):
     assert items > calls  # on average more than one session per Verify
     assert metric(after, "gsd_num_drafts_total") > 0 and metric(after, "gsd_num_draft_tokens_total") > 0
     assert "gsd_time_to_first_token_seconds_bucket" in after and "gsd_e2e_request_latency_seconds" in after
+    # the target's forward time inside the Verify calls: part of each call, never more than the call
+    forward = metric(after, "gsd_target_forward_seconds_sum") - metric(before, "gsd_target_forward_seconds_sum")
+    verify = metric(after, "gsd_verify_seconds_sum") - metric(before, "gsd_verify_seconds_sum")
+    assert metric(after, "gsd_target_forward_seconds_count") - metric(before, "gsd_target_forward_seconds_count") \
+        == calls and 0 < forward < verify
 
 
 # The nonce comes first: any text before it is a prefix other tests (sharing this Redis) may have cached already.

@@ -211,6 +211,7 @@ class VerifyBatcher:
             m = self.router.metrics
             m.batch.labels(model_name=m.model_name).observe(len(batch))
             m.verify_s.labels(model_name=m.model_name).observe(call_s)
+            m.forward_s.labels(model_name=m.model_name).observe(resp.forward_seconds)
             self.router.batch_sizes.append(len(batch))      # bounded: the latest calls only
             self.ep.policy.observe_verify(resp.rows, resp.sessions, resp.forward_seconds, call_s)
             by_id = {r.session_id: r for r in resp.results}
