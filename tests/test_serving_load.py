@@ -869,6 +869,33 @@ def test_router_batch_sizes_stay_bounded(workers, tiny_pair, tokenizer):
     asyncio.run(main())
 
 
+def test_concurrent_streams_share_each_verify_call(workers, tiny_pair, tokenizer):
+    """Four streams on one target replica: each Verify call carries all four (one fused forward per round). Before,
+    while one call was in flight the others queued and left alone when it returned, so the streams fell out of
+    phase for good (batches of 1 and 3 in turn: two forwards per round)."""
+    engine = _engine(tiny_pair, tokenizer)
+    ar = SpecConfig.for_method("ar")
+    prompts = [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35], [41, 42]]
+    one_target = {k: v for k, v in workers.items() if k in ("d1", "t1")}
+
+    async def main():
+        core = _core(one_target, tokenizer, spec=ar)
+        # stagger the starts, as arriving requests are: the first stream runs alone for a few rounds
+        async def late(p, delay):
+            await asyncio.sleep(delay)
+            return await _generate(core, p, 64)
+
+        got = await asyncio.gather(*(late(p, 0.02 * i) for i, p in enumerate(prompts)))
+        for p, (out, _) in zip(prompts, got):
+            assert out == engine.generate(p, 64, spec=ar).token_ids
+        sizes = list(core.batch_sizes)
+        await core.close()
+        return sizes
+
+    sizes = asyncio.run(main())
+    assert sizes.count(4) >= 0.6 * len(sizes), {k: sizes.count(k) for k in set(sizes)}
+
+
 # ---------------------------------------------------------------- (d) sessions bounded by bytes
 
 def test_session_table_bounded_by_bytes():

@@ -65,7 +65,7 @@ class RouterConfig:
     max_model_len: int = 8192
     max_inflight: int = 64                     # admission control: more concurrent requests get 429
     max_batch: int = 32                        # Verify items per call
-    batch_wait_s: float = 0.002                # how long a Verify item waits for requests still drafting (none: 0)
+    batch_wait_s: float = 0.002                # a Verify batch waits up to this for the router's other requests (0: never)
     rpc_timeout_s: float = 120.0
     request_timeout_s: float = 600.0           # whole-request deadline; every downstream call gets what is left
     affinity_block: int = 32                   # prompt tokens hashed for prefix-affinity routing
@@ -129,8 +129,8 @@ class Endpoint:
         self.channel = grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
         self.stub = (rpc.pb_grpc.DraftStub if kind == "draft" else rpc.pb_grpc.TargetStub)(self.channel)
         self.dead_until = 0.0
-        self.load = 0           # this router's requests whose session lives here (bounded-load routing)
-        self.proposing = 0      # ... of them, drafting right now (a Verify batch may wait for them)
+        self.load = 0           # this router's requests whose session lives here (bounded-load routing; a
+        #                         Verify batch waits briefly for all of them)
         self.batcher = VerifyBatcher(self, router) if kind == "target" else None
         self.policy = LoadPolicy(router.config.spec.budget, router.config.load_policy) if kind == "target" else None
 
@@ -142,9 +142,11 @@ class Endpoint:
 class VerifyBatcher:
     """Queues Verify items for one target replica; one call in flight, the queue leaves as one batch.
 
-    A batch leaves at once unless requests on this replica are drafting right now: then it waits up to
-    `batch_wait_s` for them (they would otherwise wait a whole forward for the next call). A lone stream
-    never waits."""
+    A batch leaves at once when every one of this router's requests on the replica has queued its item; else
+    it waits up to `batch_wait_s` for the rest (drafting, or just handed the last call's results). Without the
+    wait, sessions fall out of phase for good: while a call for some of them is in flight the others queue, and
+    each group then leaves alone, so 4 streams were verified as batches of 1 and 3 in turn (two forwards per
+    round instead of one). A lone stream never waits."""
 
     def __init__(self, ep: Endpoint, router: "RouterCore"):
         self.ep = ep
@@ -163,12 +165,16 @@ class VerifyBatcher:
             self.task = asyncio.create_task(self._drain())
         return await fut
 
+    def _expected(self) -> int:
+        """Items a full batch would hold: this router's requests on the replica (up to max_batch)."""
+        return min(self.ep.load, self.router.config.max_batch)
+
     async def _wait_for_company(self, wait_s: float) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + wait_s
         if self._arrived is None:
             self._arrived = asyncio.Event()
-        while self.ep.proposing > 0 and len(self.queue) < self.router.config.max_batch:
+        while len(self.queue) < self._expected():
             left = end - loop.time()
             if left <= 0:
                 return
@@ -181,7 +187,7 @@ class VerifyBatcher:
     async def _drain(self) -> None:
         cfg = self.router.config
         while self.queue:
-            if cfg.batch_wait_s > 0 and self.ep.proposing > 0:
+            if cfg.batch_wait_s > 0 and len(self.queue) < self._expected():
                 await self._wait_for_company(cfg.batch_wait_s)
             now = time.monotonic()
             batch = []
@@ -692,8 +698,6 @@ class RouterCore:
                     self.metrics.inc("feature_bytes", n)
             t0 = time.perf_counter()
             target = run.target
-            if target is not None:
-                target.proposing += 1
             try:
                 resp = await ep.stub.Propose(req, timeout=run.rpc_timeout(), metadata=self.worker_secret.metadata())
             except grpc.aio.AioRpcError as exc:
@@ -702,9 +706,6 @@ class RouterCore:
                     raise ServingError(f"draft replica refused a round: {exc.details()}") from None
                 self.fail_over(run, ep, exc)
                 continue
-            finally:
-                if target is not None:
-                    target.proposing -= 1
             if resp.status == rpc.RESYNC:
                 run.d_synced = 0
                 run.stats.resyncs += 1
