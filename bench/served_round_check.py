@@ -207,7 +207,8 @@ def main(argv=None) -> int:
             r = report["methods"][m]
             r.update(served_tok_s=round(n / s, 2), identical=sum(o == ref[i] for i, o in enumerate(outs)),
                      prompts=len(outs), concurrency=a.concurrency, rounds=rounds,
-                     policy_decisions=calls["decisions"], drafted_rounds=drafted, round_ms=round(s / max(rounds, 1) * 1000, 3),
+                     policy_decisions=calls["decisions"], drafted_rounds=drafted,
+                     round_ms=round(s / max(rounds, 1) * 1000, 3),
                      verify_ms=mean(calls["verify"]), verify_rpc_ms=mean(calls["verify_call"]),
                      target_forward_ms=mean(calls["verify_forward"]), propose_call_ms=mean(calls["propose"]),
                      outside_calls_ms=round((s - sum(calls["verify"]) - sum(calls["propose"]))

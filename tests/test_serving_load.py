@@ -239,7 +239,8 @@ def test_router_counts_only_steady_proposes_in_the_draft_cost(workers, tiny_pair
 
     monkeypatch.setattr(core, "propose", propose)
     real_observe = LoadPolicy.observe_propose
-    monkeypatch.setattr(LoadPolicy, "observe_propose", lambda self, b, sec: (counted.append(b), real_observe(self, b, sec)))
+    monkeypatch.setattr(LoadPolicy, "observe_propose",
+                        lambda self, b, sec: (counted.append(b), real_observe(self, b, sec)))
     ids = tokenizer.encode("Count: one two three four five")
     out, _ = asyncio.run(_generate(core, ids, 40))
     assert out == _engine(tiny_pair, tokenizer).generate(ids, 40).token_ids       # still exact

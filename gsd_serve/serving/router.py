@@ -65,7 +65,7 @@ class RouterConfig:
     max_model_len: int = 8192
     max_inflight: int = 64                     # admission control: more concurrent requests get 429
     max_batch: int = 32                        # Verify items per call
-    batch_wait_s: float = 0.002                # a Verify batch waits up to this for the router's other requests (0: never)
+    batch_wait_s: float = 0.002                # a Verify batch waits up to this for the router's others (0: never)
     rpc_timeout_s: float = 120.0
     request_timeout_s: float = 600.0           # whole-request deadline; every downstream call gets what is left
     affinity_block: int = 32                   # prompt tokens hashed for prefix-affinity routing
