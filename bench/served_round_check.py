@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target-env", default="", help="VAR=VALUE,... for the target worker process")
     ap.add_argument("--draft-env", default="", help="VAR=VALUE,... for the draft worker process")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
-    ap.add_argument("--load-policy", default="off", help="the router's load policy: off (default) or auto")
+    ap.add_argument("--load-policy", default="off", help="the router's load policy: off (default), auto, or JSON of LoadPolicyConfig fields")
     ap.add_argument("--profile", action="store_true", help="cProfile the router side (top functions)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -187,9 +187,11 @@ def main(argv=None) -> int:
     async def discover():
         return [("draft", "d1", f"127.0.0.1:{dport}"), ("target", "t1", f"127.0.0.1:{tport}")]
 
+    policy = json.loads(a.load_policy) if a.load_policy.startswith("{") else a.load_policy
+
     async def go():
         for m in methods:
-            core = RouterCore(RouterConfig(spec=SpecConfig.for_method(m), load_policy=a.load_policy), discover,
+            core = RouterCore(RouterConfig(spec=SpecConfig.for_method(m), load_policy=policy), discover,
                               tokenizer=tok)
             await served(core, prompts[:1], 16)      # warm-up: channels, sessions, first forwards
             if a.profile:
