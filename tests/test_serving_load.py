@@ -891,9 +891,10 @@ def test_concurrent_streams_share_each_verify_call(workers, tiny_pair, tokenizer
             assert out == engine.generate(p, 64, spec=ar).token_ids
         sizes = list(core.batch_sizes)
         await core.close()
-        return sizes
+        return sizes, [out for out, _ in got]
 
-    sizes = asyncio.run(main())
+    sizes, outs = asyncio.run(main())
+    assert sum(sizes) == sum(len(o) - 1 for o in outs) > 0   # each token after the first: one item in a call
     assert sizes.count(4) >= 0.6 * len(sizes), {k: sizes.count(k) for k in set(sizes)}
 
 
