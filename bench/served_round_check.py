@@ -152,16 +152,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from gsd_serve.core.config import SpecConfig
-    from gsd_serve.core.prompts import encode, load_prompts, spread
+    from gsd_serve.core.prompts import encode
     from gsd_serve.models import load_engine
     from gsd_serve.models.dtypes import cpu_description
-    from gsd_serve.serving.bench_serve import DEFAULT_PROMPTS
+    from gsd_serve.serving.bench_serve import BenchServeConfig, load_workload
     from gsd_serve.serving.router import RouterConfig, RouterCore
 
-    records = spread(load_prompts(DEFAULT_PROMPTS), a.limit)
+    work = load_workload(BenchServeConfig(limit=a.limit))     # bench-serve's prompts, same selection
     engine, tok = load_engine()
-    prompts = [encode(tok, r if "messages" in r else {"messages": [{"role": "user", "content": r["prompt"]}]})
-               for r in records]
+    prompts = [encode(tok, {"messages": it.messages}) for it in work.items]
     methods = a.methods.split(",")
     report = {"command": "python bench/served_round_check.py " + " ".join(argv or sys.argv[1:]),
               "cpu": cpu_description(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
