@@ -46,6 +46,34 @@ def test_feature_draft_methods_emit_exactly_plain_greedy_decoding(feature_engine
         assert s.draft_features_missing == 0
 
 
+def test_q8_feature_draft_runs_on_blocks_and_stays_exact(default_pair, tokenizer, tmp_path):
+    """--draft-weights q8 on a feature draft: every projection and the output layer become Q8_0 blocks (a
+    quarter of fp32's bytes per forward) and the output is still exactly the target's."""
+    from gsd_serve.models.gguf_blocks import BlockLinear
+    from gsd_serve.models.loading import apply_draft_weights
+
+    target, _, _ = default_pair
+    torch.manual_seed(1)
+    dense = new_feature_draft(target, draft_output_ids("default-independent"))
+    save_feature_draft(dense, tmp_path / "fd")
+    draft = apply_draft_weights(load_feature_draft(tmp_path / "fd", target), "q8")
+    swapped = [n for n, m in draft.named_modules() if isinstance(m, BlockLinear)]
+    assert sorted(swapped) == sorted(["fuse", "inp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj", "head"])
+    # the quantized draft computes nearly what the dense one does (Q8_0: ~0.4% relative error per weight)
+    runner_q8, runner_fp = FeatureDraftRunner(draft), FeatureDraftRunner(load_feature_draft(tmp_path / "fd", target))
+    toks, feats = torch.tensor([1, 2, 3, 4]), torch.randn(4, runner_fp.feature_width)
+    lq, _ = runner_q8.forward_states(runner_q8.new_cache(), toks, feats)
+    lf, _ = runner_fp.forward_states(runner_fp.new_cache(), toks, feats)
+    assert not torch.equal(lq, lf) and torch.allclose(lq, lf, rtol=0.05, atol=0.05 * lf.abs().max().item())
+    engine = Engine(ModelRunner(target), runner_q8, stop_token_ids=stop_token_ids(tokenizer, target))
+    for p in PROMPTS:
+        ids = encode(tokenizer, p)
+        ref = engine.generate(ids, 32, SpecConfig.for_method("ar"))
+        got = engine.generate(ids, 32, SpecConfig.for_method("gsd"))
+        assert got.token_ids == ref.token_ids and got.stats.draft_forwards > 0, p
+
+
 def test_feature_draft_sampling_is_seed_identical_to_plain_sampling(feature_engine, tokenizer):
     for i, p in enumerate(PROMPTS):
         ids = encode(tokenizer, p)

@@ -129,7 +129,25 @@ class FeatureDraft(nn.Module):
     # pieces ---------------------------------------------------------------------------------------
     def fused(self, target_features: torch.Tensor) -> torch.Tensor:
         """[rows, feature_width] target hidden states -> [rows, d] draft features."""
-        return self.fuse(target_features.to(self.fuse.weight.dtype))
+        return self.fuse(target_features.to(self.compute_dtype))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype: the weights' (fp32 where the projections run as Q8_0 blocks)."""
+        return self.norm.weight.dtype
+
+    def quantize_q8(self) -> int:
+        """Run every projection and the output layer as Q8_0 blocks in the C kernels (gguf_blocks): a forward
+        of a few rows reads a quarter of fp32's bytes and skips the small-GEMM penalty of unpacked weights.
+        Lossy, which a draft may be: its numbers only shape proposals. Returns how many were swapped."""
+        from .gguf_blocks import q8_linear
+
+        if self.compute_dtype != torch.float32:
+            raise ValueError("Q8_0 blocks run with fp32 activations: load the feature draft in float32")
+        names = ("fuse", "inp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "head")
+        for name in names:
+            setattr(self, name, q8_linear(getattr(self, name), name))
+        return len(names)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[..., None] * self.inv_freq
@@ -251,7 +269,7 @@ class FeatureDraftRunner:
         self.vocab_size = draft.config.vocab_size
         self.feature_layers = tuple(draft.config.feature_layers)
         self.feature_width = draft.config.feature_width
-        self.dtype = draft.fuse.weight.dtype
+        self.dtype = draft.compute_dtype
         self.forwards = 0
         self.tokens_fed = 0
 

@@ -65,6 +65,14 @@ def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([d.view(torch.uint8).reshape(rows, -1), q.view(torch.uint8).reshape(rows, -1)], dim=1).contiguous()
 
 
+def q8_linear(dense: nn.Module, name: str = "linear") -> "BlockLinear":
+    """A bias-free nn.Linear as Q8_0 blocks (lossy: for drafts only)."""
+    weight = getattr(dense, "weight", None)
+    if weight is None or getattr(dense, "bias", None) is not None or weight.shape[1] % GROUP:
+        raise ValueError(f"{name} cannot run as Q8_0 blocks")
+    return BlockLinear("Q8_0", quantize_q8_0(weight.detach().float()), weight.shape[1])
+
+
 def use_q8_blocks(model: nn.Module) -> int:
     """Quantize a (draft) model's projections to Q8_0 blocks run by the C kernels (GGUFDecoder); returns how
     many. ModelRunner then also runs its (possibly reduced) output layer as Q8_0 blocks. Lossy, so for drafts only."""
@@ -74,11 +82,7 @@ def use_q8_blocks(model: nn.Module) -> int:
                                   ("mlp", ("gate_proj", "up_proj", "down_proj"))):
             owner = getattr(layer, owner_name)
             for name in names:
-                dense = getattr(owner, name)
-                weight = getattr(dense, "weight", None)
-                if weight is None or getattr(dense, "bias", None) is not None or weight.shape[1] % GROUP:
-                    raise ValueError(f"{owner_name}.{name} cannot run as Q8_0 blocks")
-                setattr(owner, name, BlockLinear("Q8_0", quantize_q8_0(weight), weight.shape[1]))
+                setattr(owner, name, q8_linear(getattr(owner, name), f"{owner_name}.{name}"))
                 count += 1
     model.q8_output_layer = True    # ModelRunner quantizes the output layer it uses
     return count

@@ -282,12 +282,17 @@ def apply_draft_weights(draft, choice: str = "auto", target_weights: str = "dens
     """The draft with the weights `choice` names: "q8" quantizes its projections and output layer to Q8_0
     blocks run by the same C kernels (lossy, but a draft only shapes proposals: the output stays exact),
     "auto" does so where the target runs GGUF blocks (a CPU where block weights measured faster), "dense"
-    leaves it. A feature draft stays dense."""
+    leaves it. Both kinds of draft."""
     if choice not in ("auto", "dense", "q8"):
         raise ValueError(f"draft weights must be 'auto', 'dense' or 'q8', got '{choice}'")
-    if draft is None or is_feature_draft_model(draft) or choice == "dense":
+    if draft is None or choice == "dense":
         return draft
     if choice == "auto" and (target_weights != "gguf" or next(draft.parameters()).device.type != "cpu"):
+        return draft
+    if is_feature_draft_model(draft):
+        if draft.compute_dtype != torch.float32:
+            draft.float()
+        draft.quantize_q8()
         return draft
     from .gguf_blocks import use_q8_blocks
 
