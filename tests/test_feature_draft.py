@@ -135,3 +135,22 @@ def test_distill_features_phases_train_a_draft_that_loads_and_stays_exact(tmp_pa
     r = subprocess.run([sys.executable, "-m", "gsd_serve", "distill", "--kind", "features", "--out",
                         str(tmp_path / "empty"), "--phase", "train"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "run --phase data first" in r.stderr
+
+
+def test_router_asks_for_the_features_of_the_draft_the_draft_deployment_loads(default_pair, tmp_path):
+    """The Router deployment must request exactly the layers the Draft deployment's draft reads: an explicit
+    feature draft's, the shipped feature draft's when no draft is named (the default), none for an independent
+    draft. Asking for none while the draft reads features would feed it zeros: exact, but poor drafts."""
+    from gsd_serve.models.loading import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
+
+    from gsd_serve.services.router import draft_feature_layers
+
+    target, _, _ = default_pair
+    save_feature_draft(new_feature_draft(target, draft_output_ids("default-independent"), (1, 7, 20)), tmp_path / "fd")
+    assert draft_feature_layers(str(tmp_path / "fd")) == [1, 7, 20]
+    assert draft_feature_layers("default-independent") == []
+    shipped = json.loads((SHIPPED_FEATURE_DRAFT_DIR / "config.json").read_text())["feature_layers"] \
+        if default_draft_spec("auto") == "default-features" else []
+    assert draft_feature_layers(None) == draft_feature_layers("default") == shipped
+    if shipped:
+        assert draft_feature_layers("default-features") == shipped

@@ -15,18 +15,25 @@ from ..common import app_name, env_setup, get_registry
 
 
 def draft_feature_layers(draft) -> list[int]:
-    """The target layers a feature-conditioned draft reads (its config.json), [] for any other draft."""
-    if not draft or draft == "default":
-        return []
-    from pathlib import Path
-
-    from ...models.feature_draft import is_feature_draft
-
-    path = Path(str(draft)).expanduser()
-    if not is_feature_draft(path):
-        return []
+    """The target layers a feature-conditioned draft reads (its config.json), [] for any other draft. The
+    draft spec is resolved as the Draft deployment resolves it (services/common.load_models): no `draft`
+    arg means the default draft, which is the shipped feature draft where this installation has one."""
     import json
 
+    from ...models.feature_draft import is_feature_draft
+    from ...models.loading import DEFAULT_DRAFT, ModelLoadError, default_draft_spec, resolve
+
+    spec = str(draft or DEFAULT_DRAFT)
+    if spec in (DEFAULT_DRAFT, "default-draft"):
+        spec = default_draft_spec("auto")
+    if spec == "default-independent":
+        return []
+    try:
+        path = resolve(spec)
+    except ModelLoadError:
+        return []
+    if not is_feature_draft(path):
+        return []
     return [int(i) for i in json.loads((path / "config.json").read_text()).get("feature_layers", [])]
 
 
