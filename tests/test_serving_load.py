@@ -1013,7 +1013,7 @@ def test_served_feature_draft_is_exactly_target_greedy(feature_stack, tiny_pair,
         for p, (out, run) in zip(prompts, got):
             assert out == engine.generate(p, 24, spec=SpecConfig.for_method("ar")).token_ids
             assert out == engine.generate(p, 24, spec=SPEC).token_ids
-            assert run.stats.drafted_rounds > 0 and run.feature_bytes > 0
+            assert run.stats.drafted_rounds > 0 and run.stats.feature_bytes > 0
             # every committed token reached the draft with the target's features (none fed as zeros)
             assert run.stats.draft_features_missing == 0, run.stats
         await core.close()

@@ -158,6 +158,7 @@ class DecodeStats:
     cached_prompt_tokens: int = 0   # prompt tokens restored from the prefix cache
     resyncs: int = 0             # sessions rebuilt on a replica
     failovers: int = 0           # calls that moved to another replica
+    feature_bytes: int = 0       # served feature drafts: target features through the router (bytes in + out)
     seconds: float = 0.0
     ttft: float = 0.0
     draft_seconds: float = 0.0

@@ -312,6 +312,7 @@ class LevelResult:
     identical_to_reference: int | None   # answers equal to the in-process greedy answer
     identical_to_ar: int | None          # ... to served ar's answer for the same prompt
     mean_accept_len: float | None        # server-side: tokens per target forward, over the level
+    feature_bytes_per_round: int | None  # feature drafts: target features through the router per round (in + out)
     plain_round_share: float | None      # rounds without a drafted tree (load policy, no draft, ...)
     errors: list[str]
     load_before: float                   # 1-minute load average when the level started
@@ -384,6 +385,7 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
     drafted = sum(r.stats.get("drafted_rounds", 0) for r in done)
     forwards = sum(r.stats.get("target_forwards", 0) for r in done)
     new = sum(r.stats.get("new_tokens", 0) for r in done)
+    feature_bytes = sum(r.stats.get("feature_bytes", 0) for r in done)
     texts: dict = {}
     for r in done:
         texts.setdefault(r.item, r.text)
@@ -396,6 +398,7 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
         e2el_ms=_dist([r.e2el for r in done]), identical_to_reference=same_ref, identical_to_ar=same_ar,
         mean_accept_len=round(new / forwards, 3) if forwards else None,
         plain_round_share=round(1 - drafted / rounds, 3) if rounds else None,
+        feature_bytes_per_round=round(feature_bytes / rounds) if rounds and feature_bytes else None,
         errors=sorted({r.error for r in results if r.error})[:5], load_before=before, load_after=load_average(),
         texts=texts)
 

@@ -297,7 +297,6 @@ class Run:
         self.round_overhead = Ema()                  # a round's time outside its target calls (seconds)
         self.target_done: float | None = None        # when the latest target call returned
         self.features: list = []            # pb.Features the draft has not been sent yet (feature drafts)
-        self.feature_bytes = 0              # feature bytes received from the target and sent to the draft
         self.sampling_pb = rpc.sampling_to_proto(params.sampling)
         budget = core.config.request_timeout_s
         if params.timeout_s is not None and params.timeout_s > 0:
@@ -653,7 +652,7 @@ class RouterCore:
         if self.feature_layers and resp.HasField("features") and resp.features.rows:
             run.features.append(resp.features)
             n = len(resp.features.bf16)
-            run.feature_bytes += n
+            run.stats.feature_bytes += n
             self.metrics.inc("feature_bytes", n)
 
     @staticmethod
@@ -694,7 +693,7 @@ class RouterCore:
                 if merged is not None:
                     req.features.CopyFrom(merged)
                     n = len(merged.bf16)
-                    run.feature_bytes += n
+                    run.stats.feature_bytes += n
                     self.metrics.inc("feature_bytes", n)
             t0 = time.perf_counter()
             target = run.target
