@@ -1073,3 +1073,51 @@ def test_replica_threads_follow_what_the_replica_is_given():
     assert choose_threads(None, None, 0.0, cores=8, kind="draft")[0] == 1
     with pytest.raises(ValueError):
         choose_threads(0.5 - 1, None, None, cores=8)
+
+
+def test_feature_draft_failover_to_a_replica_without_the_features_stays_exact(tiny_pair, tokenizer):
+    """The draft replica in use dies mid-request: the session moves to a replica that never received the
+    target's features of the committed tokens. It drafts with zeros in their place (counted), and the output
+    is still exactly the target's."""
+    from gsd_serve.core.engine import Engine
+    from gsd_serve.models import ModelRunner
+    from gsd_serve.models.feature_draft import FeatureDraftRunner, new_feature_draft
+    from gsd_serve.serving.draft_worker import DraftWorker
+    from gsd_serve.serving.grpc_server import serve_grpc
+    from gsd_serve.serving.router import GenerateParams
+    from gsd_serve.serving.target_worker import TargetWorker
+
+    target, _ = tiny_pair
+    torch.manual_seed(0)
+    fd = new_feature_draft(target, torch.arange(0, target.config.vocab_size, 2), feature_layers=FEATURE_LAYERS)
+    servers = {}
+    for name, worker in (("dA", DraftWorker(fd, replica_id="dA")), ("dB", DraftWorker(fd, replica_id="dB")),
+                         ("tfo", TargetWorker(target, replica_id="tfo"))):
+        servers[name] = (worker,) + serve_grpc(worker)
+    engine = Engine(ModelRunner(target), FeatureDraftRunner(fd), stop_token_ids={tokenizer.eos_token_id})
+    ids = tokenizer("Once upon a time there was")["input_ids"]
+    want = engine.generate(ids, 28, spec=SpecConfig.for_method("ar")).token_ids
+
+    async def main():
+        from conftest import router_core
+
+        core, live = router_core(servers, tokenizer, feature_layers=list(FEATURE_LAYERS))
+        run = core.start(GenerateParams(ids, 28, SamplingParams()))
+        out, victim = [], None
+        async for chunk in run.chunks():
+            out += chunk
+            if len(out) >= 4 and victim is None and run.draft is not None:
+                victim = run.draft.replica_id
+                worker, server, _ = live.pop(victim)
+                server.stop(0)
+                worker.sessions = type(worker.sessions)()
+        assert out == want
+        assert victim is not None and run.stats.failovers >= 1
+        # the new replica drafted for committed tokens whose features it never got (fed as zeros)
+        assert run.stats.draft_features_missing > 0 and run.stats.draft_forwards > 0
+        await core.close()
+    try:
+        asyncio.run(main())
+    finally:
+        for _, server, _ in servers.values():
+            server.stop(0)
