@@ -105,3 +105,25 @@ def test_tune_saves_a_valid_lossless_default(tmp_path):
     assert data["ar_tokens_per_s"] > 0 and data["tokens_per_s"] > 0
     assert load_tuned_defaults(out) == SpecConfig(**data["config"])
     assert data["config"]["method"] == "gsd"
+
+
+def test_draft_kind_chooses_the_shipped_draft_and_every_kind_is_exact():
+    """--draft-kind: auto means the shipped independent draft (it measured faster), features the shipped feature
+    draft; every kind gives exactly plain decoding's tokens, and an explicit draft of the other kind is refused
+    with one clear line."""
+    from gsd_serve.models.loading import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
+
+    assert default_draft_spec("auto") == "default-independent"
+    assert (SHIPPED_FEATURE_DRAFT_DIR / "model.safetensors").exists()        # both drafts ship
+    prompt = ["--prompt", "Name three rivers in Europe.", "--max-new-tokens", "24", "--json"]
+    ref = run("generate", "--method", "ar", *prompt)
+    assert ref.returncode == 0, ref.stderr
+    want = json.loads(ref.stdout)["token_ids"]
+    for kind in ("auto", "features", "independent"):
+        r = run("generate", "--method", "gsd", "--draft-kind", kind, *prompt)
+        assert r.returncode == 0, r.stderr
+        row = json.loads(r.stdout)
+        assert row["token_ids"] == want, kind
+        assert row["stats"]["draft_forwards"] > 0, kind
+    r = run("generate", "--prompt", "hi", "--draft", str(SHIPPED_FEATURE_DRAFT_DIR), "--draft-kind", "independent")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "its kind is features" in r.stderr

@@ -149,8 +149,8 @@ def test_router_asks_for_the_features_of_the_draft_the_draft_deployment_loads(de
     save_feature_draft(new_feature_draft(target, draft_output_ids("default-independent"), (1, 7, 20)), tmp_path / "fd")
     assert draft_feature_layers(str(tmp_path / "fd")) == [1, 7, 20]
     assert draft_feature_layers("default-independent") == []
-    shipped = json.loads((SHIPPED_FEATURE_DRAFT_DIR / "config.json").read_text())["feature_layers"] \
-        if default_draft_spec("auto") == "default-features" else []
-    assert draft_feature_layers(None) == draft_feature_layers("default") == shipped
-    if shipped:
-        assert draft_feature_layers("default-features") == shipped
+    shipped = json.loads((SHIPPED_FEATURE_DRAFT_DIR / "config.json").read_text())["feature_layers"]
+    assert draft_feature_layers("default-features") == shipped == [2, 15, 29]
+    # no draft named: the default, whichever kind --draft-kind auto picks
+    want = shipped if default_draft_spec("auto") == "default-features" else []
+    assert draft_feature_layers(None) == draft_feature_layers("default") == want

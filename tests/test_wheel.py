@@ -52,6 +52,7 @@ def test_the_wheel_holds_the_package_and_no_top_level_services(installed):
     assert tops == {"gsd_serve"}, tops
     for needed in ("gsd_serve/services/app.py", "gsd_serve/services/draft/__init__.py",
                    "gsd_serve/serving/_generated/gsd/v1/gsd_pb2_grpc.py", "gsd_serve/data/draft/model.safetensors",
+                   "gsd_serve/data/feature_draft/model.safetensors",
                    "gsd_serve/data/bench_prompts.jsonl"):
         assert needed in names, needed
 

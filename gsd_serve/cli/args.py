@@ -32,7 +32,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="draft model sharing the target's tokenizer: 'default' (the shipped distilled draft of the "
                         "default target) or a local checkpoint directory")
     g.add_argument("--draft-kind", default="auto", choices=("auto", "features", "independent"),
-                   help="which shipped draft --draft default means (auto: the feature draft where one is shipped), "
+                   help="which shipped draft --draft default means (auto: the independent draft, which measured faster), "
                         "and the kind an explicit --draft must be: features (reads the target's hidden states, "
                         "EAGLE-3 style) or independent (a small model of its own)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
