@@ -148,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-env", default="", help="VAR=VALUE,... for the draft worker process")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
     ap.add_argument("--load-policy", default="off", help="the router's load policy: off (default), auto, or JSON of LoadPolicyConfig fields")
+    ap.add_argument("--draft", default="default", help="the draft both sides load (default, default-features, a path)")
     ap.add_argument("--profile", action="store_true", help="cProfile the router side (top functions)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -159,7 +160,10 @@ def main(argv=None) -> int:
     from gsd_serve.serving.router import RouterConfig, RouterCore
 
     work = load_workload(BenchServeConfig(limit=a.limit))     # bench-serve's prompts, same selection
-    engine, tok = load_engine()
+    engine, tok = load_engine(draft_spec=a.draft)
+    from gsd_serve.services.router import draft_feature_layers
+
+    layers = draft_feature_layers(a.draft)      # a feature draft: the router asks the target for these
     prompts = [encode(tok, {"messages": it.messages}) for it in work.items]
     methods = a.methods.split(",")
     report = {"command": "python bench/served_round_check.py " + " ".join(argv or sys.argv[1:]),
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
     def env(text):
         return dict(kv.split("=", 1) for kv in text.split(",") if kv)
 
-    dp, dport = start_worker("draft", a.draft_threads, {}, env(a.draft_env))
+    dp, dport = start_worker("draft", a.draft_threads, {"draft": a.draft}, env(a.draft_env))
     tp, tport = start_worker("target", a.target_threads, {}, env(a.target_env))
 
     async def discover():
@@ -190,7 +194,8 @@ def main(argv=None) -> int:
 
     async def go():
         for m in methods:
-            core = RouterCore(RouterConfig(spec=SpecConfig.for_method(m), load_policy=policy), discover,
+            core = RouterCore(RouterConfig(spec=SpecConfig.for_method(m), load_policy=policy,
+                                           feature_layers=layers if m != "ar" else ()), discover,
                               tokenizer=tok)
             await served(core, prompts[:1], 16)      # warm-up: channels, sessions, first forwards
             if a.profile:

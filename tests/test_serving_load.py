@@ -29,7 +29,7 @@ import torch
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.sampling import SamplingParams
 from gsd_serve.serving import rpc
-from gsd_serve.serving.load_policy import LoadPolicy, LoadPolicyConfig, budget_ladder, spec_for_budget
+from gsd_serve.serving.load_policy import CostModel, LoadPolicy, LoadPolicyConfig, budget_ladder, spec_for_budget
 
 pytestmark = pytest.mark.timeout(300)
 pb = rpc.pb
@@ -159,6 +159,25 @@ def test_load_policy_plain_when_forward_cost_is_linear_in_rows():
     assert d.budget == 1 and d.reason == "measured"
     # even trees that accept every token of their first levels do not pay for their rows and the draft
     assert all(d.rates[b] < (1 + p.config.margin) * d.rates[1] for b in p.ladder), d.rates
+
+
+def test_load_policy_predicts_small_forwards_from_their_own_measurements_not_a_line():
+    """A CPU forward's cost is convex in its rows (default target, Zen 5: 1 / 3 / 6 rows 3.5 / 5.5 / 9.3 ms,
+    then steeper). A line fitted to all sizes overstated a 4-row plain forward ~2x once trees of 14 rows
+    dominated the measurements, and kept 4 served streams speculating at half of plain throughput."""
+    convex = lambda r: 0.0025 + 0.0008 * r + 0.00012 * r * r   # noqa: E731
+    costs = CostModel(0.1, 0.05)
+    for _ in range(20):
+        for r in (1, 2, 4, 14, 28, 56):
+            costs.add(r, convex(r))
+    for r in (1, 2, 3, 4, 14, 40):      # measured sizes and sizes between them: interpolated
+        assert costs.predict(r) == pytest.approx(convex(r), rel=0.25), r
+    assert costs.predict(4) < 0.5 * (costs.predict(14))
+    # at 4 sessions, trees of 14 that accept ~1.2 tokens do not pay for a forward over 56 rows: plain decoding
+    p = LoadPolicy(14)
+    _feed(p, n=4, cost=convex, path=[0, 1, 3], tree_size=14, rows=(1, 2, 4, 14, 28, 56))
+    d = p.decide(sessions_here=4)
+    assert d.budget == 1 and d.reason == "measured", d.rates
 
 
 def test_load_policy_margin():
