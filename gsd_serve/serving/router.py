@@ -651,9 +651,12 @@ class RouterCore:
     def _take_features(self, run: Run, resp) -> None:
         if self.feature_layers and resp.HasField("features") and resp.features.rows:
             run.features.append(resp.features)
-            n = len(resp.features.bf16)
-            run.stats.feature_bytes += n
-            self.metrics.inc("feature_bytes", n)
+            self._count_feature_bytes(run, resp.features)
+
+    def _count_feature_bytes(self, run: Run, features) -> None:
+        """Feature bytes through the router, each hop (target -> router, router -> draft) counted."""
+        run.stats.feature_bytes += len(features.bf16)
+        self.metrics.inc("feature_bytes", len(features.bf16))
 
     @staticmethod
     def merge_features(chunks: list) -> "pb.Features | None":
@@ -692,9 +695,7 @@ class RouterCore:
                 merged = self.merge_features(run.features)
                 if merged is not None:
                     req.features.CopyFrom(merged)
-                    n = len(merged.bf16)
-                    run.stats.feature_bytes += n
-                    self.metrics.inc("feature_bytes", n)
+                    self._count_feature_bytes(run, merged)
             t0 = time.perf_counter()
             target = run.target
             try:

@@ -17,7 +17,7 @@ from ..common import app_name, env_setup, get_registry
 def draft_feature_layers(draft) -> list[int]:
     """The target layers a feature-conditioned draft reads (its config.json), [] for any other draft. The
     draft spec is resolved as the Draft deployment resolves it (services/common.load_models): no `draft`
-    arg means the default draft, which is the shipped feature draft where this installation has one."""
+    arg means the default draft, the shipped kind `--draft-kind auto` picks (models/loading.default_draft_spec)."""
     import json
 
     from ...models.feature_draft import is_feature_draft
