@@ -33,8 +33,10 @@ def app(ray_serve, redis_server):
 
     from gsd_serve.services.app import build_app
 
+    from conftest import free_port
+
     args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(), "dtype": "float32",
-            "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16,
+            "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16, "direct_http_port": free_port(),
             # load_policy off: these tests exercise drafting rounds (a killed draft replica, failover), which the
             # load policy may turn into plain steps on a CPU where speculation does not pay
             "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": MAX, "load_policy": "off"}}
@@ -46,7 +48,7 @@ def app(ray_serve, redis_server):
             break
         assert time.time() < deadline, r.text
         time.sleep(0.5)
-    yield ray_serve
+    yield {**ray_serve, "direct": f"http://127.0.0.1:{args['direct_http_port']}"}
     serve.delete(APP)
 
 
@@ -154,6 +156,21 @@ def test_openai_client_matches_engine(app, engine, tokenizer):
     assert r.choices[0].text == text and r.choices[0].finish_reason == finish
     streamed = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == text
+
+
+def test_direct_port_serves_the_same_answers_without_the_proxy(app, engine, tokenizer):
+    """The Router replica's own HTTP port (app arg direct_http_port): the same API, answers identical to the
+    engine's and to the proxied route's, streamed and not."""
+    import openai
+
+    direct = openai.OpenAI(base_url=app["direct"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    msgs, ids = chat_ids(tokenizer, "Name three colors.")
+    text, _, _ = reference(engine, tokenizer, ids)
+    streamed = "".join(c.choices[0].delta.content or "" for c in direct.chat.completions.create(
+        model=MODEL, messages=msgs, temperature=0, stream=True) if c.choices)
+    whole = direct.chat.completions.create(model=MODEL, messages=msgs, temperature=0).choices[0].message.content
+    proxied = client(app).chat.completions.create(model=MODEL, messages=msgs, temperature=0).choices[0].message.content
+    assert streamed == whole == proxied == text
 
 
 def test_sse_wire_format(app):

@@ -350,6 +350,36 @@ def test_serve_cli_dry_run(capsys, monkeypatch):
     assert main(["serve", "--dry-run", "--config", str(local)]) == 0
     assert main(["serve", "--dry-run", "--config", "no/such/file.yaml"]) == 2
     assert "cannot read" in capsys.readouterr().err
+    assert main(["serve", "--dry-run", "--direct-http-port", "18002"]) == 0
+    assert "direct  http://127.0.0.1:18002/v1" in capsys.readouterr().out
+    assert main(["serve", "--dry-run", "--direct-http-port", "0"]) == 0
+    assert "direct" not in capsys.readouterr().out
+
+
+def test_direct_http_ports_are_checked():
+    from gsd_serve.serving.serve_config import default_config, load_config
+
+    assert load_config(direct_http_port=0)["applications"][0]["args"].get("direct_http_port") is None
+    with pytest.raises(ValueError, match="Serve's HTTP proxy"):
+        load_config(http_port=18003, direct_http_port=18003)
+    import copy
+
+    import yaml
+
+    two = default_config(direct_http_port=18004)
+    second = copy.deepcopy(two["applications"][0])
+    second.update(name="other", route_prefix="/other")
+    two["applications"].append(second)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(two, f)
+    with pytest.raises(ValueError, match="application other: direct_http_port 18004 is already application gsd's"):
+        load_config(f.name)
+    from gsd_serve.serving.bench_serve import BenchServeConfig
+
+    with pytest.raises(ValueError, match="entries must be direct and/or proxy"):
+        BenchServeConfig(entries=("sideways",))
 
 
 def test_deploy_manifests_are_valid_serve_configs():

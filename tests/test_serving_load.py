@@ -849,6 +849,95 @@ def test_sse_stream_closed_unread_releases_and_read_stream_is_exact(workers, tin
     asyncio.run(main())
 
 
+def test_decode_loop_runs_ahead_of_a_slow_reader_and_stays_exact(workers, tiny_pair, tokenizer):
+    """A request decodes while its reader is busy (formatting, sending): the next Verify does not wait for the
+    previous chunk to be read. What piled up meanwhile comes as one chunk; the tokens are the engine's."""
+    from gsd_serve.serving.router import GenerateParams
+
+    engine = _engine(tiny_pair, tokenizer)
+    prompt = [5, 6, 7, 8]
+    want = engine.generate(prompt, 16, spec=SPEC).token_ids
+
+    async def main():
+        core = _core(workers, tokenizer, spec=SPEC)
+        run = core.start(GenerateParams(prompt, 16, SamplingParams()))
+        gen = run.chunks()
+        first = await gen.__anext__()
+        for _ in range(600):             # the reader does not read; the request must finish anyway
+            if run.finish is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert run.finish == "length", "the decode loop waited for its reader"
+        rest = [c async for c in gen]
+        assert len(rest) == 1            # everything decoded while the reader was away, as one chunk
+        assert first + rest[0] == want and len(want) == 16
+        assert core.inflight == 0
+        await core.close()
+    asyncio.run(main())
+
+
+def test_reader_leaving_early_stops_the_decode_loop_and_releases(workers, tokenizer):
+    from gsd_serve.serving.router import GenerateParams
+
+    async def main():
+        core = _core(workers, tokenizer, spec=SPEC, max_inflight=1)
+        run = core.start(GenerateParams([5, 6, 7, 8], 400, SamplingParams()))
+        gen = run.chunks()
+        await gen.__anext__()
+        await gen.aclose()               # what the HTTP layer does when the client goes away
+        assert core.inflight == 0 and not core.runs
+        decoded = len(run.out)
+        await asyncio.sleep(0.3)
+        assert len(run.out) == decoded and run.finish is None     # no round ran after the reader left
+        await core.close()
+    asyncio.run(main())
+
+
+def test_direct_http_port_serves_the_api_exactly_with_its_checks(workers, tiny_pair, tokenizer):
+    """The router's app on its own port (what a Router replica serves with `direct_http_port`): streamed
+    completions are the engine's tokens, the API key is enforced, and a second server binds the same port
+    (SO_REUSEPORT: router replicas on one machine share it)."""
+    import httpx
+
+    from gsd_serve.serving.direct_http import DirectHttpServer
+    from gsd_serve.serving.http_app import HttpApi, create_app
+    from gsd_serve.serving.openai_api import OpenAIFrontend
+
+    engine = _engine(tiny_pair, tokenizer)
+    want = engine.generate([5, 6, 7, 8], 10, spec=SPEC).token_ids
+
+    async def main():
+        core = _core(workers, tokenizer, spec=SPEC)
+        server = DirectHttpServer(create_app(HttpApi(OpenAIFrontend(core), api_key="k3y")), "127.0.0.1", 0).start()
+        twin = DirectHttpServer(create_app(HttpApi(OpenAIFrontend(core), api_key="k3y")), "127.0.0.1",
+                                server.port).start()
+        body = {"model": core.config.model_name, "prompt": [5, 6, 7, 8], "max_tokens": 10, "temperature": 0,
+                "stream": True}
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            for _ in range(100):         # the servers start as tasks of this loop
+                try:
+                    if (await client.get("/health")).status_code in (200, 503):
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            denied = await client.post("/v1/completions", json=body)
+            assert denied.status_code == 401
+            text = ""
+            async with client.stream("POST", "/v1/completions", json=body,
+                                     headers={"Authorization": "Bearer k3y"}) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        choices = json.loads(line[6:])["choices"]
+                        text += choices[0]["text"] if choices else ""
+            assert text == tokenizer.decode(want, skip_special_tokens=True) and len(want) == 10
+        assert core.inflight == 0
+        await server.stop()
+        await twin.stop()
+        await core.close()
+    asyncio.run(main())
+
+
 def test_admitted_request_that_never_starts_is_reaped(workers, tokenizer):
     from gsd_serve.serving.router import GenerateParams, Overloaded
 

@@ -42,7 +42,7 @@ def cmd_bench_serve(args) -> int:
         min_rounds=args.min_rounds, url=args.url, label=args.label, api_key=args.api_key, model=args.model,
         dtype=args.dtype, draft_replicas=args.draft_replicas, target_replicas=args.target_replicas,
         config=args.config, reference="none" if args.no_reference else "inprocess", warmup=args.warmup,
-        extra_args=extra)
+        extra_args=extra, entries=tuple(e for e in (args.entry or "").split(",") if e))
     report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.out:
         write_report(report, args.out)
@@ -71,6 +71,10 @@ def register(sub) -> None:
     p.add_argument("--app-args", help="JSON merged into the application's args of every method")
     p.add_argument("--draft-replicas", type=positive_int("--draft-replicas"), default=1)
     p.add_argument("--target-replicas", type=positive_int("--target-replicas"), default=1)
+    p.add_argument("--entry", metavar="direct|proxy|direct,proxy",
+                   help="how the clients reach the router: its replicas' own HTTP port (direct, the default where "
+                        "the config has one) or Serve's HTTP proxy (proxy); both: measured one after the other on "
+                        "the same server, the second reported as METHOD@ENTRY")
     p.add_argument("--url", help="benchmark a running server instead (one method, named by --label)")
     p.add_argument("--label", default="served", help="the method name of --url's results (default served)")
     p.add_argument("--model", default="gsd-smollm2-135m", help="the served model name")

@@ -14,7 +14,7 @@ import sys
 import time
 
 from ..serving.auth import API_KEY_ENV, api_key_from_env
-from ..serving.serve_config import endpoints, load_config
+from ..serving.serve_config import DIRECT_HTTP_PORT, endpoints, load_config
 
 
 def _wait_running(names: list[str], timeout_s: float) -> None:
@@ -40,7 +40,7 @@ def cmd_serve(args) -> int:
                          draft_replicas=args.draft_replicas, redis_url=args.redis_url,
                          tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                          target_weights=args.target_weights, draft_weights=args.draft_weights,
-                         api_key=api_key_from_env(args.api_key))
+                         api_key=api_key_from_env(args.api_key), direct_http_port=args.direct_http_port)
     if args.dry_run:
         print("\n".join(endpoints(config)))
         return 0
@@ -100,6 +100,9 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address without --config (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--direct-http-port", type=int, default=DIRECT_HTTP_PORT,
+                   help="without --config: the router replicas also serve the same HTTP API on this port "
+                        f"themselves, skipping Serve's proxy (default {DIRECT_HTTP_PORT}; 0: off)")
     p.add_argument("--draft-replicas", type=int, default=1)
     p.add_argument("--redis-url", help="prefix cache (default: $REDIS_URL; none: no prefix cache)")
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",

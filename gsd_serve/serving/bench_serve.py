@@ -66,6 +66,10 @@ class BenchServeConfig:
     request_timeout_s: float = 600.0
     start_timeout_s: float = 900.0
     http_port: int = 0                       # 0: a free port
+    entries: tuple[str, ...] = ()            # how clients reach the router: direct (the router replicas' own
+    #                                          port) and/or proxy (Serve's HTTP proxy); the first keeps the method's
+    #                                          name, others are reported as METHOD@ENTRY; () = direct where the
+    #                                          config has a direct port, else proxy
     extra_args: dict = field(default_factory=dict)   # application args merged into every method's
 
     def __post_init__(self) -> None:
@@ -81,6 +85,9 @@ class BenchServeConfig:
             raise ValueError(f"reference must be inprocess or none, got {self.reference!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if any(e not in ("direct", "proxy") for e in self.entries) \
+                or len(set(self.entries)) != len(self.entries):
+            raise ValueError(f"entries must be direct and/or proxy, got {self.entries}")
 
 
 # ---------------------------------------------------------------- prompts and references
@@ -155,7 +162,7 @@ def serve_config(cfg: BenchServeConfig, method: str, http_port: int, grpc_port: 
     from .serve_config import load_config
 
     config = load_config(cfg.config, http_port=http_port, grpc_port=grpc_port, draft_replicas=cfg.draft_replicas,
-                         dtype=cfg.dtype, api_key=cfg.api_key)
+                         dtype=cfg.dtype, api_key=cfg.api_key, direct_http_port=free_port())
     for app in config["applications"]:
         args = app["args"]
         for k, v in {**cfg.extra_args, **METHODS[method]}.items():
@@ -181,6 +188,8 @@ class ServeProcess:
         self.config = config
         http = config["http_options"]
         self.url = f"http://127.0.0.1:{http['port']}"
+        direct = (config["applications"][0].get("args") or {}).get("direct_http_port")
+        self.direct_url = f"http://127.0.0.1:{direct}" if direct else None
         self._dir = tempfile.TemporaryDirectory(prefix="gsd-bench-serve-")
         path = Path(self._dir.name) / "config.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -446,18 +455,26 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
                                   "start_s": round(time.monotonic() - t0, 1)}
                 log(f"bench-serve: {method} serving at {base} after {served[method]['start_s']}s")
             headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-            if cfg.warmup:
-                warm = Workload(work.items[: cfg.warmup])
-                asyncio.run(_level(base.rstrip("/") + "/v1/chat/completions", cfg.model, warm, 1, cfg.warmup,
-                                   cfg.max_tokens, headers, cfg.request_timeout_s))
-            for c in cfg.concurrency:
-                lv = run_level(base, cfg, work, method, c, None if method == "ar" else ar_texts)
-                levels.append(lv)
-                log(f"bench-serve: {method} c={c}: {lv.output_throughput} tok/s, TTFT p50 {lv.ttft_ms['p50']} ms, "
-                    f"ITL p50 {lv.itl_ms['p50']} ms, failed {lv.failed}, identical {lv.identical_to_reference}/"
-                    f"{lv.completed}, plain rounds {lv.plain_round_share}, load {lv.load_before}->{lv.load_after}")
-                if method == "ar":
-                    ar_texts = {**(ar_texts or {}), **lv.texts}
+            wanted = cfg.entries or (("direct",) if server is not None and server.direct_url else ("proxy",))
+            entries = [("served", base)] if server is None else \
+                [(e, server.direct_url if e == "direct" else base) for e in wanted]
+            for i, (entry, url) in enumerate(entries):
+                if url is None:
+                    raise ValueError("--entry direct: the config gives the router no direct_http_port")
+                label = method if i == 0 else f"{method}@{entry}"
+                if cfg.warmup:
+                    warm = Workload(work.items[: cfg.warmup])
+                    asyncio.run(_level(url.rstrip("/") + "/v1/chat/completions", cfg.model, warm, 1, cfg.warmup,
+                                       cfg.max_tokens, headers, cfg.request_timeout_s))
+                for c in cfg.concurrency:
+                    lv = run_level(url, cfg, work, label, c, None if method == "ar" else ar_texts)
+                    levels.append(lv)
+                    log(f"bench-serve: {label} ({url}) c={c}: {lv.output_throughput} tok/s, TTFT p50 "
+                        f"{lv.ttft_ms['p50']} ms, ITL p50 {lv.itl_ms['p50']} ms, failed {lv.failed}, identical "
+                        f"{lv.identical_to_reference}/{lv.completed}, plain rounds {lv.plain_round_share}, load "
+                        f"{lv.load_before}->{lv.load_after}")
+                    if method == "ar" and i == 0:
+                        ar_texts = {**(ar_texts or {}), **lv.texts}
         finally:
             if server is not None:
                 server.stop()

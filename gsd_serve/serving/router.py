@@ -352,8 +352,58 @@ class Run:
         return min(self.core.config.rpc_timeout_s, left)
 
     async def chunks(self) -> AsyncIterator[list[int]]:
-        """The request's committed tokens, chunk by chunk: the decode loop, answered over gRPC."""
+        """The request's committed tokens, chunk by chunk, decoded ahead of the reader.
+
+        The decode loop runs in its own task and never waits for the reader: formatting and sending a chunk
+        (detokenizing, JSON, SSE, Serve's proxy) used to sit between a Verify's answer and the next Verify,
+        with the target idle, on every round; now the next round's target call is in flight meanwhile.
+        Whatever piled up while the reader was busy comes as one chunk, so a chunk read after the request
+        finished is its last (readers pass `run.finish is not None` as "final" to the detokenizer)."""
         self.started = True
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump() -> None:
+            try:
+                async for tokens in self._decode_chunks():
+                    queue.put_nowait(tokens)
+                queue.put_nowait(end)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 (handed to the reader, who raises it)
+                queue.put_nowait(exc)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            done = False
+            while not done:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                tokens: list[int] = []
+                error = None
+                for item in items:
+                    if item is end:
+                        done = True
+                    elif isinstance(item, BaseException):
+                        error = item
+                    else:
+                        tokens.extend(item)
+                if tokens:
+                    yield tokens
+                if error is not None:
+                    raise error
+        finally:
+            if not task.done():
+                task.cancel()      # the reader left early (disconnect, error): the decode loop stops now
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 (its outcome was delivered above, or nobody wants it)
+                pass
+            self.release()
+
+    async def _decode_chunks(self) -> AsyncIterator[list[int]]:
+        """The decode loop, answered over gRPC, chunk by chunk."""
         core = self.core
         m = core.metrics
         spec = core.config.spec

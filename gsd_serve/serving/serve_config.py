@@ -10,9 +10,15 @@ GRPC_SERVICER_FUNCTIONS = ["gsd_serve.serving.rpc.add_RouterServicer_to_server",
                            "gsd_serve.serving.rpc.add_HealthServicer_to_server"]
 
 
+DIRECT_HTTP_PORT = 8001     # the router replicas' own HTTP port in the default config (no Serve proxy hop)
+
+
 def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
-                   draft_replicas: int = 1) -> dict:
-    """The one-CPU-machine configuration (deploy/local-cpu.yaml)."""
+                   draft_replicas: int = 1, direct_http_port: int = DIRECT_HTTP_PORT) -> dict:
+    """The one-CPU-machine configuration (deploy/local-cpu.yaml); direct_http_port 0: no direct port."""
+    args = {"model_name": "gsd-smollm2-135m", "grpc_host": "127.0.0.1", "spec": {"method": "gsd"}}
+    if direct_http_port > 0:
+        args.update(direct_http_port=direct_http_port, direct_http_host=host)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": http_port},
@@ -21,7 +27,7 @@ def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: in
             "name": DEFAULT_APP,
             "route_prefix": "/",
             "import_path": APP_IMPORT_PATH,
-            "args": {"model_name": "gsd-smollm2-135m", "grpc_host": "127.0.0.1", "spec": {"method": "gsd"}},
+            "args": args,
             "deployments": [
                 {"name": "Router", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
                 {"name": "Draft", "num_replicas": draft_replicas, "ray_actor_options": {"num_cpus": 0}},
@@ -35,10 +41,12 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
                 grpc_port: int = 9000, draft_replicas: int = 1, redis_url: str | None = None,
                 tensor_parallel_size: int | None = None, dtype: str | None = None,
                 api_key: str | None = None, target_weights: str | None = None,
-                draft_weights: str | None = None) -> dict:
+                draft_weights: str | None = None, direct_http_port: int = DIRECT_HTTP_PORT) -> dict:
     """A validated Serve config: the file's, else this machine's default; REDIS_URL (or redis_url) becomes
     the prefix cache of every application that names none, tensor_parallel_size overrides the apps', and
-    api_key (from --api-key or $GSD_SERVE_API_KEY) protects every application that names none."""
+    api_key (from --api-key or $GSD_SERVE_API_KEY) protects every application that names none.
+    direct_http_port: the router replicas' own HTTP port in the default config (0: none); a config file names
+    its own per application (args.direct_http_port), and no two applications may share one."""
     if config_file:
         import yaml
 
@@ -52,7 +60,7 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
         if not isinstance(config, dict) or not config.get("applications"):
             raise ValueError(f"{config_file}: a Ray Serve config needs an 'applications' list")
     else:
-        config = default_config(host, http_port, grpc_port, draft_replicas)
+        config = default_config(host, http_port, grpc_port, draft_replicas, direct_http_port)
     redis_url = redis_url or os.environ.get("REDIS_URL")
     tp = tensor_parallel_size
     for app in config["applications"]:
@@ -80,6 +88,7 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
             from ..models.tensor_parallel import check_spec_tp_size
 
             check_spec_tp_size(str(app_args.get("target", "smollm2-135m-instruct")), size)
+    check_direct_ports(config)
     from ray.serve.schema import ServeDeploySchema
 
     try:
@@ -87,6 +96,26 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
     except Exception as exc:  # noqa: BLE001 (pydantic's error, shown to the user)
         raise ValueError(f"invalid Serve config: {str(exc).splitlines()[0]} ...") from None
     return config
+
+
+def check_direct_ports(config: dict) -> None:
+    """Each application's direct HTTP port is its own: replicas bind it with SO_REUSEPORT, so two applications
+    on one port would answer each other's clients."""
+    taken = {int((config.get("http_options") or {}).get("port", 8000)): "Serve's HTTP proxy",
+             int((config.get("grpc_options") or {}).get("port", 9000)): "Serve's gRPC proxy"}
+    for app in config["applications"]:
+        raw = (app.get("args") or {}).get("direct_http_port")
+        if raw in (None, 0):
+            continue
+        try:
+            port = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"application {app.get('name')}: direct_http_port must be a port number, got {raw!r}") from None
+        if not 0 < port < 65536:
+            raise ValueError(f"application {app.get('name')}: direct_http_port must be in 1..65535, got {port}")
+        if port in taken:
+            raise ValueError(f"application {app.get('name')}: direct_http_port {port} is already {taken[port]}'s")
+        taken[port] = f"application {app.get('name')}"
 
 
 def endpoints(config: dict) -> list[str]:
@@ -99,8 +128,14 @@ def endpoints(config: dict) -> list[str]:
     for app in config["applications"]:
         prefix = (app.get("route_prefix") or "/").rstrip("/")
         base = f"http://{host}:{port}{prefix}"
-        lines += [f"{app['name']}: OpenAI-compatible HTTP  {base}/v1  (completions, chat/completions, models)",
-                  f"{app['name']}: health {base}/health   metrics {base}/metrics",
+        lines += [f"{app['name']}: OpenAI-compatible HTTP  {base}/v1  (completions, chat/completions, models)"]
+        direct = int(app["args"].get("direct_http_port") or 0)
+        if direct:
+            dhost = str(app["args"].get("direct_http_host", "127.0.0.1"))
+            dhost = "127.0.0.1" if dhost in ("0.0.0.0", "::") else dhost
+            lines.append(f"{app['name']}: the same, direct  http://{dhost}:{direct}/v1  (served by the router "
+                         f"replicas themselves: no hop through Serve's proxy)")
+        lines += [f"{app['name']}: health {base}/health   metrics {base}/metrics",
                   f"{app['name']}: gRPC gsd.v1.Router     {host}:{grpc_port}  (metadata application={app['name']})",
                   f"{app['name']}: API key " + ("required (Authorization: Bearer KEY; /health and /metrics open)"
                                                if app["args"].get("api_key") else "none (anyone who can reach the "

@@ -1,5 +1,8 @@
 """The Router deployment: OpenAI-compatible HTTP (FastAPI ingress) and gsd.v1.Router over Serve's gRPC proxy.
 
+With the app arg `direct_http_port` each replica also serves the same HTTP app on that port itself
+(serving/direct_http.py: no hop through Serve's proxy; replicas on one machine share the port).
+
 Thin adapter: gsd_serve.serving.router.RouterCore runs the requests, gsd_serve.serving.openai_api.OpenAIFrontend
 parses and formats them, gsd_serve.serving.http_app builds the HTTP app (in each replica, after __init__).
 Replicas of Draft and Target, and the application's worker secret, are found through the registry actor.
@@ -69,6 +72,14 @@ class RouterReplica:
         self.api_key = api_key_from_env(args.get("api_key"))
         self.http = HttpApi(self.front, self.api_key)
         self._handles = (draft, target)   # keeps the composed deployments in the application
+        self.direct = None
+        port = int(args.get("direct_http_port") or 0)
+        if port > 0:   # the same app on a port of its own, from this replica's event loop (no proxy hop)
+            from ...serving.direct_http import DirectHttpServer
+            from ...serving.http_app import create_app
+
+            self.direct = DirectHttpServer(create_app(self.http), str(args.get("direct_http_host", "127.0.0.1")),
+                                           port).start()
 
     def __serve_build_asgi_app__(self):
         from ...serving.http_app import create_app
