@@ -9,7 +9,7 @@
     redis_url              the prefix cache (default: $REDIS_URL; none = no prefix cache)
     grpc_host              where replicas bind their gRPC port: 127.0.0.1 (one machine) or auto (cluster)
     direct_http_port, direct_http_host   each router replica also serves the HTTP API on this port itself (no hop
-                           through Serve's proxy; replicas on one machine share it); default none
+                           through Serve's proxy; one replica per machine holds it); default none
     spec                   {method, k, merge_context, ..., budget} (default: gsd)
     router                 RouterConfig fields (max_inflight, max_prompt_tokens, max_batch, ...)
     max_sessions, session_ttl_s, prefix_block_size, prefix_ttl_s, prefix_max_entry_bytes

@@ -895,8 +895,8 @@ def test_reader_leaving_early_stops_the_decode_loop_and_releases(workers, tokeni
 
 def test_direct_http_port_serves_the_api_exactly_with_its_checks(workers, tiny_pair, tokenizer):
     """The router's app on its own port (what a Router replica serves with `direct_http_port`): streamed
-    completions are the engine's tokens, the API key is enforced, and a second server binds the same port
-    (SO_REUSEPORT: router replicas on one machine share it)."""
+    completions are the engine's tokens, the API key is enforced, and a second server cannot take the same
+    port (two servers on one port would answer each other's clients)."""
     import httpx
 
     from gsd_serve.serving.direct_http import DirectHttpServer
@@ -909,8 +909,8 @@ def test_direct_http_port_serves_the_api_exactly_with_its_checks(workers, tiny_p
     async def main():
         core = _core(workers, tokenizer, spec=SPEC)
         server = DirectHttpServer(create_app(HttpApi(OpenAIFrontend(core), api_key="k3y")), "127.0.0.1", 0).start()
-        twin = DirectHttpServer(create_app(HttpApi(OpenAIFrontend(core), api_key="k3y")), "127.0.0.1",
-                                server.port).start()
+        with pytest.raises(OSError):
+            DirectHttpServer(create_app(HttpApi(OpenAIFrontend(core))), "127.0.0.1", server.port)
         body = {"model": core.config.model_name, "prompt": [5, 6, 7, 8], "max_tokens": 10, "temperature": 0,
                 "stream": True}
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
@@ -933,7 +933,6 @@ def test_direct_http_port_serves_the_api_exactly_with_its_checks(workers, tiny_p
             assert text == tokenizer.decode(want, skip_special_tokens=True) and len(want) == 10
         assert core.inflight == 0
         await server.stop()
-        await twin.stop()
         await core.close()
     asyncio.run(main())
 

@@ -4,8 +4,9 @@ Through Ray Serve every SSE chunk goes router replica -> Serve's proxy actor (an
 the 2-core dev machine the proxy took ~9% of a core at one stream and each chunk paid the hop. A router
 replica can also serve the same app (same routes, API key, limits and metrics: it is the same HttpApi over
 the same RouterCore) straight from its own event loop, like draft and target replicas serve gRPC on their own
-ports. The socket is bound with SO_REUSEPORT, so several router replicas on one machine share the port and
-the kernel spreads connections over them.
+ports. The port is bound exclusively (no SO_REUSEPORT): two servers sharing one port would hand each other's
+clients to the wrong application without a word. One router replica per machine serves it (one per node in
+a cluster); another replica on the same machine finds it taken, says so, and serves through the proxy only.
 """
 from __future__ import annotations
 
@@ -16,13 +17,11 @@ import socket
 log = logging.getLogger(__name__)
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port) that other processes may bind too (SO_REUSEPORT)."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); OSError (EADDRINUSE) where another server holds the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # rebinding after a restart, not sharing
     try:
         sock.bind((host, port))
     except OSError:
@@ -39,7 +38,7 @@ class DirectHttpServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
-        self.sock = reuse_port_socket(host, port)
+        self.sock = listening_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
         self.task: asyncio.Task | None = None
@@ -74,4 +73,4 @@ class DirectHttpServer:
             await self.task
 
 
-__all__ = ["DirectHttpServer", "reuse_port_socket"]
+__all__ = ["DirectHttpServer", "listening_socket"]

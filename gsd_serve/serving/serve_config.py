@@ -99,8 +99,7 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
 
 
 def check_direct_ports(config: dict) -> None:
-    """Each application's direct HTTP port is its own: replicas bind it with SO_REUSEPORT, so two applications
-    on one port would answer each other's clients."""
+    """Each application's direct HTTP port is its own, and neither proxy's."""
     taken = {int((config.get("http_options") or {}).get("port", 8000)): "Serve's HTTP proxy",
              int((config.get("grpc_options") or {}).get("port", 9000)): "Serve's gRPC proxy"}
     for app in config["applications"]:

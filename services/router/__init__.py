@@ -1,7 +1,7 @@
 """The Router deployment: OpenAI-compatible HTTP (FastAPI ingress) and gsd.v1.Router over Serve's gRPC proxy.
 
 With the app arg `direct_http_port` each replica also serves the same HTTP app on that port itself
-(serving/direct_http.py: no hop through Serve's proxy; replicas on one machine share the port).
+(serving/direct_http.py: no hop through Serve's proxy; one replica per machine holds the port).
 
 Thin adapter: gsd_serve.serving.router.RouterCore runs the requests, gsd_serve.serving.openai_api.OpenAIFrontend
 parses and formats them, gsd_serve.serving.http_app builds the HTTP app (in each replica, after __init__).
@@ -78,8 +78,15 @@ class RouterReplica:
             from ...serving.direct_http import DirectHttpServer
             from ...serving.http_app import create_app
 
-            self.direct = DirectHttpServer(create_app(self.http), str(args.get("direct_http_host", "127.0.0.1")),
-                                           port).start()
+            host = str(args.get("direct_http_host", "127.0.0.1"))
+            try:
+                self.direct = DirectHttpServer(create_app(self.http), host, port).start()
+            except OSError as exc:   # another router replica on this machine holds it (or another server)
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "router: direct HTTP port %s:%s is taken (%s); this replica serves through Serve's proxy only",
+                    host, port, exc.strerror)
 
     def __serve_build_asgi_app__(self):
         from ...serving.http_app import create_app
