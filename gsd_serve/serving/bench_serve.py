@@ -428,6 +428,23 @@ def git_commit() -> str | None:
         return None
 
 
+def _sweep(cfg: BenchServeConfig, work: Workload, url: str, label: str, ar_texts: dict | None, log) -> list:
+    """The warm-up and every concurrency level of one method through one entry (`url`)."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    if cfg.warmup:
+        warm = Workload(work.items[: cfg.warmup])
+        asyncio.run(_level(url.rstrip("/") + "/v1/chat/completions", cfg.model, warm, 1, cfg.warmup,
+                           cfg.max_tokens, headers, cfg.request_timeout_s))
+    levels = []
+    for c in cfg.concurrency:
+        lv = run_level(url, cfg, work, label, c, ar_texts)
+        levels.append(lv)
+        log(f"bench-serve: {label} ({url}) c={c}: {lv.output_throughput} tok/s, TTFT p50 {lv.ttft_ms['p50']} ms, "
+            f"ITL p50 {lv.itl_ms['p50']} ms, failed {lv.failed}, identical {lv.identical_to_reference}/"
+            f"{lv.completed}, plain rounds {lv.plain_round_share}, load {lv.load_before}->{lv.load_after}")
+    return levels
+
+
 def run_bench(cfg: BenchServeConfig, log=print) -> dict:
     """The whole sweep; returns the report (see write_report)."""
     work = load_workload(cfg)
@@ -454,26 +471,17 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
                 served[method] = {"args": config["applications"][0]["args"],
                                   "start_s": round(time.monotonic() - t0, 1)}
                 log(f"bench-serve: {method} serving at {base} after {served[method]['start_s']}s")
-            headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
             wanted = cfg.entries or (("direct",) if server is not None and server.direct_url else ("proxy",))
             entries = [("served", base)] if server is None else \
                 [(e, server.direct_url if e == "direct" else base) for e in wanted]
             for i, (entry, url) in enumerate(entries):
                 if url is None:
                     raise ValueError("--entry direct: the config gives the router no direct_http_port")
-                label = method if i == 0 else f"{method}@{entry}"
-                if cfg.warmup:
-                    warm = Workload(work.items[: cfg.warmup])
-                    asyncio.run(_level(url.rstrip("/") + "/v1/chat/completions", cfg.model, warm, 1, cfg.warmup,
-                                       cfg.max_tokens, headers, cfg.request_timeout_s))
-                for c in cfg.concurrency:
-                    lv = run_level(url, cfg, work, label, c, None if method == "ar" else ar_texts)
-                    levels.append(lv)
-                    log(f"bench-serve: {label} ({url}) c={c}: {lv.output_throughput} tok/s, TTFT p50 "
-                        f"{lv.ttft_ms['p50']} ms, ITL p50 {lv.itl_ms['p50']} ms, failed {lv.failed}, identical "
-                        f"{lv.identical_to_reference}/{lv.completed}, plain rounds {lv.plain_round_share}, load "
-                        f"{lv.load_before}->{lv.load_after}")
-                    if method == "ar" and i == 0:
+                found = _sweep(cfg, work, url, method if i == 0 else f"{method}@{entry}",
+                               None if method == "ar" else ar_texts, log)
+                levels += found
+                if method == "ar" and i == 0:
+                    for lv in found:
                         ar_texts = {**(ar_texts or {}), **lv.texts}
         finally:
             if server is not None:
