@@ -45,8 +45,9 @@ class DirectHttpServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        from .serve_config import client_host
+
+        return f"http://{client_host(self.host)}:{self.port}"
 
     def start(self) -> "DirectHttpServer":
         """Start serving in the running event loop (call from a coroutine or a callback of that loop)."""

@@ -98,6 +98,11 @@ def load_config(config_file: str | None = None, *, host: str = "127.0.0.1", http
     return config
 
 
+def client_host(host: str) -> str:
+    """The address a local client dials for a server bound to `host` (a wildcard bind: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def check_direct_ports(config: dict) -> None:
     """Each application's direct HTTP port is its own, and neither proxy's."""
     taken = {int((config.get("http_options") or {}).get("port", 8000)): "Serve's HTTP proxy",
@@ -119,8 +124,7 @@ def check_direct_ports(config: dict) -> None:
 
 def endpoints(config: dict) -> list[str]:
     http = config.get("http_options") or {}
-    host = http.get("host", "127.0.0.1")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    host = client_host(http.get("host", "127.0.0.1"))
     port = http.get("port", 8000)
     grpc_port = (config.get("grpc_options") or {}).get("port", 9000)
     lines = []
@@ -130,8 +134,7 @@ def endpoints(config: dict) -> list[str]:
         lines += [f"{app['name']}: OpenAI-compatible HTTP  {base}/v1  (completions, chat/completions, models)"]
         direct = int(app["args"].get("direct_http_port") or 0)
         if direct:
-            dhost = str(app["args"].get("direct_http_host", "127.0.0.1"))
-            dhost = "127.0.0.1" if dhost in ("0.0.0.0", "::") else dhost
+            dhost = client_host(str(app["args"].get("direct_http_host", "127.0.0.1")))
             lines.append(f"{app['name']}: the same, direct  http://{dhost}:{direct}/v1  (served by the router "
                          f"replicas themselves: no hop through Serve's proxy)")
         lines += [f"{app['name']}: health {base}/health   metrics {base}/metrics",

@@ -10,6 +10,7 @@ With an API key (app arg `api_key`, else $GSD_SERVE_API_KEY) /v1/* and the Route
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from ray import serve
@@ -82,8 +83,6 @@ class RouterReplica:
             try:
                 self.direct = DirectHttpServer(create_app(self.http), host, port).start()
             except OSError as exc:   # another router replica on this machine holds it (or another server)
-                import logging
-
                 logging.getLogger(__name__).warning(
                     "router: direct HTTP port %s:%s is taken (%s); this replica serves through Serve's proxy only",
                     host, port, exc.strerror)
