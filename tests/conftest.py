@@ -113,10 +113,9 @@ def ray_serve():
     from ray import serve
 
     from gsd_serve.services.app import GRPC_SERVICER_FUNCTIONS
+    from gsd_serve.serving.serve_config import SLOW_START_ENV as slow
 
     http_port, grpc_port = free_port(), free_port()
-    # a busy 2-core machine can starve Serve's proxy past its 5 s ready check: give it time
-    slow = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
     for k, v in slow.items():
         os.environ.setdefault(k, v)
     for attempt in range(3):   # Ray gives its raylet 30 s to start: a starved machine can miss that once

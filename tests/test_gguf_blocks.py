@@ -150,15 +150,15 @@ def test_auto_measures_once_per_cpu_and_can_be_forced(monkeypatch, tmp_path, def
     import json
 
     from gsd_serve.models.gguf_blocks import gguf_blocks_faster, uses_gguf_blocks
-    from gsd_serve.models.loading import apply_target_weights
-
     from gsd_serve.core.config import cache_dir
+    from gsd_serve.models.loading import apply_target_weights
 
     # a fresh cache for the measurement, sharing the built kernels and converted models (rebuilding them is
     # not what this test checks, and costs a minute of gcc on 2 cores)
+    real = cache_dir()
     for shared in ("kernels", "models"):
-        (cache_dir() / shared).mkdir(parents=True, exist_ok=True)
-        (tmp_path / shared).symlink_to(cache_dir() / shared)
+        (real / shared).mkdir(parents=True, exist_ok=True)
+        (tmp_path / shared).symlink_to(real / shared)
     monkeypatch.setenv("GSD_SERVE_CACHE", str(tmp_path))
     monkeypatch.delenv("GSD_SERVE_GGUF_BLOCKS", raising=False)
     got = gguf_blocks_faster(default_pair[0])

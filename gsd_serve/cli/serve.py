@@ -14,7 +14,7 @@ import sys
 import time
 
 from ..serving.auth import API_KEY_ENV, api_key_from_env
-from ..serving.serve_config import DIRECT_HTTP_PORT, endpoints, load_config
+from ..serving.serve_config import DIRECT_HTTP_PORT, SLOW_START_ENV, endpoints, load_config
 
 
 def _wait_running(names: list[str], timeout_s: float) -> None:
@@ -45,10 +45,9 @@ def cmd_serve(args) -> int:
         print("\n".join(endpoints(config)))
         return 0
     # Ray's token auth stays at Ray's default (on for a new local cluster): RAY_AUTH_MODE=disabled turns it off
-    # Serve gives a new proxy 5 s to report ready: on a busy 2-core machine that start once failed the whole
-    # command, so the local cluster started here (which inherits this environment) gives it longer
-    for k, v in (("RAY_USAGE_STATS_ENABLED", "0"), ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                 ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120"), ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")):
+    # the local cluster started here inherits this environment (SLOW_START_ENV: time for Serve's proxy to start)
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                 **SLOW_START_ENV}.items():
         os.environ.setdefault(k, v)
     import ray
     from ray.serve._private import api as serve_api

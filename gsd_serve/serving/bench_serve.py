@@ -481,8 +481,9 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
                                None if method == "ar" else ar_texts, log)
                 levels += found
                 if method == "ar" and i == 0:
+                    ar_texts = dict(ar_texts or {})
                     for lv in found:
-                        ar_texts = {**(ar_texts or {}), **lv.texts}
+                        ar_texts.update(lv.texts)
         finally:
             if server is not None:
                 server.stop()

@@ -14,6 +14,8 @@ import asyncio
 import logging
 import socket
 
+from .serve_config import client_host
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,6 @@ class DirectHttpServer:
 
     @property
     def url(self) -> str:
-        from .serve_config import client_host
-
         return f"http://{client_host(self.host)}:{self.port}"
 
     def start(self) -> "DirectHttpServer":

@@ -507,15 +507,13 @@ class LocalStack:
         import ray
         from ray import serve
 
-        from .serve_config import GRPC_SERVICER_FUNCTIONS
+        from .serve_config import GRPC_SERVICER_FUNCTIONS, SLOW_START_ENV
 
         http_port, grpc_port = free_port(), free_port()
-        # a busy machine can starve Serve's proxy past its 5 s ready check: give it time
-        for k, v in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120"), ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")):
+        for k, v in SLOW_START_ENV.items():
             os.environ.setdefault(k, v)
         env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "GSD_TORCH_THREADS",
-                                          "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S",
-                                          "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S") if k in os.environ}
+                                          *SLOW_START_ENV) if k in os.environ}
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env} if env else None)
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},

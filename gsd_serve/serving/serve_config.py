@@ -12,6 +12,10 @@ GRPC_SERVICER_FUNCTIONS = ["gsd_serve.serving.rpc.add_RouterServicer_to_server",
 
 DIRECT_HTTP_PORT = 8001     # the router replicas' own HTTP port in the default config (no Serve proxy hop)
 
+# Serve gives a new proxy 5 s to report ready: a busy 2-core machine can starve it past that, which once failed a
+# whole `gsd-serve serve`. Set (unless already set) in the environment of every local cluster gsd-serve starts.
+SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
 
 def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
                    draft_replicas: int = 1, direct_http_port: int = DIRECT_HTTP_PORT) -> dict:
