@@ -232,3 +232,24 @@ def test_distill_data_decodes_a_batch_together_exactly_as_each_prompt_alone(gguf
     a = runner_answers(runner, prompts, 20, eos, 8, 0.8, seed=3)
     b = runner_answers(runner, prompts, 20, eos, 8, 0.8, seed=3)
     assert [x["cont"] for x in a] == [x["cont"] for x in b] != [x["cont"] for x in items]
+
+
+def test_magpie_prompts_are_written_by_the_target_on_its_blocks_and_resume(gguf_pair, tmp_path):
+    """--magpie on GGUF blocks: the target writes user turns itself (sampled, one fused forward per token for
+    the whole batch); the file is deterministic for a seed, each prompt a finished turn of 4+ words, kept once,
+    and a rerun asking for more appends to what is there."""
+    import json
+
+    from gsd_serve.cli.distill import DistillConfig, magpie_prompts
+
+    target, _, tokenizer = gguf_pair
+
+    def prompts(out, n):
+        cfg = DistillConfig(out=str(out), magpie=n, gen_batch=6, seed=1)
+        return [json.loads(line)["prompt"] for line in magpie_prompts(cfg, target, tokenizer).read_text().splitlines()]
+
+    first = prompts(tmp_path / "a", 3)
+    assert len(first) == 3 == len(set(first)) and all(len(p.split()) >= 4 for p in first)
+    assert prompts(tmp_path / "b", 3) == first                  # deterministic for a seed
+    more = prompts(tmp_path / "a", 5)
+    assert len(more) == 5 == len(set(more)) and more[:3] == first

@@ -108,6 +108,7 @@ def magpie_prompts(cfg: DistillConfig, target, tokenizer) -> Path:
     of requests it was trained on, so the draft learns on varied, natural prompts rather than only on a
     templated set. Kept: finished turns of 4+ words, each once. Resumable; deterministic for a seed."""
     path = Path(cfg.out) / "magpie_prompts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
     have = path.read_text().splitlines() if path.exists() else []
     if len(have) >= cfg.magpie:
         return path
@@ -118,15 +119,26 @@ def magpie_prompts(cfg: DistillConfig, target, tokenizer) -> Path:
     seen = {json.loads(line)["prompt"] for line in have}
     start, b = time.time(), 0
     print(f"distill: the target writes {cfg.magpie} prompts -> {path}", file=sys.stderr)
+    from ..models.gguf_blocks import uses_gguf_blocks
+    from ..models.runner import ModelRunner
+
+    # on the target's GGUF blocks every row decodes in one fused forward per token (~30x transformers' generate)
+    runner = ModelRunner(target) if uses_gguf_blocks(target) else None
     with open(path, "a", encoding="utf-8") as f, torch.inference_mode():
         while len(seen) < cfg.magpie:
-            torch.manual_seed(cfg.seed * 7919 + len(have) + b)
+            seed = cfg.seed * 7919 + len(have) + b
+            torch.manual_seed(seed)
             b += 1
-            batch = ids.repeat(cfg.gen_batch, 1)
-            gen = target.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=MAGPIE_MAX_TOKENS,
-                                  do_sample=True, temperature=1.0, top_p=0.95, top_k=0, eos_token_id=end,
-                                  pad_token_id=end)
-            for row in gen[:, ids.shape[1]:].tolist():
+            if runner is not None:
+                rows = [it["cont"] for it in runner_answers(runner, [ids[0].tolist()] * cfg.gen_batch,
+                                                            MAGPIE_MAX_TOKENS, end, 1, 1.0, seed)]
+            else:
+                batch = ids.repeat(cfg.gen_batch, 1)
+                gen = target.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=MAGPIE_MAX_TOKENS,
+                                      do_sample=True, temperature=1.0, top_p=0.95, top_k=0, eos_token_id=end,
+                                      pad_token_id=end)
+                rows = gen[:, ids.shape[1]:].tolist()
+            for row in rows:
                 if end not in row:
                     continue                      # an unfinished turn
                 prompt = tokenizer.decode(row[: row.index(end)], skip_special_tokens=True).strip()

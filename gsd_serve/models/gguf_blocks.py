@@ -17,6 +17,10 @@ kernels in kernels/gguf_matmul.c: fp32 activations, each weight dequantized exac
 """
 from __future__ import annotations
 
+import mmap
+import struct
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -28,6 +32,81 @@ BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}   # Q4_1: fp16 d, fp16 m, 16 bytes of nib
 PROJECTIONS = {"attn_q": ("self_attn", "q_proj"), "attn_k": ("self_attn", "k_proj"),
                "attn_v": ("self_attn", "v_proj"), "attn_output": ("self_attn", "o_proj"),
                "ffn_gate": ("mlp", "gate_proj"), "ffn_up": ("mlp", "up_proj"), "ffn_down": ("mlp", "down_proj")}
+
+
+GGML_KINDS = {3: "Q4_1", 8: "Q8_0"}       # ggml type ids of the two block kinds (others are not multiplied here)
+
+
+class GGUFTensor(NamedTuple):
+    name: str
+    kind: str                   # "Q4_1", "Q8_0" or "ggml type N"
+    dims: tuple[int, ...]       # GGUF order: (inputs, outputs) for a weight matrix
+    data: np.ndarray | None     # uint8 view of the file's blocks [outputs, inputs / 32 * block bytes]; None for other kinds
+
+
+def gguf_tensors(path: str) -> list[GGUFTensor]:
+    """The tensors of a GGUF file (format v2/v3), their block bytes mapped from the file, without decoding its
+    metadata: the `gguf` package's reader builds a numpy view per field and takes ~3 s on the default target's
+    100k-entry vocabulary (on every target load), where skipping the fields takes ~50 ms."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if mm[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported")
+    pos = 24
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # value type -> bytes
+
+    def skip_value(vtype: int) -> None:
+        nonlocal pos
+        if vtype in scalar:
+            pos += scalar[vtype]
+        elif vtype == 8:                                  # string: u64 length + bytes
+            pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
+        elif vtype == 9:                                  # array: u32 element type, u64 count, elements
+            etype, count = struct.unpack_from("<IQ", mm, pos)
+            pos += 12
+            if etype in scalar:
+                pos += scalar[etype] * count
+            else:
+                for _ in range(count):
+                    skip_value(etype)
+        else:
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+    alignment = 32
+    for _ in range(n_kv):
+        klen = struct.unpack_from("<Q", mm, pos)[0]
+        key = mm[pos + 8: pos + 8 + klen]
+        pos += 8 + klen
+        vtype = struct.unpack_from("<I", mm, pos)[0]
+        pos += 4
+        if key == b"general.alignment" and vtype == 4:
+            alignment = struct.unpack_from("<I", mm, pos)[0]
+        skip_value(vtype)
+    infos = []
+    for _ in range(n_tensors):
+        nlen = struct.unpack_from("<Q", mm, pos)[0]
+        name = mm[pos + 8: pos + 8 + nlen].decode()
+        pos += 8 + nlen
+        n_dims = struct.unpack_from("<I", mm, pos)[0]
+        dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+        ttype, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        infos.append((name, ttype, dims, offset))
+    start = -(-pos // alignment) * alignment
+    buf = np.frombuffer(mm, dtype=np.uint8)
+    out = []
+    for name, ttype, dims, offset in infos:
+        kind = GGML_KINDS.get(ttype, f"ggml type {ttype}")
+        data = None
+        if kind in BLOCK_BYTES:
+            rows = int(np.prod(dims[1:]))
+            row_bytes = dims[0] // GROUP * BLOCK_BYTES[kind]
+            data = buf[start + offset: start + offset + rows * row_bytes].reshape(rows, row_bytes)
+        out.append(GGUFTensor(name, kind, tuple(int(d) for d in dims), data))
+    return out
 
 
 def dequantize(kind: str, blocks: torch.Tensor, cols: int) -> torch.Tensor:
@@ -121,22 +200,19 @@ def use_gguf_blocks(model: nn.Module, gguf_path: str | None = None) -> int:
     """Swap the default target's projections and output layer for BlockLinears over its GGUF's blocks;
     returns how many were swapped. The model must be the default target in fp32 (the blocks are checked
     against its weights, element by element)."""
-    import gguf
-
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("GGUF block weights run with fp32 activations: load the target in float32")
-    reader = gguf.GGUFReader(gguf_path or _gguf_path())
+    tensors = gguf_tensors(gguf_path or _gguf_path())
     config = model.config
     heads, kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", config.num_attention_heads))
     layers = model.base_model.layers
     count = 0
 
-    def swap(owner: nn.Module, attr: str, t, dense: torch.Tensor, order: torch.Tensor | None = None) -> None:
-        kind = t.tensor_type.name
-        if kind not in BLOCK_BYTES:
-            raise ValueError(f"{t.name} is {kind}, not Q4_1 or Q8_0")
-        cols, rows = (int(x) for x in t.shape.tolist())
-        blocks = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1).copy())
+    def swap(owner: nn.Module, attr: str, t: GGUFTensor, dense: torch.Tensor, order: torch.Tensor | None = None) -> None:
+        if t.data is None:
+            raise ValueError(f"{t.name} is {t.kind}, not Q4_1 or Q8_0")
+        kind, cols = t.kind, t.dims[0]
+        blocks = torch.from_numpy(t.data.copy())
         if order is not None:
             blocks = blocks[order]
         if not torch.equal(dequantize(kind, blocks, cols), dense.detach()):
@@ -145,7 +221,7 @@ def use_gguf_blocks(model: nn.Module, gguf_path: str | None = None) -> int:
                              "GGUF block weights are for the default target only")
         setattr(owner, attr, BlockLinear(kind, repack(kind, blocks), cols))
 
-    for t in reader.tensors:
+    for t in tensors:
         parts = t.name.split(".")
         if t.name == "token_embd.weight" and getattr(config, "tie_word_embeddings", False):
             swap(model, "lm_head", t, model.get_input_embeddings().weight)
@@ -153,7 +229,7 @@ def use_gguf_blocks(model: nn.Module, gguf_path: str | None = None) -> int:
         elif len(parts) == 4 and parts[0] == "blk" and parts[2] in PROJECTIONS:
             owner, attr = PROJECTIONS[parts[2]]
             module = getattr(layers[int(parts[1])], owner)
-            rows = int(t.shape.tolist()[1])
+            rows = t.dims[1]
             order = _unpermute_rows(rows, heads if parts[2] == "attn_q" else kv) \
                 if parts[2] in ("attn_q", "attn_k") else None
             swap(module, attr, t, getattr(module, attr).weight, order)
