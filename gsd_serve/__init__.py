@@ -6,13 +6,28 @@ Layers, each importing only those before it:
     serving  workers, router, gRPC and OpenAI frontends, prefix cache, Ray Serve deployments (services)
     cli      the `gsd-serve` command: generate, bench, tune, distill, serve
 """
-from .core.config import SpecConfig
-from .core.engine import Engine
-from .core.graph import TokenGraph, VerifyTree, flatten_to_tree, tree_attention_mask
-from .core.sampling import SamplingParams
-from .models import ModelRunner, load_default_pair, load_engine, load_pair
+import importlib
+
+# what `from gsd_serve import X` gives, imported on first use: the command line's --help and its argument
+# errors then answer without loading torch and transformers (~3 s)
+_EXPORTS = {"SpecConfig": ".core.config", "Engine": ".core.engine", "TokenGraph": ".core.graph",
+            "VerifyTree": ".core.graph", "flatten_to_tree": ".core.graph", "tree_attention_mask": ".core.graph",
+            "SamplingParams": ".core.sampling", "ModelRunner": ".models", "load_default_pair": ".models",
+            "load_engine": ".models", "load_pair": ".models"}
 
 __version__ = "0.1.0"
 
 __all__ = ["SpecConfig", "Engine", "TokenGraph", "VerifyTree", "flatten_to_tree", "tree_attention_mask",
            "SamplingParams", "ModelRunner", "load_default_pair", "load_engine", "load_pair", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gsd_serve' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -127,3 +127,17 @@ def test_draft_kind_chooses_the_shipped_draft_and_every_kind_is_exact():
         assert row["stats"]["draft_forwards"] > 0, kind
     r = run("generate", "--prompt", "hi", "--draft", str(SHIPPED_FEATURE_DRAFT_DIR), "--draft-kind", "independent")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "its kind is features" in r.stderr
+
+
+def test_help_and_argument_errors_answer_without_loading_torch():
+    """`gsd-serve --help`, a command's --help and its argument errors answer at once (~0.1 s): no command
+    module imports torch or transformers before it runs."""
+    code = ("import sys\nfrom gsd_serve.cli import main\n"
+            "for argv in (['--help'], ['distill', '--help'], ['bench', '--help'], ['tune', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert main(['generate', '--prompt', 'hi', '--k', '0']) == 2\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\nprint('light')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=ENV)
+    assert r.returncode == 0 and r.stdout.strip().endswith("light"), r.stderr[-2000:]
+    assert "k must be" in r.stderr

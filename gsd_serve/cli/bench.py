@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 # A divergence from ar in a non-fp32 mode is a near-tie when the target's top-2 choice scores at the first
 # differing token lie within this many logits (bf16 keeps 8 significant bits: logits of ~20 round to 0.125)
@@ -32,6 +31,7 @@ ALL_METHODS = SPEC_METHODS + (REFERENCE_METHOD,) + EXTERNAL_METHODS
 
 def _hf_assisted(target, draft, ids: list[int], max_new: int, stop_ids: set[int], sampling) -> dict:
     """transformers' own assisted generation with the same target and draft."""
+    import torch
     kwargs = dict(max_new_tokens=max_new, assistant_model=draft, eos_token_id=sorted(stop_ids) or None,
                   pad_token_id=sorted(stop_ids)[0] if stop_ids else None)
     if sampling.greedy:
@@ -86,6 +86,7 @@ def divergence(runner, prompt: list[int], ref: list[int], got: list[int], sampli
     """Where `got` first leaves the reference `ref`, and the target's top-2 gap there: the difference of the
     two best choice scores (logits for greedy; warped logits plus the token's sampling noise otherwise) of a
     plain forward over the prompt and ref's tokens before that point."""
+    import torch
     from ..core.sampling import TokenChooser
 
     i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
@@ -103,6 +104,7 @@ def divergence(runner, prompt: list[int], ref: list[int], got: list[int], sampli
 
 
 def run_bench(args) -> dict:
+    import torch
     from ..core.prompts import BENCH_PROMPTS, encode, load_prompts, spread
     from ..core.sampling import SamplingParams
     from ..models.dtypes import cpu_description

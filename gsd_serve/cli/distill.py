@@ -21,11 +21,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from ..core.prompts import TRAIN_PROMPTS, encode, load_prompts
-from ..models.loading import DRAFT_VOCAB_FILE, load_model, load_tokenizer
 from .args import CliError, positive_int
 
 
@@ -107,6 +103,7 @@ def magpie_prompts(cfg: DistillConfig, target, tokenizer) -> Path:
     user's turn, sampled at temperature 1 until the turn ends. An instruction-tuned model writes the kind
     of requests it was trained on, so the draft learns on varied, natural prompts rather than only on a
     templated set. Kept: finished turns of 4+ words, each once. Resumable; deterministic for a seed."""
+    import torch
     path = Path(cfg.out) / "magpie_prompts.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     have = path.read_text().splitlines() if path.exists() else []
@@ -152,6 +149,7 @@ def magpie_prompts(cfg: DistillConfig, target, tokenizer) -> Path:
 
 
 def generate_data(cfg: DistillConfig, target, tokenizer) -> list[Path]:
+    import torch
     out = Path(cfg.out) / "data"
     out.mkdir(parents=True, exist_ok=True)
     records = load_prompts(magpie_prompts(cfg, target, tokenizer) if cfg.magpie else cfg.prompts)
@@ -209,6 +207,7 @@ def hf_answers(target, tokenizer, prompts: list[list[int]], max_new: int, topk: 
                seed: int) -> list[dict]:
     """The target's answers to `prompts` by transformers' generate (left-padded batch), in the item format of
     runner_answers."""
+    import torch
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -238,56 +237,58 @@ def hf_answers(target, tokenizer, prompts: list[list[int]], max_new: int, topk: 
     return items
 
 
-@torch.inference_mode()
 def runner_answers(runner, prompts: list[list[int]], max_new: int, eos: int | None, topk: int,
                    temperature: float, seed: int) -> list[dict]:
     """The target's answers to `prompts`, decoded together (one fused forward of every unfinished sequence
     per token): greedy, or sampled at `temperature` (seeded), with the top-k raw logits of every choice
     (the data item format of generate_data)."""
-    n = len(prompts)
-    caches = [runner.new_cache() for _ in range(n)]
-    logits = runner.forward_many(caches, [torch.tensor(p, dtype=torch.long) for p in prompts],
-                                 [torch.arange(len(p)) for p in prompts], [None] * n, last_only=True)
-    gen = torch.Generator().manual_seed(seed)
-    conts: list[list[int]] = [[] for _ in range(n)]
-    tops: list[list[tuple]] = [[] for _ in range(n)]
-    alive = list(range(n))
-    last = {i: logits[i][-1] for i in range(n)}
-    while alive:
-        rows = torch.stack([last[i] for i in alive])                    # [alive, V]: one top-k and draw for all
-        top = torch.topk(rows, topk, dim=-1)
-        ids, vals = top.indices.to(torch.int32), top.values.to(torch.float16)
-        if temperature > 0:
-            toks = torch.multinomial(torch.softmax(rows / temperature, -1), 1, generator=gen)[:, 0].tolist()
-        else:
-            toks = top.indices[:, 0].tolist()
-        nxt = []
-        for k, (i, tok) in enumerate(zip(alive, toks)):
-            tops[i].append((ids[k], vals[k]))
-            conts[i].append(tok)
-            if tok != eos and len(conts[i]) < max_new:
-                nxt.append(i)
-        alive = nxt
-        if not alive:
-            break
-        out = runner.forward_many([caches[i] for i in alive], [torch.tensor(conts[i][-1:]) for i in alive],
-                                  [torch.tensor([len(prompts[i]) + len(conts[i]) - 1]) for i in alive],
-                                  [None] * len(alive), last_only=True)
-        last = {i: o[-1] for i, o in zip(alive, out)}
-    return [{"prompt": prompts[i], "cont": conts[i], "top_ids": torch.stack([t[0] for t in tops[i]]),
-             "top_logits": torch.stack([t[1] for t in tops[i]])} for i in range(n)]
+    import torch
+    with torch.inference_mode():   # no autograd state for the whole decode
+        n = len(prompts)
+        caches = [runner.new_cache() for _ in range(n)]
+        logits = runner.forward_many(caches, [torch.tensor(p, dtype=torch.long) for p in prompts],
+                                     [torch.arange(len(p)) for p in prompts], [None] * n, last_only=True)
+        gen = torch.Generator().manual_seed(seed)
+        conts: list[list[int]] = [[] for _ in range(n)]
+        tops: list[list[tuple]] = [[] for _ in range(n)]
+        alive = list(range(n))
+        last = {i: logits[i][-1] for i in range(n)}
+        while alive:
+            rows = torch.stack([last[i] for i in alive])                    # [alive, V]: one top-k and draw for all
+            top = torch.topk(rows, topk, dim=-1)
+            ids, vals = top.indices.to(torch.int32), top.values.to(torch.float16)
+            if temperature > 0:
+                toks = torch.multinomial(torch.softmax(rows / temperature, -1), 1, generator=gen)[:, 0].tolist()
+            else:
+                toks = top.indices[:, 0].tolist()
+            nxt = []
+            for k, (i, tok) in enumerate(zip(alive, toks)):
+                tops[i].append((ids[k], vals[k]))
+                conts[i].append(tok)
+                if tok != eos and len(conts[i]) < max_new:
+                    nxt.append(i)
+            alive = nxt
+            if not alive:
+                break
+            out = runner.forward_many([caches[i] for i in alive], [torch.tensor(conts[i][-1:]) for i in alive],
+                                      [torch.tensor([len(prompts[i]) + len(conts[i]) - 1]) for i in alive],
+                                      [None] * len(alive), last_only=True)
+            last = {i: o[-1] for i, o in zip(alive, out)}
+        return [{"prompt": prompts[i], "cont": conts[i], "top_ids": torch.stack([t[0] for t in tops[i]]),
+                 "top_logits": torch.stack([t[1] for t in tops[i]])} for i in range(n)]
 
 
 def data_teacher(cfg: DistillConfig):
     """The target that writes the data: in cfg.dtype, or on its own GGUF blocks where cfg.target_weights
     resolves to them (the default target on a CPU where they measure faster: several times the dense
     fp32 speed on 2-core CPUs)."""
-    from ..models.loading import apply_target_weights
+    from ..models.loading import apply_target_weights, load_model
 
     return apply_target_weights(load_model(cfg.target, cfg.dtype), cfg.target, cfg.target_weights)
 
 
 def load_data(shards: list[Path]) -> list[dict]:
+    import torch
     items = []
     for s in shards:
         items.extend(torch.load(s, weights_only=True))
@@ -317,6 +318,7 @@ def split_held_out(items: list[dict], cap: int) -> tuple[list[dict], list[dict]]
 def resume_checkpoint(ckpt: Path, draft, opt, rng: random.Random) -> tuple[int, list]:
     """(step, learning-curve history) of the checkpoint at `ckpt`, restored into draft, optimiser and RNGs;
     (0, []) when there is none."""
+    import torch
     if not ckpt.exists():
         return 0, []
     state = torch.load(ckpt, weights_only=True)
@@ -331,6 +333,7 @@ def resume_checkpoint(ckpt: Path, draft, opt, rng: random.Random) -> tuple[int, 
 def save_checkpoint(ckpt: Path, draft, opt, rng: random.Random, step: int, history: list, skip: tuple[str, ...]) -> None:
     """Atomically write the training state; parameters whose names contain any of `skip` (the target's own
     embedding and head, which the draft shares) are left out."""
+    import torch
     tmp = ckpt.with_suffix(".tmp")
     torch.save({"model": {k: v for k, v in draft.state_dict().items() if not any(x in k for x in skip)},
                 "opt": opt.state_dict(), "step": step, "history": history,
@@ -340,6 +343,7 @@ def save_checkpoint(ckpt: Path, draft, opt, rng: random.Random, step: int, histo
 
 def choose_vocab(items: list[dict], size: int, vocab_size: int, always: set[int]) -> torch.Tensor:
     """The `size` tokens the target emits most often (counting its top-4 alternatives too)."""
+    import torch
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     for it in items:
         counts.index_add_(0, torch.tensor(it["cont"], dtype=torch.long), torch.ones(len(it["cont"]), dtype=torch.float64))
@@ -407,6 +411,7 @@ def make_batches(items: list[dict], batch: int, rng: random.Random):
 
 
 def collate(batch: list[dict], full_to_small: torch.Tensor, pad: int):
+    import torch
     seqs = [it["prompt"] + it["cont"] for it in batch]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -429,6 +434,8 @@ def collate(batch: list[dict], full_to_small: torch.Tensor, pad: int):
 
 
 def distill_loss(draft, head_weight, batch_tensors, output_ids):
+    import torch
+    import torch.nn.functional as F
     ids, attn, rows, cols, small, probs, teacher_top1 = batch_tensors
     hidden = draft.model(input_ids=ids, attention_mask=attn).last_hidden_state[rows, cols]
     logits = F.linear(hidden, head_weight)
@@ -439,6 +446,8 @@ def distill_loss(draft, head_weight, batch_tensors, output_ids):
 
 
 def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loaded: list[Path] | None = None) -> Path:
+    import torch
+    from ..models.loading import DRAFT_VOCAB_FILE
     out = Path(cfg.out)
     shards_loaded = list(shards_loaded or [])
     torch.manual_seed(cfg.seed)
@@ -533,6 +542,8 @@ def train(cfg: DistillConfig, target, tokenizer, items: list[dict], shards_loade
 
 def pack_for_repo(model_dir: Path, dest: Path) -> None:
     """Write the draft without the tensors it shares with the default target, in bfloat16."""
+    import torch
+    from ..models.loading import DRAFT_VOCAB_FILE
     from safetensors.torch import load_file, save_file
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -547,6 +558,8 @@ def pack_for_repo(model_dir: Path, dest: Path) -> None:
 
 
 def run(cfg: DistillConfig) -> Path:
+    import torch
+    from ..models.loading import load_model, load_tokenizer
     tokenizer = load_tokenizer(cfg.target)
     tokenizer.padding_side = "left"
     if cfg.kind == "features" and cfg.phase != "data":
@@ -560,14 +573,14 @@ def run(cfg: DistillConfig) -> Path:
     if cfg.phase == "data":
         generate_data(cfg, data_teacher(cfg), tokenizer)
         return Path(cfg.out) / "data"
-    target = load_model(cfg.target, torch.float32)
-    check_layers(cfg.layer_list(), target)
     if cfg.phase == "train":
         # Train on the shards already written (and, with follow_data, those a data process still writes).
         shards = sorted((Path(cfg.out) / "data").glob("shard-*.pt"))
         if not shards:
             raise ValueError(f"--phase train: no data shards under {Path(cfg.out) / 'data'}; run --phase data first")
-    else:
+    target = load_model(cfg.target, torch.float32)
+    check_layers(cfg.layer_list(), target)
+    if cfg.phase != "train":
         shards = generate_data(cfg, target if cfg.target_weights == "dense" and cfg.dtype in ("auto", "float32")
                                else data_teacher(cfg), tokenizer)
     items = load_data(shards)

@@ -24,6 +24,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a command reports as one line: bad arguments, prompts, configs, models. ModelLoadError
+    only once its module is loaded (it cannot be raised before), so that a command which fails on its
+    arguments never imports torch and transformers."""
+    from ..core.config import ConfigError
+    from ..core.prompts import PromptError
+
+    loading = sys.modules.get("gsd_serve.models.loading")
+    return (CliError, ConfigError, PromptError, ValueError) + ((loading.ModelLoadError,) if loading else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,13 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     parser = make_parser()
     args = parser.parse_args(argv)
-    from ..core.config import ConfigError
-    from ..core.prompts import PromptError
-    from ..models.loading import ModelLoadError
-
     try:
         return args.func(args)
-    except (CliError, ConfigError, ModelLoadError, PromptError, ValueError) as exc:
+    except _user_errors() as exc:
         print(f"gsd-serve {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 GRID = {
     "k": [2, 3, 4, 6],
@@ -22,6 +21,7 @@ GRID = {
 
 
 def cmd_tune(args) -> int:
+    import torch
     from ..core.config import SpecConfig, cache_dir, load_tuned_defaults
     from ..core.prompts import BENCH_PROMPTS, encode, load_prompts, spread
     from .args import build_engine

@@ -41,7 +41,7 @@ class GGUFTensor(NamedTuple):
     name: str
     kind: str                   # "Q4_1", "Q8_0" or "ggml type N"
     dims: tuple[int, ...]       # GGUF order: (inputs, outputs) for a weight matrix
-    data: np.ndarray | None     # uint8 view of the file's blocks [outputs, inputs / 32 * block bytes]; None for other kinds
+    data: np.ndarray | None     # uint8 view of the blocks [outputs, inputs / 32 * block bytes]; None: other kinds
 
 
 def gguf_tensors(path: str) -> list[GGUFTensor]:
@@ -208,7 +208,8 @@ def use_gguf_blocks(model: nn.Module, gguf_path: str | None = None) -> int:
     layers = model.base_model.layers
     count = 0
 
-    def swap(owner: nn.Module, attr: str, t: GGUFTensor, dense: torch.Tensor, order: torch.Tensor | None = None) -> None:
+    def swap(owner: nn.Module, attr: str, t: GGUFTensor, dense: torch.Tensor,
+             order: torch.Tensor | None = None) -> None:
         if t.data is None:
             raise ValueError(f"{t.name} is {t.kind}, not Q4_1 or Q8_0")
         kind, cols = t.kind, t.dims[0]
