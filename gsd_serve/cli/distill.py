@@ -119,7 +119,8 @@ def magpie_prompts(cfg: DistillConfig, target, tokenizer) -> Path:
     from ..models.gguf_blocks import uses_gguf_blocks
     from ..models.runner import ModelRunner
 
-    # on the target's GGUF blocks every row decodes in one fused forward per token (~30x transformers' generate)
+    # on the target's GGUF blocks every row decodes in one fused forward per token: ~3x the prompts per second
+    # of transformers' generate on a 2-core Zen 4 (that path keeps top-p 0.95; this one samples the full T=1)
     runner = ModelRunner(target) if uses_gguf_blocks(target) else None
     with open(path, "a", encoding="utf-8") as f, torch.inference_mode():
         while len(seen) < cfg.magpie:
