@@ -109,7 +109,7 @@ async def served(core, prompts, max_tokens, concurrency=1):
 
     def decide(self, sessions_here=1):
         d = orig_decide(self, sessions_here)
-        key = f"{d.reason}:{d.budget}"
+        key = f"{d.reason}:{d.budget}@{sessions_here}"    # @ the router's sessions on the replica then
         decisions[key] = decisions.get(key, 0) + 1
         return d
 

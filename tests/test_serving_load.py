@@ -242,6 +242,68 @@ def test_load_policy_backs_off_probes_that_confirm_plain_decoding():
     assert p.decide().budget > 1 and p.snapshot()["probe_streak"] == 0
 
 
+def test_load_policy_overhead_ignores_calls_that_waited_behind_a_prefill():
+    # 4 streams on a 2-core Zen 4 (served_round_check): forwards of 1 / 4 / 12 rows ~9.5 / 18.5 / 42.5 ms, trees of
+    # 3 that accept 0.5 tokens, an 8 ms Propose; most Verify calls spend ~3 ms outside the forward, but every fifth
+    # waited ~300 ms behind a new request's Prefill on the model thread. A moving average put O at ~60 ms, so
+    # a tree's extra rows looked cheap and trees of 3 were chosen over plain decoding (1.5 / 53.7 ms against
+    # 1 / 21.5 ms per round at O = 3 ms).
+    p = LoadPolicy(3)
+    linear = lambda r: 0.0065 + 0.003 * r   # noqa: E731
+    calls = 0
+    for _ in range(60):
+        for r in (1, 2, 4, 8, 12):
+            calls += 1
+            wait = 0.3 if calls % 5 == 0 else 0.0
+            p.observe_verify(r, 4, linear(r), linear(r) + 0.003 + wait)
+        p.observe_tree(3, 3, [0, 1])
+        p.observe_propose(3, 0.0082)
+    assert p.overhead.value == pytest.approx(0.003)
+    d = p.decide(sessions_here=4)
+    assert d.budget == 1 and d.reason == "measured", d.rates
+
+
+def test_load_policy_leaves_plain_decoding_only_when_the_catch_up_pays():
+    # a session that decoded plainly must first feed its draft every token since its last Propose; on a busy
+    # 2-core replica that cost 30-100 ms, more than a short tail of speculation saves
+    p = LoadPolicy(12)
+    _feed(p, n=1, cost=lambda r: 0.02 + 0.0001 * r, path=DEEP_PATH, tree_size=12)
+    d = p.decide()
+    assert d.budget > 1 and d.reason == "measured"
+    assert p.catch_up_pays(d, lag=10**6, remaining=1)            # no catch-up measured yet: measure one
+    p.observe_catch_up(200, 0.2)                                  # 1 ms per token
+    saved_per_token = 1 / d.rates[1] - 1 / d.rates[d.budget]
+    assert saved_per_token > 0
+    breakeven = 200 * 0.001 / saved_per_token                     # remaining tokens that pay for 200 tokens' catch-up
+    assert p.catch_up_pays(d, lag=200, remaining=math.ceil(breakeven) + 1)
+    assert not p.catch_up_pays(d, lag=200, remaining=math.floor(breakeven) - 1)
+    assert p.catch_up_pays(d, lag=20, remaining=math.floor(breakeven) - 1)     # a tenth of the lag: it pays
+    snap = p.snapshot()
+    assert snap["switches_declined"] == 1 and snap["catch_up_ms_per_token"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("per_token_s,drafts", [(10.0, False), (1e-9, True)])
+def test_router_declines_speculation_whose_catch_up_does_not_pay(workers, tiny_pair, tokenizer, per_token_s, drafts):
+    # every target replica's policy measured trees that win (a tree of 12 costs about a step); what decides is
+    # the draft's catch-up: at 10 s per token the prompt's feed never pays, and no Propose is sent at all
+    core = _core(workers, tokenizer)
+    ids = tokenizer.encode("List the planets of the solar system in order from the sun, one per line.")
+    assert len(ids) > core.config.spec.max_depth + 1
+
+    async def scenario():
+        await core.refresh(force=True)
+        for ep in core.live("target"):
+            _feed(ep.policy, n=1, cost=lambda r: 0.02 + 0.0001 * r, path=DEEP_PATH, tree_size=12)
+            ep.policy.observe_catch_up(1, per_token_s)
+        return await _generate(core, ids, 24)
+
+    out, run = asyncio.run(scenario())
+    assert out == _engine(tiny_pair, tokenizer).generate(ids, 24).token_ids       # exact either way
+    assert (run.stats.draft_forwards > 0) is drafts, run.stats
+    declined = sum(ep.policy.declined for ep in core.live("target"))
+    assert (declined == 0) is drafts, declined
+
+
 def test_router_counts_only_steady_proposes_in_the_draft_cost(workers, tiny_pair, tokenizer, monkeypatch):
     # a Propose that catches the draft up on the tokens of plain rounds (or feeds it the prompt) is not what a
     # speculating round costs: the policy's D(b) must not see it

@@ -19,10 +19,17 @@ predicted tokens per second per sequence is highest:
     n      sessions per fused forward: the larger of the replica's measured batch size and the router's own
            sessions on that replica.
     D(b)   seconds of a Propose with budget b (the draft's work, batched across sessions, and its call).
-    O      the rest of a Verify call: batching, serialization, the network.
+    O      the rest of a Verify call: batching, serialization, the network. A median of recent calls, not a
+           mean: a call that waited behind another request's Prefill on the replica's model thread (a 200-token
+           prompt is ~370 ms of target forward on a 2-core Zen 4) is not a cost of any tree size, and in a
+           moving average those waits made O ~65 ms against a typical ~3 ms at 4 streams, which diluted the
+           forward's cost and kept choosing trees that lost to plain decoding.
 
 b = 1 is plain decoding (no draft call at all). Speculation is chosen only when it beats plain decoding by
-`margin`. Every setting emits exactly the target's tokens (each round is verified); only the speed
+`margin`. A session that has been decoding plainly leaves it only when the time its remaining tokens would save
+pays for catching its draft up (`catch_up_pays`): the draft must first read every token since its last Propose
+(the whole prompt if it never drafted), which on a busy replica cost 30-100 ms, more than a short tail of
+speculation saves. Every setting emits exactly the target's tokens (each round is verified); only the speed
 changes. The decision is re-taken each round from the moving averages, so it follows the load as it moves.
 """
 from __future__ import annotations
@@ -90,6 +97,24 @@ class Ema:
         self.n += 1
         w = max(alpha, 1.0 / self.n)
         self.value = x if self.value is None else (1 - w) * self.value + w * x
+
+
+class RunningMedian:
+    """The median of the latest `window` samples (robust to the rare sample that includes a wait)."""
+    __slots__ = ("samples", "window", "value")
+
+    def __init__(self, window: int = 64):
+        self.samples: list[float] = []
+        self.window = window
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.samples.append(x)
+        if len(self.samples) > self.window:
+            del self.samples[0]
+        ordered = sorted(self.samples)
+        mid = len(ordered) // 2
+        self.value = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 class CostModel:
@@ -163,7 +188,9 @@ class LoadPolicy:
         self.accepted = {b: Ema() for b in self.ladder}      # A(b)
         self.tree = {b: Ema() for b in self.ladder}          # S(b)
         self.draft = {b: Ema() for b in self.ladder}         # D(b)
-        self.overhead = Ema()                                # O
+        self.overhead = RunningMedian()                      # O
+        self.catch_up = Ema()            # seconds per token of a Propose that catches a lagging draft up
+        self.declined = 0                # switches to speculation declined because the catch-up would not pay
         self.batch = Ema()                                   # sessions per fused forward
         self.calls = 0
         self.rounds = 0
@@ -184,7 +211,7 @@ class LoadPolicy:
         if sessions > 0:
             self.batch.add(sessions, a)
         if call_s >= forward_s >= 0:
-            self.overhead.add(call_s - forward_s, a)
+            self.overhead.add(call_s - forward_s)
         self.calls += 1
 
     def observe_tree(self, budget: int, tree_size: int, tree_path) -> None:
@@ -205,6 +232,27 @@ class LoadPolicy:
     def observe_propose(self, budget: int, seconds: float) -> None:
         b = self._rung(budget)
         self.draft[b].add(seconds, self.config.alpha)
+
+    def observe_catch_up(self, tokens: int, seconds: float) -> None:
+        """A Propose that fed the draft `tokens` tokens it lacked (a session's prefill, or the tokens of plain
+        rounds) before drafting."""
+        if tokens > 0 and seconds > 0:
+            self.catch_up.add(seconds / tokens, self.config.alpha)
+
+    def catch_up_pays(self, decision: Decision, lag: int, remaining: int) -> bool:
+        """Whether a session whose draft lags by `lag` tokens, with at most `remaining` tokens left to write,
+        should take the speculating `decision`: the seconds its remaining tokens would save against plain
+        decoding must exceed the draft's catch-up. Unmeasured (no catch-up seen yet, or no rates): yes, so
+        that it gets measured."""
+        per_token = self.catch_up.value
+        spec, plain = decision.rates.get(decision.budget), decision.rates.get(1)
+        if per_token is None or not spec or not plain:
+            return True
+        saved = remaining * (1.0 / plain - 1.0 / spec)
+        if saved > lag * per_token:
+            return True
+        self.declined += 1
+        return False
 
     def _rung(self, budget: int) -> int:
         return min((b for b in self.ladder if b >= budget), default=self.ladder[-1])
@@ -289,7 +337,9 @@ class LoadPolicy:
                 "overhead_ms": None if self.overhead.value is None else round(1000 * self.overhead.value, 2),
                 "cost_ms": {str(round(r)): round(1000 * s, 2) for r, s in self.cost.points()},
                 "accepted": {str(b): round(e.value, 3) for b, e in self.accepted.items() if e.value is not None},
-                "draft_ms": {str(b): round(1000 * e.value, 2) for b, e in self.draft.items() if e.value is not None}}
+                "draft_ms": {str(b): round(1000 * e.value, 2) for b, e in self.draft.items() if e.value is not None},
+                "catch_up_ms_per_token": None if self.catch_up.value is None else round(1000 * self.catch_up.value, 3),
+                "switches_declined": self.declined}
 
 
 def spec_for_budget(spec, budget: int):

@@ -518,7 +518,12 @@ class RouterCore:
         ep = run.target
         if ep is None or ep.policy is None:
             return self.config.spec.budget
-        return ep.policy.decide(sessions_here=ep.load).budget
+        decision = ep.policy.decide(sessions_here=ep.load)
+        lag = len(run.committed) - run.d_synced        # tokens the draft has not read (all of them if it never drafted)
+        if (decision.budget > 1 and decision.reason == "measured" and lag > self.config.spec.max_depth + 1
+                and not ep.policy.catch_up_pays(decision, lag, run.seq.max_new_tokens - len(run.out))):
+            return 1
+        return decision.budget
 
     def spec_pb(self, budget: int) -> "pb.SpecConfig":
         msg = self._spec_pb.get(budget)
@@ -769,6 +774,8 @@ class RouterCore:
                 # the first after plain rounds feeds it every token since (its catch-up); either would make every
                 # tree look expensive to the policy
                 target.policy.observe_propose(budget, seconds)
+            elif target is not None:
+                target.policy.observe_catch_up(len(req.delta), seconds)
             # a fresh session on this replica was fed the whole sequence before the root: its prefill
             prefill = len(run.committed) - 1 if req.delta_start == 0 else 0
             run.stats.draft_forwards += resp.draft_forwards
