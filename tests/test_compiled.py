@@ -59,3 +59,20 @@ def test_compile_switches(monkeypatch):
     with pytest.raises(ValueError, match="on, off or auto"):
         monkeypatch.delenv("GSD_SERVE_COMPILE")
         compile_wanted("sometimes", cpu)
+
+
+def test_compiled_kernels_cache_in_the_project_cache_unless_the_user_chose_a_place(monkeypatch, tmp_path):
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    from gsd_serve.core.config import cache_dir
+
+    target, _ = tiny_pair()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    inductor_cache_dir()      # what model loading does first: inductor writes its /tmp default into the environment
+    CompiledRunner(target)
+    assert inductor_cache_dir() == os.path.abspath(cache_dir() / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))     # the user's choice stays
+    CompiledRunner(target)
+    assert inductor_cache_dir() == str(tmp_path)

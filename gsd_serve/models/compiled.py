@@ -102,6 +102,17 @@ class StaticKVCache:
         self.length = start + m
 
 
+def _use_project_inductor_cache() -> None:
+    """Compiled kernels cache under the project's cache directory unless the user chose a place. Inductor
+    writes its default (/tmp/torchinductor_<user>) into $TORCHINDUCTOR_CACHE_DIR the first time anything asks
+    for its cache directory, which model loading already does: a setdefault here never took effect."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+
 class CompiledRunner(ModelRunner):
     """ModelRunner with static caches and compiled fixed-shape forwards (Llama-family models only)."""
 
@@ -116,7 +127,7 @@ class CompiledRunner(ModelRunner):
         self.compile_seconds = 0.0
         self.compiled_shapes: set[tuple[int, int]] = set()
         self.fallbacks: set[tuple[int, int]] = set()
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        _use_project_inductor_cache()
         self._step = torch.compile(self._static_step, dynamic=False, fullgraph=True)
 
     def new_cache(self) -> StaticKVCache:
