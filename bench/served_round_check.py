@@ -107,8 +107,8 @@ async def served(core, prompts, max_tokens, concurrency=1):
     decisions: dict = {}
     orig_decide = LoadPolicy.decide
 
-    def decide(self, sessions_here=1):
-        d = orig_decide(self, sessions_here)
+    def decide(self, sessions_here=1, session=None):
+        d = orig_decide(self, sessions_here, session)
         key = f"{d.reason}:{d.budget}@{sessions_here}"    # @ the router's sessions on the replica then
         decisions[key] = decisions.get(key, 0) + 1
         return d

@@ -225,6 +225,45 @@ def test_load_policy_probes_the_setting_it_does_not_measure():
     assert {r.decide().budget for _ in range(50)} == {1}
 
 
+def test_load_policy_gives_a_probes_rounds_to_one_session():
+    # 4 sessions decoding plainly at saturation: the probe's rounds go to one session in a row (one catch-up, then
+    # steady Proposes the draft cost can count), not one round to each; an owner that stops asking (its request
+    # ended) hands the rest of the probe to another session, and the probe is judged once it is over
+    p = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=4))
+    _feed(p, n=4, cost=lambda r: 0.002 * r, path=[0, 1], tree_size=12)
+    rounds = []
+    for i in range(120):
+        sid = "abcd"[i % 4]
+        rounds.append((sid, p.decide(sessions_here=4, session=sid)))
+    probes = [(sid, d.budget) for sid, d in rounds if d.reason == "probe"]
+    assert probes and len(probes) % 4 == 0, probes
+    first = probes[:4]
+    assert len({sid for sid, _ in first}) == 1 and all(b > 1 for _, b in first), first
+    assert all(d.budget == 1 for sid, d in rounds if d.reason != "probe")
+    # the owner's request ends mid-probe: another session finishes it
+    q = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=4))
+    _feed(q, n=4, cost=lambda r: 0.002 * r, path=[0, 1], tree_size=12)
+    owner, got = None, []
+    for i in range(400):
+        sid = "abcd"[i % 4]
+        if sid == owner:
+            continue                          # gone
+        d = q.decide(sessions_here=4, session=sid)
+        if d.reason == "probe":
+            got.append(sid)
+            if owner is None and len(got) == 2:
+                owner = sid
+        if len(got) >= 4:
+            break
+    assert len(got) == 4 and len(set(got)) == 2 and got[0] == got[1] == owner and got[2] == got[3] != owner, got
+    # callers that do not name sessions: every round takes the probe, as before
+    r = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=4))
+    _feed(r, n=4, cost=lambda x: 0.002 * x, path=[0, 1], tree_size=12)
+    reasons = [r.decide(sessions_here=4).reason for _ in range(60)]
+    start = reasons.index("probe")
+    assert reasons[start:start + 5] == ["probe"] * 4 + ["measured"]
+
+
 def test_load_policy_backs_off_probes_that_confirm_plain_decoding():
     # 16 sessions per forward that costs in proportion to its rows: plain decoding wins; each probe that leaves it
     # chosen doubles the wait for the next (10 x 16 rounds, then 20 x 16, ..., at most 2**probe_backoff x 10 x 16)

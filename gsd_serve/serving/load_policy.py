@@ -198,6 +198,8 @@ class LoadPolicy:
         self._probe_left = 0
         self._next_probe = self.config.probe_every      # the round the next probe may start at
         self._probe_budget: int | None = None
+        self._probe_owner = None                  # the session a probe's rounds go to (None: the next to ask)
+        self._probe_owner_seen = 0                # the round it last asked at
         self._probe_from: int | None = None       # the decision a probe of a tree interrupted, until judged
         self._probe_streak = 0                    # probes in a row that left that decision standing
         self._rng = rng or random.Random(0)
@@ -280,13 +282,14 @@ class LoadPolicy:
         bigger = [v for k, v in known if k > b]      # an unmeasured rung costs at most the next bigger one's
         return min(bigger) if bigger else max(v for _, v in known)
 
-    def decide(self, sessions_here: int = 1) -> Decision:
-        """The budget for the next round (1: plain). `sessions_here`: the router's own sessions on the replica."""
+    def decide(self, sessions_here: int = 1, session=None) -> Decision:
+        """The budget for the next round (1: plain). `sessions_here`: the router's own sessions on the replica;
+        `session`: whose round it is (a probe's rounds go to one session)."""
         cfg = self.config
         self.rounds += 1
         if cfg.mode == "off":
             return Decision(self.full, reason="load policy off")
-        if self._probe_left > 0:
+        if self._probe_left > 0 and self._probe_takes(session, sessions_here):
             self._probe_left -= 1
             return Decision(self._probe_budget, reason="probe")
         if self.calls < cfg.warmup_calls or self.accepted[self.ladder[0]].value is None:
@@ -301,7 +304,7 @@ class LoadPolicy:
         plain = rates.get(1)
         if best > 1 and plain is not None and rates[best] < (1 + cfg.margin) * plain:
             best = 1
-        if self._probe_from is not None:      # the first decision after a probe judges it
+        if self._probe_from is not None and self._probe_left == 0:     # the first decision after a probe judges it
             self._probe_streak = self._probe_streak + 1 if best == self._probe_from else 0
             self._probe_from = None
         if best > 1:
@@ -309,6 +312,22 @@ class LoadPolicy:
         self.last = Decision(best, rates, "measured")
         self._maybe_probe(best, n, rates)
         return self.last
+
+    def _probe_takes(self, session, n: int) -> bool:
+        """Whether this round is one of the probe's. All of a probe's rounds go to one session: a session that
+        decoded plainly pays a catch-up Propose (~1 ms per token it lags, 4 streams on a 2-core Zen 4) in its first
+        drafted round, which the draft cost D(b) does not count; spread over n sessions a probe paid n catch-ups
+        and, from 8 streams on, measured no steady Propose at all. An owner that stops asking (its request
+        ended) hands the probe to the next session. Without a session (a caller that does not say) every round
+        takes it."""
+        if session is None:
+            return True
+        if self._probe_owner is None or self.rounds - self._probe_owner_seen > 2 * max(n, 1) + 2:
+            self._probe_owner = session
+        if session != self._probe_owner:
+            return False
+        self._probe_owner_seen = self.rounds
+        return True
 
     def _maybe_probe(self, best: int, n: float, rates: dict[int, float]) -> None:
         """Now and then try, for a few rounds, the setting whose cost is least known: plain decoding while
@@ -329,6 +348,7 @@ class LoadPolicy:
         else:
             return
         self._probe_left = cfg.probe_rounds
+        self._probe_owner = None
 
     def snapshot(self) -> dict:
         return {"budget": self.last.budget, "reason": self.last.reason, "probe_streak": self._probe_streak,

@@ -518,7 +518,7 @@ class RouterCore:
         ep = run.target
         if ep is None or ep.policy is None:
             return self.config.spec.budget
-        decision = ep.policy.decide(sessions_here=ep.load)
+        decision = ep.policy.decide(sessions_here=ep.load, session=run.id)
         lag = len(run.committed) - run.d_synced        # tokens the draft has not read (all of them if it never drafted)
         if (decision.budget > 1 and decision.reason == "measured" and lag > self.config.spec.max_depth + 1
                 and not ep.policy.catch_up_pays(decision, lag, run.seq.max_new_tokens - len(run.out))):
