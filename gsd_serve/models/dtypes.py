@@ -135,7 +135,7 @@ def remembered(filename: str, key: str, measure) -> dict:
     A measurement taken while the machine was busy with other work (more than BUSY_LIMIT of its CPUs: a
     distill job, a test suite, another replica loading) is kept with its `measured_busy` share and taken
     again by the first call that finds the machine quiet: on a 2-core Zen 4 with a distill job running, the
-    default target's 1-token forward measured 16.9 ms against 5.8 ms quiet and extra rows looked half their
+    default target's 1-token forward measured 16.9 ms against 6.4 ms quiet and extra rows looked half their
     cost, which sized verification trees too large for good."""
     path = cache_dir() / filename
     try:
@@ -143,26 +143,23 @@ def remembered(filename: str, key: str, measure) -> dict:
     except (OSError, ValueError):
         known = {}
     entry = known.get(key)
-    busy = None
-    if entry is not None and entry.get("measured_busy") is not None:
-        busy = machine_busy()
-        if busy is None or busy > BUSY_LIMIT:
-            return entry                  # still busy: keep the provisional one
-    if entry is None or busy is not None:
-        if busy is None:
-            busy = machine_busy()
-        entry = measure()
-        if busy is not None and busy > BUSY_LIMIT:
-            entry["measured_busy"] = round(busy, 2)
-        known[key] = entry
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass
-    return known[key]
+    if entry is not None and entry.get("measured_busy") is None:
+        return entry
+    busy = machine_busy()
+    if entry is not None and (busy is None or busy > BUSY_LIMIT):
+        return entry                  # provisional, and still busy (or unknown): keep it
+    entry = measure()
+    if busy is not None and busy > BUSY_LIMIT:
+        entry["measured_busy"] = round(busy, 2)
+    known[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+    return entry
 
 
 def cpu_prefers_bf16() -> bool:

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -101,20 +103,15 @@ class Ema:
 
 class RunningMedian:
     """The median of the latest `window` samples (robust to the rare sample that includes a wait)."""
-    __slots__ = ("samples", "window", "value")
+    __slots__ = ("samples", "value")
 
     def __init__(self, window: int = 64):
-        self.samples: list[float] = []
-        self.window = window
+        self.samples: deque[float] = deque(maxlen=window)
         self.value: float | None = None
 
     def add(self, x: float) -> None:
         self.samples.append(x)
-        if len(self.samples) > self.window:
-            del self.samples[0]
-        ordered = sorted(self.samples)
-        mid = len(ordered) // 2
-        self.value = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        self.value = statistics.median(self.samples)
 
 
 class CostModel:
