@@ -18,3 +18,6 @@ if .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
 fi
 # Served: concurrent OpenAI streams against `gsd-serve serve`, ar and gsd, 1-32 streams.
 "$GSD" bench-serve --limit 12 --max-tokens 64 --methods ar,gsd --out bench/results/serve
+# The ceiling on this CPU: speculation with a draft that is always right and free, against plain decoding.
+.venv/bin/python bench/oracle_ceiling.py --limit 12 --max-new-tokens 128 --ks 1,2,3,4,6,8,12 --repeats 3 \
+  --out bench/results/oracle-ceiling
