@@ -6,39 +6,67 @@ message each way on a stream opened once. Echo handlers, no model: only the call
 
     python bench/grpc_roundtrip.py > bench/results/grpc-roundtrip-zen4/result.txt
 """
-import asyncio, time, statistics, grpc, sys, multiprocessing as mp
+import asyncio
+import multiprocessing as mp
+import statistics
+import time
 from concurrent import futures
 
-def serve(port):
-    def u(req, ctx): return req
-    def st(it, ctx):
-        for m in it: yield m
-    s = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    h = grpc.method_handlers_generic_handler("t.T", {
-        "U": grpc.unary_unary_rpc_method_handler(u),
-        "S": grpc.stream_stream_rpc_method_handler(st)})
-    s.add_generic_rpc_handlers((h,)); s.add_insecure_port(f"127.0.0.1:{port}"); s.start(); s.wait_for_termination()
+import grpc
 
-async def main(port):
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    await ch.channel_ready()
-    U = ch.unary_unary("/t.T/U"); S = ch.stream_stream("/t.T/S")
-    payload = b"x" * 300
-    for _ in range(200): await U(payload)
-    res = {}
-    for rep in range(3):
-        t = []
-        for _ in range(2000):
-            t0 = time.perf_counter(); await U(payload, timeout=10); t.append(time.perf_counter() - t0)
-        res.setdefault("unary", []).append(statistics.median(t) * 1e6)
-        call = S()
-        t = []
-        for _ in range(2000):
-            t0 = time.perf_counter(); await call.write(payload); await call.read(); t.append(time.perf_counter() - t0)
+from gsd_serve.serving.bench_serve import free_port
+
+CALLS, REPEATS, PAYLOAD = 2000, 3, b"x" * 300
+
+
+def serve(port: int) -> None:
+    def unary(request, context):
+        return request
+
+    def stream(requests, context):
+        yield from requests
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {
+        "U": grpc.unary_unary_rpc_method_handler(unary),
+        "S": grpc.stream_stream_rpc_method_handler(stream)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+async def median_us(one_trip) -> float:
+    times = []
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        await one_trip()
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e6)
+
+
+async def main(port: int) -> None:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    await channel.channel_ready()
+    unary, stream = channel.unary_unary("/t.T/U"), channel.stream_stream("/t.T/S")
+    for _ in range(200):      # warm-up
+        await unary(PAYLOAD)
+    result: dict[str, list[float]] = {"unary": [], "stream": []}
+    for _ in range(REPEATS):
+        result["unary"].append(await median_us(lambda: unary(PAYLOAD, timeout=10)))
+        call = stream()
+
+        async def message_pair():
+            await call.write(PAYLOAD)
+            await call.read()
+
+        result["stream"].append(await median_us(message_pair))
         await call.done_writing()
-        res.setdefault("stream", []).append(statistics.median(t) * 1e6)
-    print({k: [round(x) for x in v] for k, v in res.items()}, "us median round trip (aio client, sync threadpool server in another process)")
+    print(result, "us median round trip (aio client, sync threadpool server in another process)")
+
 
 if __name__ == "__main__":
-    p = mp.Process(target=serve, args=(50932,), daemon=True); p.start()
-    asyncio.run(main(50932)); p.terminate()
+    port = free_port()
+    server = mp.Process(target=serve, args=(port,), daemon=True)
+    server.start()
+    asyncio.run(main(port))
+    server.terminate()

@@ -30,7 +30,10 @@ from gsd_serve.models.loading import load_engine
 
 
 def run_one(engine, prompt: list[int], max_new: int, k: int, answer: list[int] | None):
-    """One generation through decode(): plain (k=0) or with the oracle chain of `k` tokens of `answer`."""
+    """One generation through decode(): plain (k=0) or with the oracle chain of `k` tokens of `answer`.
+
+    Answers the loop's requests itself, as Engine._run does, because the Engine always drafts with a
+    DraftSession; plain decoding goes through this same driver so that both sides pay the same loop."""
     chooser = TokenChooser(SamplingParams(), engine.target.vocab_size)
     target = TargetSession(engine.target)
     seq = Sequence(prompt, max_new, engine.stop_token_ids)
