@@ -28,8 +28,10 @@ def engine(default_pair):
     from gsd_serve.models import ModelRunner, draft_output_ids
 
     target, draft, tokenizer = default_pair
+    # without the cross-request index: tests run the same prompts with every method, and the index would hand
+    # each later method the earlier one's answer (tests of the index make their own engine)
     return Engine(ModelRunner(target), ModelRunner(draft, draft_output_ids("default-independent")),
-                  stop_token_ids=stop_token_ids(tokenizer, target))
+                  stop_token_ids=stop_token_ids(tokenizer, target), shared_lookup_tokens=0)
 
 
 @pytest.fixture(scope="session")

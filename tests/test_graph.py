@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from gsd_serve.core.acceptance import accept_greedy, accept_path
-from gsd_serve.core.graph import (TokenGraph, ancestor_matrix, best_batch_sizes, best_tree_size, flatten_to_tree,
-                                  tree_attention_mask)
+from gsd_serve.core.graph import TokenGraph, ancestor_matrix, best_batch_sizes, flatten_to_tree, tree_attention_mask
 
 R, X, Y, THE, CAT, A, DOG = 100, 1, 2, 3, 4, 5, 6
 
@@ -139,20 +138,6 @@ def test_flatten_gives_path_probabilities_best_first_and_prefixes_are_trees():
         assert cut.path_probs == tree.path_probs[:n]
 
 
-def test_best_tree_size_keeps_what_pays_for_its_forward_cost():
-    probs = [1.0, 0.9, 0.6, 0.3, 0.1, 0.05]
-    # free tokens (a bandwidth-bound forward): every node adds expected tokens at no cost
-    assert best_tree_size(probs, lambda n: 1.0) == len(probs)
-    # every token costs as much as a plain step: no node beats the root's 1 token per step ((1 + 0.9) / 2 < 1)
-    assert best_tree_size(probs, lambda n: float(n)) == 1
-    # a fixed overhead per round (the draft) makes extra tokens relatively cheaper
-    # with 2.0 s of overhead: 1.9 / 4 = 0.475, 2.5 / 5 = 0.5, 2.8 / 6 = 0.467 -> 3
-    assert best_tree_size(probs, lambda n: float(n), overhead_seconds=2.0) == 3
-    # a step costs 1, each extra token 0.25: 1.9 / 1.25 = 1.52, 2.5 / 1.5 = 1.67, 2.8 / 1.75 = 1.6 -> 3
-    assert best_tree_size(probs, lambda n: 1 + 0.25 * (n - 1)) == 3
-    assert best_tree_size([1.0], lambda n: 1.0) == 1
-
-
 def test_batch_sizes_take_the_most_probable_nodes_across_trees_and_shrink_under_load():
     a, b = [1.0, 0.9, 0.8, 0.2], [1.0, 0.5, 0.1]
     assert best_batch_sizes([a, b], lambda n: 1.0) == [4, 3]      # rows are free: everything
@@ -161,7 +146,7 @@ def test_batch_sizes_take_the_most_probable_nodes_across_trees_and_shrink_under_
     # the wider the forward, the more tokens per second it already yields, the more a node must be worth
     c = [1.0, 0.9, 0.8, 0.5, 0.2]
     cost = lambda n: 1 + 0.25 * (n - 1)
-    assert best_batch_sizes([c], cost) == [best_tree_size(c, cost)] == [4]
+    assert best_batch_sizes([c], cost) == [4]
     assert best_batch_sizes([c] * 4, cost) == [3] * 4
     assert best_batch_sizes([c] * 16, cost) == [2] * 16
     # a tree marked whole keeps all its nodes, and its rows and tokens count in the rate the others must beat
@@ -234,17 +219,6 @@ def test_accept_follows_target_choices():
     assert path == [0, 2, 4] and emitted == [DOG, CAT, 9]
 
 
-def test_lookup_continuation_takes_the_latest_earlier_match():
-    from gsd_serve.core.drafting import lookup_continuation
-
-    seq = [1, 2, 3, 4, 9, 1, 2, 5, 6, 7, 1, 2]
-    assert lookup_continuation(seq, 2, 3) == [5, 6, 7]          # the latest earlier "1 2" is followed by 5 6 7
-    assert lookup_continuation(seq, 2, 10) == [5, 6, 7, 1, 2]   # never past the end of the history
-    assert lookup_continuation(seq, 2, 0) == []
-    assert lookup_continuation([1, 2, 3], 2, 4) == []            # no earlier occurrence
-    assert lookup_continuation([7, 7, 7], 2, 4) == [7]
-
-
 def test_lookup_proposal_joins_the_graph_without_duplicate_edges():
     """A lookup token the draft proposed too follows the draft's node; new ones hang below it."""
     g = TokenGraph(root_token=10, merge_context=1, context=(9,))
@@ -253,41 +227,11 @@ def test_lookup_proposal_joins_the_graph_without_duplicate_edges():
     from gsd_serve.core.drafting import add_proposal
 
     slots = [5, 6, 7]
-    parent = add_proposal(g, slots, [11, 12, 13])
+    parent = add_proposal(g, slots, [11, 12, 13], [0.7] * 3)
     assert slots == [5, 6, 7, -1]
     assert len(g.edges[0]) == 1 and len(g.edges[a]) == 1 and g.tokens[parent] == 13 and g.parent[parent] == b
     tree = flatten_to_tree(g, 100)
     assert tree.tokens.tolist() == [10, 11, 12, 13]
-
-
-def test_incremental_ngram_index_agrees_with_the_scan():
-    """The decode loop's NgramIndex gives the scanning reference's answer (longest match first) on a
-    growing sequence and after a rollback, without rescanning."""
-    import random
-
-    from gsd_serve.core.drafting import NgramIndex, lookup_continuation, lookup_continuation_longest
-
-    for ngrams in [(2,), (4, 3, 2), (3, 1)]:
-        rng = random.Random(0)
-        seq = [rng.randrange(6) for _ in range(5)]
-        index = NgramIndex(ngrams)
-        for step in range(300):
-            want = lookup_continuation_longest(seq, ngrams, 4)
-            assert index.continuation(seq, 4) == want, (ngrams, step)
-            if ngrams == (2,):
-                assert want == lookup_continuation(seq, 2, 4)
-            if step == 150:
-                del seq[-20:]         # a rollback
-            seq.extend(rng.randrange(6) for _ in range(rng.randrange(1, 4)))
-
-
-def test_longer_context_matches_win():
-    from gsd_serve.core.drafting import lookup_continuation_longest
-
-    seq = [1, 2, 3, 7, 9, 2, 3, 8, 1, 2, 3]
-    assert lookup_continuation_longest(seq, (3, 2), 2) == [7, 9]   # "1 2 3" beats the later "2 3"
-    assert lookup_continuation_longest(seq, (2,), 2) == [8, 1]
-    assert lookup_continuation_longest([5, 6, 7], (3, 2), 2) == []
 
 
 def test_a_token_proposed_twice_under_one_parent_keeps_one_edge_with_the_higher_probability():
@@ -296,7 +240,7 @@ def test_a_token_proposed_twice_under_one_parent_keeps_one_edge_with_the_higher_
     from gsd_serve.core.drafting import add_proposal
 
     slots = [0]
-    lookup_last = add_proposal(g, slots, [11, 12], prob=0.7)
+    lookup_last = add_proposal(g, slots, [11, 12], [0.7, 0.7])
     a = g.parent[lookup_last]
     node, created = g.add(0, 11, 0.9)
     assert (node, created) == (a, False)

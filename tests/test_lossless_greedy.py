@@ -60,53 +60,91 @@ def test_other_settings_are_lossless_too(engine, reference):
         assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids, spec
 
 
-def test_adaptive_speculation_is_lossless_whichever_way_it_decides(engine, reference, monkeypatch):
-    """Adaptive gsd mixes plain steps and speculative rounds; the tokens must not depend on the mix. The
-    governor is forced to back off after every round (margin 1e9) so that both kinds alternate."""
-    from gsd_serve.core.governor import SpeculationGovernor
+class _Rotating:
+    """A sequence planner forced through every kind of round in turn (plain, a lookup chain alone, a draft with
+    the chain merged in), whatever the costs say."""
 
-    spec = SpecConfig.for_method("gsd", adaptive=True)
-    monkeypatch.setattr(engine, "new_governor",
-                        lambda: SpeculationGovernor(step_seconds=0.05, margin=1e9, min_rounds=1, min_backoff=1, max_backoff=2))
-    for i in (0, 5, 7):
+    def __init__(self, inner):
+        self.inner = inner
+        self.turn = 0
+
+    def plan(self, tokens, room, method, lookup, max_depth, lag=0):
+        from gsd_serve.core.planner import DRAFT, LOOKUP, PLAIN, RoundPlan
+
+        plan = self.inner.plan(tokens, room, method, lookup, max_depth, lag)
+        kind = (PLAIN, LOOKUP, DRAFT)[self.turn % 3]
+        self.turn += 1
+        if kind == LOOKUP and not plan.chain:
+            kind = DRAFT
+        return RoundPlan(kind, plan.chain, plan.chain_probs, len(plan.chain), plan.match_len, plan.source,
+                         min(max_depth, room - 1))
+
+    def tree_size(self, path_probs):
+        return len(path_probs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_every_kind_of_round_is_lossless(engine, reference, monkeypatch):
+    """Plain steps, lookup chains verified alone and drafted graphs mix within one request; the tokens must not
+    depend on the mix (each round's draft and target caches are left where the next kind expects them)."""
+    planner = engine.planner
+    real = planner.sequence
+    monkeypatch.setattr(planner, "sequence", lambda *a, **k: _Rotating(real(*a, **k)))
+    spec = SpecConfig.for_method("gsd")
+    kinds = {"plain": 0, "lookup": 0, "draft": 0}
+    for i in (0, 5, 6, 7):
         ids, ref = reference[i]
         got = engine.generate(ids, NEW_TOKENS, spec)
-        assert got.token_ids == ref.token_ids, f"adaptive gsd differs from ar on prompt {i}"
+        assert got.token_ids == ref.token_ids, f"gsd with every kind of round differs from ar on prompt {i}"
         s = got.stats
-        assert 0 < s.plain_steps < s.rounds and s.accept_lengths.get(1, 0) >= s.plain_steps
+        kinds["plain"] += s.plain_steps
+        kinds["lookup"] += s.lookup_rounds
+        kinds["draft"] += s.drafted_rounds
+        assert s.plain_steps + s.lookup_rounds + s.drafted_rounds == s.rounds
         assert s.target_forwards == s.rounds + 1
         assert sum(n * c for n, c in s.accept_lengths.items()) + 1 == s.new_tokens
+    assert all(kinds.values()), kinds
+
+
+def test_the_planner_decodes_plainly_where_rows_are_dear_and_output_is_the_same(engine, reference, monkeypatch):
+    """With a cost model where every verified row costs ten plain steps, no proposal pays: every round is a plain
+    step but for the rare probe of the draft, which verifies its root alone. Without the planner every round
+    drafts and verifies its whole budget. Both emit plain decoding."""
+    from gsd_serve.core.costs import ForwardCosts
+    from gsd_serve.core.planner import PROBE_MIN
+
+    monkeypatch.setattr(engine.planner, "target_costs", ForwardCosts(([1, 2], [0.01, 0.11])))
+    ids, ref = reference[4]
+    got = engine.generate(ids, NEW_TOKENS, SpecConfig.for_method("gsd"))
+    s = got.stats
+    assert got.token_ids == ref.token_ids
+    assert s.lookup_rounds == 0 and s.drafted_rounds <= s.rounds // PROBE_MIN
+    assert s.verified_tokens == s.drafted_rounds and s.accepted_tokens == 0
     monkeypatch.undo()
-    ids, ref = reference[1]
-    assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids   # the real, timed governor
+    got = engine.generate(ids, NEW_TOKENS, SpecConfig.for_method("gsd", planner=False))
+    assert got.token_ids == ref.token_ids and got.stats.drafted_rounds == got.stats.rounds
+    assert got.stats.verified_tokens > got.stats.rounds
 
 
-def test_trees_cut_by_cost_are_lossless_and_follow_the_cost_table(engine, reference):
-    """gsd (default: trees sized by the target's measured forward times) and gsd with full trees both emit plain
-    decoding; with a cost table where every verified token costs ten plain steps, no drafted node pays, so
-    every round verifies its root alone."""
-    full = SpecConfig.for_method("gsd", size_by_cost=False)
-    sized = SpecConfig.for_method("gsd")
-    assert sized.size_by_cost
-    runner = engine.target
-    sec = [runner.forward_seconds(n) for n in range(1, 41)]
-    assert sec[0] > 0 and all(a <= b for a, b in zip(sec, sec[1:]))     # more tokens never cost less
-    assert sec[4] == pytest.approx((sec[3] + sec[5]) / 2)    # 5 tokens: halfway between the measured 4 and 6
+def test_a_repeated_request_is_answered_from_the_shared_index_exactly(default_pair, engine, reference):
+    """An engine with the cross-request index: the second time a prompt comes, the first answer is proposed as
+    long lookup chains; what comes out is still plain decoding's, and in far fewer target forwards."""
+    from gsd_serve.core.engine import Engine
+
+    shared = Engine(engine.target, engine.draft, stop_token_ids=engine.stop_token_ids)
+    spec = SpecConfig.for_method("gsd")
     for i in (1, 3):
         ids, ref = reference[i]
-        for spec in (full, sized):
-            assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids
-    saved = runner._costs
-    try:
-        runner._costs = ([1, 2], [1.0, 11.0])
-        ids, ref = reference[4]
-        got = engine.generate(ids, NEW_TOKENS, sized)
-        assert got.token_ids == ref.token_ids
-        assert got.stats.verified_tokens == got.stats.rounds and got.stats.accepted_tokens == 0
-        got = engine.generate(ids, NEW_TOKENS, full)
-        assert got.token_ids == ref.token_ids and got.stats.verified_tokens > got.stats.rounds
-    finally:
-        runner._costs = saved
+        first = shared.generate(ids, NEW_TOKENS, spec)
+        second = shared.generate(ids, NEW_TOKENS, spec)
+        assert first.token_ids == second.token_ids == ref.token_ids
+        assert second.stats.lookup_accepted >= NEW_TOKENS // 2
+        assert second.stats.target_forwards < first.stats.target_forwards
+    # a different request that shares only the chat template and a few words gets no wrong answers either
+    ids, ref = reference[2]
+    assert shared.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids
 
 
 def test_eos_ends_generation_for_every_method(engine, tokenizer):

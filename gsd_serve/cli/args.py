@@ -65,17 +65,16 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="stop drafting at a level whose paths all fall below this draft probability (default 0.5)")
     g.add_argument("--max-depth", type=int, help="draft levels per round (default 6)")
     g.add_argument("--max-width", type=int, help="nodes expanded per level (default 8)")
-    g.add_argument("--budget", type=int, help="tokens verified per round, root included (default 16)")
+    g.add_argument("--budget", type=int, help="draft nodes verified per round at most, root included (default 16)")
     g.add_argument("--lookup", type=int,
-                   help="gsd: also propose up to N tokens that followed the last earlier occurrence of the "
-                        "last 4 (else 3, else 2) tokens in the prompt or output (0 = off; default 6)")
-    g.add_argument("--adaptive", action="store_true", default=None,
-                   help="decode plainly while speculation measures slower than plain steps for a sequence "
-                        "(e.g. at high temperature on a CPU where verification is costly); same output")
-    g.add_argument("--full-trees", action="store_true", default=None,
-                   help="verify every node the budget allows; by default a round verifies only as many of its "
-                        "most probable nodes as maximize the expected tokens per second under the target's "
-                        "forward times, measured once per machine; same output")
+                   help="gsd: also propose up to N tokens that followed the longest earlier matches of the text's "
+                        "end in the prompt, the output and earlier requests (0 = off; default 32)")
+    g.add_argument("--no-shared-lookup", dest="shared_lookup", action="store_false", default=None,
+                   help="gsd: do not propose continuations of earlier requests")
+    g.add_argument("--no-planner", dest="planner", action="store_false", default=None,
+                   help="draft and verify the whole budget every round (for experiments); by default the planner "
+                        "picks each round's plain step, lookup chain or draft, and its size, from the costs it "
+                        "measures; same output either way")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -93,8 +92,8 @@ def spec_from_args(args, method: str):
         method, load_tuned_defaults(),
         k=args.k, merge_context=args.merge_context, sibling_threshold=args.sibling_threshold,
         confidence_threshold=args.confidence_threshold, max_depth=args.max_depth, max_width=args.max_width,
-        budget=args.budget, lookup=getattr(args, "lookup", None), adaptive=getattr(args, "adaptive", None),
-        size_by_cost=False if getattr(args, "full_trees", None) else None)
+        budget=args.budget, lookup=getattr(args, "lookup", None), planner=getattr(args, "planner", None),
+        shared_lookup=getattr(args, "shared_lookup", None))
 
 
 def sampling_from_args(args):

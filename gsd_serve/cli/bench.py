@@ -18,8 +18,8 @@ from pathlib import Path
 # A divergence from ar in a non-fp32 mode is a near-tie when the target's top-2 choice scores at the first
 # differing token lie within this many logits (bf16 keeps 8 significant bits: logits of ~20 round to 0.125)
 NEAR_TIE_EPS = 0.25
-# gsd-adaptive: gsd with SpecConfig.adaptive; gsd-full: gsd verifying every node the budget allows
-SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-adaptive", "gsd-full")
+# gsd-full: gsd without the planner (every round drafts and verifies its whole budget)
+SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-full")
 # plain decoding with the dense fp32 target: the exact reference, for runs in a faster numeric mode (GGUF block
 # weights, bf16): its row says whether the run's ar left it, and where, at what top-2 gap
 REFERENCE_METHOD = "ar-fp32"
@@ -130,7 +130,11 @@ def run_bench(args) -> dict:
     engine, tokenizer = build_engine(args, "gsd")
     specs = {m: _bench_spec(args, m, spec_from_args) for m in methods if m in SPEC_METHODS}
     target_model, draft_model = engine.target.model, engine.draft.model if engine.draft else None
-    engines = {m: engine for m in methods}
+    from ..core.engine import Engine
+    # one engine per method over the same runners: each method's planner learns, and its cross-request index
+    # remembers, only its own requests (as a user running that method alone would see)
+    engines = {m: engine if m == "ar" else Engine(engine.target, engine.draft, stop_token_ids=engine.stop_token_ids)
+               for m in methods}
     if REFERENCE_METHOD in methods:
         from ..core.engine import Engine
         from ..models.loading import load_model
@@ -181,6 +185,8 @@ def run_bench(args) -> dict:
                 run_external(m, encoded[0], 8, sp)
             else:
                 engines[m].generate(encoded[0], 8, specs[m], sp)
+    for e in engines.values():
+        e.forget_requests()
 
     rows = []
     start = time.time()
@@ -265,7 +271,9 @@ def _aggregate(rows: list[dict]) -> dict:
             drafted_per_token=ratio(total("draft_proposal_tokens"), tokens),
             draft_tokens_per_token=ratio(total("draft_tokens"), tokens),
             verified_tokens_per_round=ratio(total("verified_tokens"), rounds),
-            plain_step_share=ratio(total("plain_steps"), rounds),   # adaptive: rounds decoded plainly
+            plain_step_share=ratio(total("plain_steps"), rounds),   # the planner's plain steps
+            lookup_round_share=ratio(total("lookup_rounds"), rounds),   # ... its lookup chains verified alone
+            drafted_round_share=ratio(total("drafted_rounds"), rounds),
             draft_seconds=round(total("draft_seconds"), 3),
             verify_seconds=round(total("verify_seconds"), 3),
         )
@@ -421,11 +429,8 @@ def _bench_spec(args, method: str, spec_from_args):
     if method == "chain":
         a.k = None
         a.max_width = None
-    if method == "gsd-adaptive":
-        a.adaptive = True
-        return spec_from_args(a, "gsd")
     if method == "gsd-full":
-        a.full_trees = True
+        a.planner = False
         return spec_from_args(a, "gsd")
     return spec_from_args(a, method)
 

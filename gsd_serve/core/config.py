@@ -30,15 +30,14 @@ class SpecConfig:
     sibling_threshold: drop a candidate whose draft probability is below s * the best sibling's.
     confidence_threshold: a node whose path has a draft probability below tau is not confident; drafting
     stops at the first level without confident nodes. max_depth: draft levels per round.
-    max_width: nodes expanded per level (the most probable paths). budget: tokens verified per round
-    (the root included). lookup (gsd only): up to this many tokens that followed the latest earlier
-    occurrence of the last 4 (else 3, else 2) committed tokens (prompt and output) join the graph as one
-    more proposal (0: off), before the draft drafts; they cost no draft forward.
-    adaptive (chain, tree, gsd): measure, per sequence, the tokens per second of speculative rounds
-    against plain decoding steps and decode plainly while speculation does not pay (see governor.py);
-    the output is the same either way.
-    size_by_cost: verify, of the budget's nodes, only as many (best first) as maximize the expected tokens
-    per second under the target's measured forward times (graph.best_tree_size); the output is the same.
+    max_width: nodes expanded per level (the most probable paths). budget: draft nodes verified per round
+    at most (the root included). lookup (gsd only): up to this many tokens that followed the longest earlier
+    matches of the sequence's suffix (its prompt and output, and with shared_lookup earlier requests too)
+    are proposed as a chain (0: off); they cost no draft forward, and a round may verify them alone.
+    planner: the planner (planner.py) decides each round (plain, lookup chain alone, or draft) and how many
+    nodes to verify, from the costs measured where it runs; False: every round drafts and verifies the whole
+    budget (for experiments). shared_lookup: propose continuations of earlier requests (the engine's or
+    application's cross-request index). The output is the target's own whatever these are.
     """
 
     method: str = "gsd"
@@ -54,11 +53,11 @@ class SpecConfig:
     max_depth: int = 6
     max_width: int = 8
     budget: int = 16
-    lookup: int = 6
-    adaptive: bool = False
-    # CPU forwards cost arithmetic per verified token: verifying full trees ran gsd at 0.77-0.83x plain decoding
-    # on a 2-core Zen 5 (12 held-out prompts), the cut trees on par with it (README, "Trees sized by cost")
-    size_by_cost: bool = True
+    # long chains pay where the context spells out what follows (code edits, quotes, repeated requests); the
+    # planner verifies only as many of them as their measured acceptance pays for
+    lookup: int = 32
+    planner: bool = True
+    shared_lookup: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,10 +78,9 @@ class SpecConfig:
             raise ConfigError(f"budget must be in [2, 1024], got {self.budget}")
         if not 0 <= self.lookup <= 64:
             raise ConfigError(f"lookup must be in [0, 64], got {self.lookup}")
-        if not isinstance(self.adaptive, bool):
-            raise ConfigError(f"adaptive must be true or false, got {self.adaptive!r}")
-        if not isinstance(self.size_by_cost, bool):
-            raise ConfigError(f"size_by_cost must be true or false, got {self.size_by_cost!r}")
+        for name in ("planner", "shared_lookup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.lookup and self.method != "gsd":
             raise ConfigError("context lookup is a gsd proposal (lookup=0 for chain and tree)")
         if self.method == "chain" and self.k != 1:

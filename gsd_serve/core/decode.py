@@ -6,14 +6,17 @@ Engine answers the requests with local model calls; the router answers them with
 and target replicas (batched, with failover). Both run exactly this loop, so what a round does and
 what it counts cannot drift apart between them.
 
-One speculative round:
+One round:
 
-    graph   = propose(root)        the draft's TokenGraph (gsd: merged DAG plus the context lookup)
-    verdict = verify(graph)        one target forward over the flattened tree, then acceptance
+    plan    = planner.plan(...)    plain, a lookup chain alone, or the draft's graph (planner.py)
+    graph   = propose(root)        the draft's TokenGraph (gsd: merged DAG with the lookup chain in it),
+                                   or the lookup chain alone (built here: no draft forward)
+    tree    = the graph's most valuable nodes, as many as the planner finds worth their rows
+    verdict = verify(tree)         one target forward over the tree, then acceptance
     commit(verdict.emitted)        the accepted draft tokens and the bonus token
 
-A round decodes plainly (one target step on the root) for `ar`, when the adaptive governor says
-speculation does not pay, when only the bonus token still fits, or when no draft is available.
+A round decodes plainly (one target step on the root) for `ar`, when the planner finds nothing worth a
+verification, when only the bonus token still fits, or when no draft answered and no chain was proposed.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generator, Protocol
 
 from .config import SpecConfig
-from .governor import SpeculationGovernor
+from .graph import TokenGraph, VerifyTree, flatten_to_tree
+from .planner import DRAFT, LOOKUP, PLAIN, RoundPlan
 
 
 # ---------------------------------------------------------------- what the loop asks for
@@ -37,22 +41,27 @@ class Prefill:
 
 @dataclass(frozen=True)
 class Propose:
-    """Draft a graph under the root (the last committed token), at most `max_depth` levels deep.
+    """Draft a graph under the root (the last committed token), at most `max_depth` levels deep, with the
+    lookup `chain` (tokens under the root, each with its acceptance probability in `chain_probs`) put in
+    first.
 
-    Answer: the graph (a TokenGraph, or anything with `tokens` and `merge_edges`), or None when no
-    draft can serve the round (it then decodes plainly)."""
+    Answer: the graph (a TokenGraph, or anything `flatten_to_tree` takes), or None when no draft can serve
+    the round."""
 
     sequence: "Sequence"
     max_depth: int
+    chain: tuple[int, ...] = ()
+    chain_probs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class Verify:
-    """Verify `graph` with one target forward. Answer: a Verdict-like object (`emitted`,
-    `graph_path`, `verified_tokens`)."""
+    """Verify `tree` (the most valuable nodes of `graph`, best first) with one target forward. Answer: a
+    Verdict-like object (`emitted`, `graph_path`, `verified_tokens`)."""
 
     sequence: "Sequence"
     graph: Any
+    tree: VerifyTree
 
 
 @dataclass(frozen=True)
@@ -145,10 +154,12 @@ class DecodeStats:
     new_tokens: int = 0
     rounds: int = 0              # decoding rounds after the prefill (speculative rounds and plain steps)
     drafted_rounds: int = 0      # rounds that verified a drafted graph
-    plain_steps: int = 0         # rounds a speculative method decoded plainly (governor's choice, no draft)
+    lookup_rounds: int = 0       # rounds that verified a lookup chain alone (no draft forward)
+    plain_steps: int = 0         # rounds a speculative method decoded plainly (the planner's choice, or no draft)
     target_forwards: int = 0     # prefill + rounds (+ rebuilds a driver reports)
     verified_tokens: int = 0     # tree tokens the target verified, roots included
-    accepted_tokens: int = 0     # draft tokens accepted (bonus tokens not counted)
+    accepted_tokens: int = 0     # proposed tokens accepted (bonus tokens not counted)
+    lookup_accepted: int = 0     # of those, tokens of lookup chains
     merge_edges: int = 0
     draft_forwards: int = 0
     draft_tokens: int = 0        # tokens fed to the draft after the prompt: catch-up and proposals
@@ -182,9 +193,33 @@ class DecodeStats:
 
 # ---------------------------------------------------------------- the loop
 
-def decode(seq: Sequence, spec: SpecConfig, governor: SpeculationGovernor | None = None,
-           stats: DecodeStats | None = None) -> Generator[Any, Any, DecodeStats]:
-    """Generate into `seq` until it is finished; returns the stats (StopIteration.value)."""
+def chain_graph(root: int, tokens, probs) -> TokenGraph:
+    """A graph holding one proposed chain under the root (a lookup round: no draft involved)."""
+    graph = TokenGraph(root)
+    parent = 0
+    for token, prob in zip(tokens, probs):
+        parent, _ = graph.add(parent, token, prob)
+    return graph
+
+
+def chain_in_tree(tree: VerifyTree, chain_len: int) -> int:
+    """How many of a chain's tokens (graph nodes 1..chain_len, one under the other from the root: the chain goes
+    into a graph first) the tree verifies along the chain's own path."""
+    cur, k = 0, 1
+    for i in range(1, len(tree)):
+        if k > chain_len:
+            break
+        if tree.nodes[i] == k and int(tree.parents[i]) == cur:
+            cur, k = i, k + 1
+    return k - 1
+
+
+def decode(seq: Sequence, spec: SpecConfig, planner=None, stats: DecodeStats | None = None
+           ) -> Generator[Any, Any, DecodeStats]:
+    """Generate into `seq` until it is finished; returns the stats (StopIteration.value).
+
+    `planner` (a planner.SequencePlanner, or anything with its `plan`, `tree_size` and `record_round`) decides
+    each round of a speculative method; without one every round drafts and verifies the whole budget."""
     stats = stats if stats is not None else DecodeStats(method=spec.method)
     start = time.perf_counter()
     first = yield Prefill(seq)
@@ -192,21 +227,40 @@ def decode(seq: Sequence, spec: SpecConfig, governor: SpeculationGovernor | None
     stats.ttft = time.perf_counter() - start
     yield Chunk(seq.commit([first]))
     speculative = spec.method != "ar"
+    lag = seq.prompt_len           # committed tokens the draft has not read (its next forward feeds them)
     while not seq.finished:
         t0 = time.perf_counter()
+        if not speculative or seq.room <= 1:        # the bonus token alone fits: nothing to propose
+            plan = RoundPlan(PLAIN)
+        elif planner is None:
+            plan = RoundPlan(DRAFT, max_depth=min(spec.max_depth, seq.room - 1))
+        else:
+            plan = planner.plan(seq.tokens, seq.room, spec.method, spec.lookup, spec.max_depth, lag)
         graph = None
-        drafting = speculative and seq.room > 1      # the bonus token alone fits: nothing to draft
-        if drafting and (governor is None or governor.speculate()):
-            graph = yield Propose(seq, max_depth=seq.room - 1)   # the bonus token takes the last place
+        if plan.kind == DRAFT:
+            graph = yield Propose(seq, plan.max_depth, tuple(plan.chain), tuple(plan.chain_probs))
+            if graph is None and plan.chain_len:        # no draft answered: the chain alone
+                plan = dataclasses.replace(plan, kind=LOOKUP)
+        if plan.kind == LOOKUP:
+            graph = chain_graph(seq.root, plan.chain[: plan.chain_len], plan.chain_probs[: plan.chain_len])
         t1 = time.perf_counter()
+        verified, in_chain = 1, 0
         if graph is None:
             emitted = [(yield Step(seq))]
-            stats.plain_steps += drafting   # by the governor's choice, or for want of a draft
+            stats.plain_steps += speculative
         else:
-            verdict = yield Verify(seq, graph)
+            tree = flatten_to_tree(graph, spec.budget + len(plan.chain) if plan.kind == DRAFT else len(graph))
+            if plan.kind == DRAFT and planner is not None:
+                tree = tree.prefix(planner.tree_size(tree.path_probs))
+            verdict = yield Verify(seq, graph, tree)
             emitted = list(verdict.emitted)
-            stats.drafted_rounds += 1
-            stats.verified_tokens += verdict.verified_tokens
+            verified = verdict.verified_tokens
+            in_chain = chain_in_tree(tree, len(plan.chain)) if plan.chain else 0
+            if plan.kind == DRAFT:
+                stats.drafted_rounds += 1
+            else:
+                stats.lookup_rounds += 1
+            stats.verified_tokens += verified
             stats.merge_edges += int(getattr(graph, "merge_edges", 0))
         t2 = time.perf_counter()
         chunk = seq.commit(emitted)
@@ -214,14 +268,19 @@ def decode(seq: Sequence, spec: SpecConfig, governor: SpeculationGovernor | None
         stats.rounds += 1
         stats.target_forwards += 1
         stats.accepted_tokens += n - 1
+        if plan.chain and graph is not None:
+            same = 0
+            for a, b in zip(plan.chain[:in_chain], chunk[:-1]):
+                if a != b:
+                    break
+                same += 1
+            stats.lookup_accepted += same
         stats.accept_lengths[n] = stats.accept_lengths.get(n, 0) + 1
         stats.draft_seconds += t1 - t0
         stats.verify_seconds += t2 - t1
-        if governor is not None:
-            if graph is None:
-                governor.record_step(t2 - t0)
-            else:
-                governor.record_round(n, t2 - t0)
+        lag = 0 if plan.kind == DRAFT else lag + len(emitted)
+        if planner is not None and speculative:
+            planner.record_round(plan, emitted, t2 - t0, verified, in_chain)
         yield Chunk(chunk)
     stats.new_tokens = len(seq.tokens) - seq.prompt_len
     stats.finish(time.perf_counter() - start)

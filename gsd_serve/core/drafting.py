@@ -5,93 +5,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+import time
+
 from .config import SpecConfig
 from .graph import TokenGraph
+from .lookup import MAX_MATCH, SuffixLookup, prior_acceptance
 from .runner import Cache, Runner
 from .sampling import TokenChooser
 
-# the context matches that trigger a lookup proposal, longest first: the last 4, else 3, else 2 committed
-# tokens. On 24 greedy bench answers a proposal's first token was right 73-75% of the time (the draft's
-# top-1: 38%); trying longer matches first raised the lookup's correct tokens per position from 1.36 (2
-# only) to 1.51, though end to end (the draft covers many of the same tokens) gsd's acceptance moved only
-# 2.16 -> 2.18 on 12 bench prompts
-LOOKUP_NGRAMS = (4, 3, 2)
-LOOKUP_PROB = 0.7     # the probability a lookup token is ranked with when the verification budget is cut
-
-
-def lookup_continuation(history, n: int, max_tokens: int) -> list[int]:
-    """The tokens that followed the latest earlier occurrence of history's last `n` tokens (at most
-    `max_tokens`, never reaching past the end of history): prompt-lookup / n-gram drafting. Repeated
-    phrases, quoted input and copied code are common in answers, and this costs no model forward."""
-    end = len(history)
-    if max_tokens <= 0 or end <= n:
-        return []
-    key = history[end - n:]
-    first = key[0]
-    for j in range(end - n - 1, -1, -1):   # latest occurrence first
-        if history[j] == first and history[j: j + n] == key:
-            start = j + n
-            return list(history[start: min(start + max_tokens, end)])
-    return []
-
-
-def lookup_continuation_longest(history, ngrams, max_tokens: int) -> list[int]:
-    """`lookup_continuation` for the first of `ngrams` (longest first) that has an earlier match."""
-    for n in ngrams:
-        found = lookup_continuation(history, n, max_tokens)
-        if found:
-            return found
-    return []
-
-
-class NgramIndex:
-    """`lookup_continuation_longest` for a sequence that grows by a few tokens per round, without
-    rescanning it: the latest start of every n-gram seen so far, extended incrementally (the decode loop
-    calls it every round). A sequence that got shorter (a rollback) is reindexed from scratch."""
-
-    def __init__(self, ngrams: tuple[int, ...] | None = None):
-        self.ngrams = tuple(sorted(set(ngrams or LOOKUP_NGRAMS), reverse=True))
-        if not self.ngrams or self.ngrams[-1] < 1:
-            raise ValueError(f"n-gram sizes must be >= 1, got {ngrams}")
-        self.latest: dict[tuple[int, ...], int] = {}
-        self.indexed = 0          # position up to which the sequence has been indexed
-
-    def reset(self) -> None:
-        self.latest.clear()
-        self.indexed = 0
-
-    def continuation(self, history, max_tokens: int) -> list[int]:
-        end = len(history)
-        if max_tokens <= 0 or end <= self.ngrams[-1]:
-            return []
-        if self.indexed > end:
-            self.reset()
-        # every n-gram that ends before the final token (so the final n-gram never matches itself);
-        # keys of different lengths never collide
-        for stop in range(max(self.indexed, 1), end):
-            for n in self.ngrams:
-                if stop >= n:
-                    self.latest[tuple(history[stop - n: stop])] = stop - n
-        self.indexed = end
-        for n in self.ngrams:
-            if end <= n:
-                continue
-            key = tuple(history[end - n:])
-            j = self.latest.get(key)
-            if j is not None and tuple(history[j: j + n]) == key:
-                return list(history[j + n: min(j + n + max_tokens, end)])
-        return []
-
-
-def add_proposal(graph: TokenGraph, slots: list[int], tokens: list[int], prob: float = LOOKUP_PROB) -> int:
-    """Add a chain of tokens proposed under the root by something other than the draft model.
+def add_proposal(graph: TokenGraph, slots: list[int], tokens, probs) -> int:
+    """Add a chain of tokens proposed under the root by something other than the draft model (a lookup), each
+    with its acceptance probability given the ones before it.
 
     `graph.add` places each token (following an existing child with that token, or merging). New nodes
     get draft slot -1 (never fed to the draft: if accepted, they are fed with the next round's first
     forward). Returns the last node.
     """
     parent = 0
-    for token in tokens:
+    for token, prob in zip(tokens, probs):
         parent, new = graph.add(parent, token, prob)
         if new:
             slots.append(-1)
@@ -121,7 +52,8 @@ class DraftSession:
     forwards: int = 0
     tokens_fed: int = 0
     proposal_fed: int = 0
-    lookup: NgramIndex = field(default_factory=NgramIndex)
+    lookup: SuffixLookup = field(default_factory=SuffixLookup)
+    on_forward: object = None         # called with (rows, seconds) after each forward `propose` runs
     features_missing: int = 0         # committed tokens fed with zeros for want of the target's features
     _feats: torch.Tensor | None = None   # target features of positions _feat_start, _feat_start + 1, ...
     _feat_start: int = 0
@@ -164,37 +96,49 @@ class DraftSession:
         return self.runner.forward(self.cache, tokens, positions, mask, last_only=last_only), None
 
     def propose(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
-                chooser: TokenChooser, max_depth: int | None = None,
-                history: list[int] | None = None) -> tuple[TokenGraph, list[int]]:
+                chooser: TokenChooser, max_depth: int | None = None, history: list[int] | None = None,
+                chain=None, chain_probs=None) -> tuple[TokenGraph, list[int]]:
         """Draft the graph under `root` (the token at sequence index `root_index`).
 
-        `history` is the committed sequence ending with the root (for `config.lookup`).
+        `chain` / `chain_probs`: a lookup proposal to put in first (the planner's). Without one, and with
+        `config.lookup`, the session looks up `history` (the committed sequence ending with the root) itself.
         Returns the graph and each node's draft-cache slot (-1 for nodes never fed to the draft).
         """
-        steps = self.propose_steps(root, root_index, context, config, chooser, max_depth, history)
+        steps = self.propose_steps(root, root_index, context, config, chooser, max_depth, history, chain, chain_probs)
         answer = None
         while True:   # this session alone: each forward the drafting asks for runs at once
             try:
                 feed = steps.send(answer)
             except StopIteration as done:
                 return done.value
+            t0 = time.perf_counter()
             answer = self._forward(feed.tokens, feed.positions, feed.mask, last_only=feed.last_only,
                                    features=feed.features)
+            if self.on_forward is not None:
+                self.on_forward(feed.tokens.numel(), time.perf_counter() - t0)
+
+    def own_chain(self, history, max_tokens: int) -> tuple[list[int], list[float]]:
+        """The lookup chain for `history` when no planner proposed one, scored with the prior acceptance rates."""
+        cont = self.lookup.match(history, max_tokens)
+        return cont.tokens, [prior_acceptance(min(cont.match_len + i, MAX_MATCH)) * share
+                             for i, share in enumerate(cont.shares)]
 
     def propose_steps(self, root: int, root_index: int, context: tuple[int, ...], config: SpecConfig,
-                      chooser: TokenChooser, max_depth: int | None = None, history: list[int] | None = None):
+                      chooser: TokenChooser, max_depth: int | None = None, history: list[int] | None = None,
+                      chain=None, chain_probs=None):
         """`propose` as a generator: yields each draft forward it needs (a `DraftFeed`), is sent that forward's
         (logits, states), and returns (graph, slots). `propose` answers each feed at once; `propose_many`
         answers the feeds of several sessions with one fused forward. One drafting procedure, two drivers."""
         depth_cap = config.max_depth if max_depth is None else min(config.max_depth, max_depth)
         graph = TokenGraph(root, config.merge_context, context)
         slots = [-1]
-        chain = self.lookup.continuation(history, min(config.lookup, depth_cap)) \
-            if config.lookup and history and depth_cap > 0 else []
+        if chain is None:
+            chain, chain_probs = self.own_chain(history, min(config.lookup, depth_cap)) \
+                if config.lookup and history and depth_cap > 0 else ([], [])
         # the lookup chain goes in first: a draft candidate naming the same token in the same context is
         # merged into it instead of becoming a new node, so the draft never spends forwards extending a
         # path the lookup already spelled out (the same saving as any GSD merge)
-        add_proposal(graph, slots, chain)
+        add_proposal(graph, slots, chain, chain_probs)
         yield from self._draft_steps(graph, slots, root_index, config, chooser, depth_cap)
         return graph, slots
 
@@ -296,7 +240,7 @@ class DraftSession:
 
     def rollback_to(self, length: int) -> None:
         self.cache.truncate(length)
-        self.lookup.reset()   # the committed sequence diverged: its n-gram positions are stale
+        self.lookup = SuffixLookup()   # the committed sequence diverged: its indexed positions are stale
         if self._feats is not None and length - 1 < self._feat_start + len(self._feats):
             # features from the divergence on describe other tokens
             keep = max(length - 1 - self._feat_start, 0)

@@ -8,11 +8,15 @@ from typing import Iterator
 import torch
 
 from .config import SpecConfig
+from .costs import ForwardCosts
 from .decode import Chunk, DecodeStats, Prefill, Propose, Sequence, Step, Verify, decode
 from .drafting import DraftSession
-from .governor import SpeculationGovernor
+from .lookup import SharedSuffixIndex
+from .planner import Planner
 from .sampling import SamplingParams, TokenChooser
 from .verification import TargetSession
+
+COST_SEED_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 GenerationStats = DecodeStats   # the name the engine's results have always used
 
@@ -48,10 +52,14 @@ class Engine:
     `target` and `draft` are runners (gsd_serve.models.ModelRunner, a tensor-parallel runner, or
     anything with their interface: `new_cache`, `forward`, `vocab_size`, `output_ids`, `to_full_ids`).
     `gsd_serve.models.load_engine` builds one from model names.
+
+    One `Planner` serves every request of the engine: what it learns of forward costs and acceptance on
+    one request informs the next, and finished requests feed its cross-request index (at most
+    `shared_lookup_tokens` tokens; 0: none).
     """
 
     def __init__(self, target, draft=None, *, stop_token_ids: set[int] | None = None,
-                 spec: SpecConfig | None = None):
+                 spec: SpecConfig | None = None, shared_lookup_tokens: int = 100_000):
         for what, runner in (("target", target), ("draft", draft)):
             if runner is not None and isinstance(runner, torch.nn.Module):
                 raise TypeError(f"Engine takes runners: wrap the {what} model in gsd_serve.models.ModelRunner")
@@ -59,16 +67,30 @@ class Engine:
         self.draft = draft
         self.stop_token_ids = set(stop_token_ids or ())
         self.spec = spec or SpecConfig()
-        # the latest measured plain-step time, so that an adaptive sequence need not measure it first
-        self.step_seconds: float | None = None
+        self.shared = SharedSuffixIndex(shared_lookup_tokens) if shared_lookup_tokens > 0 else None
+        self._planner: Planner | None = None
+
+    def forget_requests(self) -> None:
+        """Empty the cross-request index (a benchmark's warm-up must not hand its answers to the measured runs)."""
+        if self.shared is not None:
+            self.shared = SharedSuffixIndex(self.shared.max_tokens)
+            if self._planner is not None:
+                self._planner.shared = self.shared
+
+    @property
+    def planner(self) -> Planner:
+        """The engine's planner, its target cost model seeded with the runner's measured forward times (a table
+        remembered per CPU, where the runner has one) and corrected by every forward the engine times."""
+        if self._planner is None:
+            costs = getattr(self.target, "forward_seconds", None)
+            seed = (list(COST_SEED_SIZES), [costs(n) for n in COST_SEED_SIZES]) if costs is not None else None
+            self._planner = Planner(ForwardCosts(seed), shared=self.shared)
+        return self._planner
 
     @property
     def dtype_name(self) -> str:
         """The target's dtype ("float32", "bfloat16", ...), for reports."""
         return str(getattr(self.target, "dtype", "float32")).removeprefix("torch.")
-
-    def new_governor(self) -> SpeculationGovernor:
-        return SpeculationGovernor(step_seconds=self.step_seconds)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
                  sampling: SamplingParams | None = None) -> GenerationResult:
@@ -88,15 +110,15 @@ class Engine:
 
     def _run(self, seq: Sequence, spec: SpecConfig, sampling: SamplingParams, box: list) -> Iterator[list[int]]:
         chooser = TokenChooser(sampling, self.target.vocab_size)
-        draft = DraftSession(self.draft) if spec.method != "ar" else None
+        planner = self.planner.sequence(sampling.greedy, spec.planner, spec.shared_lookup) \
+            if spec.method != "ar" else None
+        draft = DraftSession(self.draft, on_forward=planner.observe_draft) if planner is not None else None
         # a feature draft reads the target's hidden states: the target keeps them as it computes them
         layers = tuple(self.draft.feature_layers) if draft is not None and draft.uses_features else ()
         target = TargetSession(self.target, feature_layers=layers)
-        governor = self.new_governor() if draft is not None and spec.adaptive else None
-        loop = decode(seq, spec, governor, DecodeStats(method=spec.method))
+        loop = decode(seq, spec, planner, DecodeStats(method=spec.method))
         slots: list[int] = []
         answer = None
-        draft_ema: float | None = None    # seconds of a drafting round (moving average), for sizing trees
         with torch.inference_mode():
             while True:
                 try:
@@ -111,21 +133,24 @@ class Engine:
                 elif isinstance(request, Propose):
                     n = max(spec.merge_context, 0)
                     context = tuple(seq.tokens[-1 - n:-1]) if n > 0 else ()
-                    t0 = time.perf_counter()
                     answer, slots = draft.propose(seq.root, seq.root_index, context, spec, chooser,
-                                                  max_depth=request.max_depth,
-                                                  history=seq.tokens if spec.lookup else None)
-                    draft_s = time.perf_counter() - t0
-                    draft_ema = draft_s if draft_ema is None else 0.8 * draft_ema + 0.2 * draft_s
+                                                  max_depth=request.max_depth, chain=list(request.chain),
+                                                  chain_probs=list(request.chain_probs))
                 elif isinstance(request, Verify):
-                    answer = target.verify(request.graph, spec.budget, seq.root_index, chooser,
-                                           overhead_seconds=draft_ema if spec.size_by_cost else None)
+                    t0 = time.perf_counter()
+                    answer = target.verify_tree(request.tree, seq.root_index, chooser)
+                    if planner is not None:
+                        planner.observe_target(len(request.tree), time.perf_counter() - t0)
+                    if answer.graph_path and len(slots) != len(request.graph):   # a chain the draft never saw
+                        slots = [-1] * len(request.graph)
                     draft.commit(request.graph, slots, answer.graph_path)
                     draft.add_features(seq.root_index, answer.features)
+                    slots = []
                 elif isinstance(request, Step):
                     t0 = time.perf_counter()
                     answer = target.step(seq.root, seq.root_index, chooser)
-                    self.step_seconds = time.perf_counter() - t0
+                    if planner is not None:
+                        planner.observe_target(1, time.perf_counter() - t0)
                     if draft is not None:   # the draft catches up in its next round's first forward
                         draft.pending.append(seq.root)
                         draft.add_features(seq.root_index, target.last_features)
@@ -135,6 +160,8 @@ class Engine:
                         draft.pending = list(seq.tokens)
                         draft.add_features(0, target.last_features)
         stats.target_forwards = target.forwards
+        if self.shared is not None:
+            self.shared.add(seq.tokens)
         if draft is not None:
             stats.draft_forwards = draft.forwards
             stats.draft_prefill_tokens = seq.prompt_len

@@ -129,20 +129,6 @@ class VerifyTree:
         return VerifyTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.nodes[:n], self.path_probs[:n])
 
 
-def best_tree_size(path_probs: list[float], forward_seconds, overhead_seconds: float = 0.0) -> int:
-    """How many of a tree's nodes (best-first, root first) to verify for the most expected tokens per second.
-
-    A round emits 1 token (the target's own at the first miss) plus the accepted drafted nodes; a node is
-    accepted about as often as the draft probability of its path (measured: nodes drafted at 0.1-0.2 were
-    accepted 12% of the time, at 0.4-0.5 37%, at 0.9-1 94%), so verifying the n best nodes yields about
-    1 + sum(path_probs[1:n]) tokens and costs forward_seconds(n) + overhead_seconds (the round's draft and
-    bookkeeping). Where a verified token costs nearly nothing (bandwidth-bound forwards, GPUs) this keeps the
-    whole tree; where every token costs its own arithmetic (CPUs) it drops the improbable tail, which cost
-    more than it returned (on a 2-core Zen 5, full trees of ~6.6 nodes ran gsd at 0.8x plain decoding).
-    `forward_seconds(n)`: the target's forward time for n tokens."""
-    return best_batch_sizes([path_probs], forward_seconds, overhead_seconds)[0]
-
-
 def best_batch_sizes(path_probs: list[list[float]], forward_seconds, overhead_seconds: float = 0.0,
                      whole: list[bool] | None = None) -> list[int]:
     """best_tree_size for the trees of one fused forward: how many nodes of each tree (best-first lists of path

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .acceptance import accept_path
-from .graph import TokenGraph, VerifyTree, ancestor_matrix, best_tree_size, flatten_to_tree
+from .graph import TokenGraph, VerifyTree, ancestor_matrix, flatten_to_tree
 from .runner import Cache, Runner
 from .sampling import TokenChooser
 
@@ -62,16 +62,9 @@ class TargetSession:
     def verify_tree(self, tree: VerifyTree, root_index: int, chooser: TokenChooser) -> Verdict:
         return verify_batch([(self, tree, root_index, chooser)])[0]
 
-    def verify(self, graph: TokenGraph, budget: int, root_index: int, chooser: TokenChooser,
-               overhead_seconds: float | None = None) -> Verdict:
-        """Verify the `budget` most probable nodes of the graph; with `overhead_seconds` (the round's cost
-        beyond the target's forward) and a runner that knows its forward costs, only as many of them as
-        maximize the expected tokens per second (best_tree_size). The output is the same either way."""
-        tree = flatten_to_tree(graph, budget)
-        costs = getattr(self.runner, "forward_seconds", None)
-        if overhead_seconds is not None and costs is not None and len(tree) > 1:
-            tree = tree.prefix(best_tree_size(tree.path_probs, costs, overhead_seconds))
-        return self.verify_tree(tree, root_index, chooser)
+    def verify(self, graph: TokenGraph, budget: int, root_index: int, chooser: TokenChooser) -> Verdict:
+        """Verify the `budget` most probable nodes of the graph."""
+        return self.verify_tree(flatten_to_tree(graph, budget), root_index, chooser)
 
     def step(self, root: int, root_index: int, chooser: TokenChooser) -> int:
         """Plain decoding: one forward on the root, one token out."""

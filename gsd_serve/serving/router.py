@@ -36,7 +36,7 @@ import grpc
 
 from ..core.config import SpecConfig
 from ..core.decode import Chunk, DecodeStats, Prefill, Propose, Sequence, Step, Verify, decode
-from ..core.governor import SpeculationGovernor
+from ..core.planner import DRAFT, PLAIN, RoundPlan
 from ..core.sampling import SamplingParams
 from . import rpc
 from .auth import SharedSecret
@@ -253,29 +253,25 @@ class GenerateParams:
     timeout_s: float | None = None     # the client's deadline (capped by RouterConfig.request_timeout_s)
 
 
-class LoadGovernor:
-    """The decode loop's governor for a served request: before each round, the load policy of the request's
-    target replica picks the tree budget (1: a plain step). With `adaptive` in the spec, the per-sequence
-    governor must agree as well."""
+class LoadPlanner:
+    """The decode loop's planner for a served request: before each round, the load policy of the request's
+    target replica picks the tree budget (1: a plain step); the draft replica proposes its own lookup chain."""
 
-    def __init__(self, run: "Run", inner: SpeculationGovernor | None = None):
+    def __init__(self, run: "Run"):
         self.run = run
-        self.inner = inner
 
-    def speculate(self) -> bool:
+    def plan(self, tokens, room: int, method: str, lookup: int, max_depth: int, lag: int = 0) -> RoundPlan:
         budget = self.run.core.round_budget(self.run)
         self.run.round_budget = budget
         if budget <= 1:
-            return False
-        return self.inner.speculate() if self.inner is not None else True
+            return RoundPlan(PLAIN)
+        return RoundPlan(DRAFT, max_depth=min(max_depth, room - 1))
 
-    def record_step(self, seconds: float) -> None:
-        if self.inner is not None:
-            self.inner.record_step(seconds)
+    def tree_size(self, path_probs) -> int:
+        return min(len(path_probs), self.run.round_budget)
 
-    def record_round(self, tokens: int, seconds: float) -> None:
-        if self.inner is not None:
-            self.inner.record_round(tokens, seconds)
+    def record_round(self, *args, **kwargs) -> None:
+        pass
 
 
 class Run:
@@ -407,10 +403,7 @@ class Run:
         core = self.core
         m = core.metrics
         spec = core.config.spec
-        governor = None
-        if spec.method != "ar":
-            governor = LoadGovernor(self, core.new_governor() if spec.adaptive else None)
-        loop = decode(self.seq, spec, governor, self.stats)
+        loop = decode(self.seq, spec, LoadPlanner(self) if spec.method != "ar" else None, self.stats)
         started = time.perf_counter()
         answer = None
         try:
@@ -426,13 +419,13 @@ class Run:
                 elif isinstance(request, Propose):
                     resp = await core.propose(self, request.max_depth)
                     if resp is not None:
-                        answer = resp.graph
+                        answer = rpc.graph_from_proto(resp.graph)
                         m.inc("drafts")
                 elif isinstance(request, Verify):
                     t = time.perf_counter()
                     if self.target_done is not None:   # the round's time outside target calls, for tree sizing
                         self.round_overhead.add(t - self.target_done, 0.2)
-                    answer = await core.verify(self, request.graph, self.round_budget)
+                    answer = await core.verify(self, rpc.graph_to_proto(request.graph), len(request.tree))
                     self.target_done = time.perf_counter()
                     self.last_path = list(answer.graph_path)
                     n = len(answer.emitted)
@@ -443,11 +436,9 @@ class Run:
                     if self.target is not None:
                         self.target.policy.observe_tree(self.round_budget, answer.verified_tokens, answer.tree_path)
                 elif isinstance(request, Step):
-                    t0 = time.perf_counter()
                     res = await core.verify(self, rpc.root_graph_proto(self.seq.root), 1)
                     self.last_path = list(res.graph_path)
                     answer = res.emitted[0]
-                    core.step_seconds = time.perf_counter() - t0
                     self.target_done = time.perf_counter()
                 elif isinstance(request, Prefill):
                     answer, cached = await core.prefill(self)
@@ -486,15 +477,11 @@ class RouterCore:
         self.endpoints: dict[str, Endpoint] = {}
         self.inflight = 0
         self.runs: dict[str, Run] = {}           # admitted and not yet released
-        self.step_seconds: float | None = None   # latest plain round time, seeds adaptive sequences
         self.batch_sizes: deque[int] = deque(maxlen=1024)   # sessions per Verify call, the latest calls only
         self.feature_layers = list(config.feature_layers) if config.spec.method != "ar" else []
         self._spec_pb: dict[int, "pb.SpecConfig"] = {}
         self._refreshed = 0.0
         self._refresh_lock: asyncio.Lock | None = None
-
-    def new_governor(self) -> SpeculationGovernor:
-        return SpeculationGovernor(step_seconds=self.step_seconds)
 
     def _stop_ids(self) -> set[int]:
         from ..core.prompts import stop_token_ids
@@ -800,7 +787,7 @@ class RouterCore:
             item = pb.VerifyItem(session_id=run.id, delta_start=run.t_synced, delta=run.committed[run.t_synced:],
                                  graph=graph, root_index=len(run.committed) - 1,
                                  budget=budget or self.config.spec.budget, sampling=run.sampling_pb,
-                                 size_by_cost=self.config.spec.size_by_cost,
+                                 size_by_cost=self.config.spec.planner,
                                  round_overhead_s=run.round_overhead.value or 0.0)
             try:
                 res = await ep.batcher.submit(item, run.deadline)
