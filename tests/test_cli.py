@@ -111,7 +111,7 @@ def test_draft_kind_chooses_the_shipped_draft_and_every_kind_is_exact():
     """--draft-kind: auto means the shipped independent draft (it measured faster), features the shipped feature
     draft; every kind gives exactly plain decoding's tokens, and an explicit draft of the other kind is refused
     with one clear line."""
-    from gsd_serve.models.loading import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
+    from gsd_serve.models.checkpoints import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
 
     assert default_draft_spec("auto") == "default-independent"
     assert (SHIPPED_FEATURE_DRAFT_DIR / "model.safetensors").exists()        # both drafts ship

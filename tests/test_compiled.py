@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.engine import Engine
 from gsd_serve.models import ModelRunner
-from gsd_serve.models.compiled import CompiledRunner, StaticKVCache, compile_wanted
+from gsd_serve.models.compiled import CompiledRunner, StaticKVCache
+from gsd_serve.models.factory import compile_wanted
 
 
 def tiny_pair():

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from gsd_serve.cli.bench import NEAR_TIE_EPS, divergence
+from gsd_serve.tools.bench import NEAR_TIE_EPS, divergence
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.engine import Engine
 from gsd_serve.core.prompts import encode, stop_token_ids

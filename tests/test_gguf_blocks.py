@@ -10,7 +10,7 @@ import platform
 import pytest
 import torch
 
-from gsd_serve.cli.bench import NEAR_TIE_EPS, divergence
+from gsd_serve.tools.bench import NEAR_TIE_EPS, divergence
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.engine import Engine
 from gsd_serve.core.prompts import encode, stop_token_ids
@@ -149,9 +149,10 @@ def test_gguf_speculation_equals_gguf_plain_decoding_and_dense_up_to_near_ties(g
 def test_auto_measures_once_per_cpu_and_can_be_forced(monkeypatch, tmp_path, default_pair):
     import json
 
-    from gsd_serve.models.gguf_blocks import gguf_blocks_faster, uses_gguf_blocks
+    from gsd_serve.models.factory import gguf_blocks_faster
+    from gsd_serve.models.gguf_blocks import uses_gguf_blocks
     from gsd_serve.core.config import cache_dir
-    from gsd_serve.models.loading import apply_target_weights
+    from gsd_serve.models.factory import apply_target_weights
 
     # a fresh cache for the measurement, sharing the built kernels and converted models (rebuilding them is
     # not what this test checks, and costs a minute of gcc on 2 cores)
@@ -178,7 +179,7 @@ def test_auto_measures_once_per_cpu_and_can_be_forced(monkeypatch, tmp_path, def
 
 def test_a_q8_draft_is_close_to_its_dense_self_and_speculation_stays_exact(gguf_pair):
     from gsd_serve.models.gguf_blocks import quantize_q8_0, use_q8_blocks, uses_gguf_blocks
-    from gsd_serve.models.loading import apply_draft_weights
+    from gsd_serve.models.factory import apply_draft_weights
 
     w = torch.randn(64, 576, generator=torch.Generator().manual_seed(3))
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(4))
@@ -215,7 +216,7 @@ def test_a_q8_draft_is_close_to_its_dense_self_and_speculation_stays_exact(gguf_
 def test_distill_data_decodes_a_batch_together_exactly_as_each_prompt_alone(gguf_pair):
     """distill's data phase on GGUF blocks decodes a batch's sequences in one fused forward per token: greedy,
     each answer equals plain decoding of its prompt alone, and the kept top-k are the logits of each choice."""
-    from gsd_serve.cli.distill import runner_answers
+    from gsd_serve.training.data import runner_answers
 
     target, _, tokenizer = gguf_pair
     runner = ModelRunner(target)
@@ -240,7 +241,8 @@ def test_magpie_prompts_are_written_by_the_target_on_its_blocks_and_resume(gguf_
     and a rerun asking for more appends to what is there."""
     import json
 
-    from gsd_serve.cli.distill import DistillConfig, magpie_prompts
+    from gsd_serve.training.config import DistillConfig
+    from gsd_serve.training.data import magpie_prompts
 
     target, _, tokenizer = gguf_pair
 

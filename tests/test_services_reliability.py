@@ -32,7 +32,7 @@ SOAK_S = float(os.environ.get("GSD_TEST_SOAK_S", 36))   # the long soak is `gsd-
 def app(ray_serve, redis_server):
     from ray import serve
 
-    from gsd_serve.serving.reliability import deploy_app
+    from gsd_serve.tools.local_stack import deploy_app
 
     args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(), "dtype": "float32",
             "api_key": KEY, "max_sessions": 64, "prefix_block_size": 16,
@@ -44,14 +44,14 @@ def app(ray_serve, redis_server):
 
 @pytest.fixture(scope="module")
 def cases(engine, tokenizer):
-    from gsd_serve.serving.reliability import make_cases
+    from gsd_serve.tools.reliability import make_cases
 
     return make_cases(engine, tokenizer, SPEC, 8, MAX)
 
 
 @pytest.fixture
 def probe(app):
-    from gsd_serve.serving.reliability import AppProbe
+    from gsd_serve.tools.local_stack import AppProbe
 
     return AppProbe(APP)
 
@@ -198,7 +198,7 @@ def test_hostile_grpc_requests_to_the_router(app, cases):
 def test_soak_short(app, cases, probe):
     """16 streams for 36 s: no failure, exact answers, every process's memory flat after warm-up,
     nothing left behind (sessions, in-flight requests, queued Verify items)."""
-    from gsd_serve.serving.reliability import LoadGenerator, SoakConfig, run_soak
+    from gsd_serve.tools.reliability import LoadGenerator, SoakConfig, run_soak
 
     load = LoadGenerator(app["http"], MODEL, cases, MAX, streams=16, api_key=KEY)
     report = run_soak(SoakConfig(duration_s=SOAK_S, warmup_s=SOAK_S / 2, sample_every_s=3), load, probe)
@@ -212,7 +212,7 @@ def test_soak_short(app, cases, probe):
 def test_chaos_short(app, cases, probe, redis_server):
     """8 streams while a draft replica, a target replica and Redis fail in turn: 0 failed requests, every
     answer identical to the in-process engine's, every replica replaced, nothing left behind."""
-    from gsd_serve.serving.reliability import ChaosConfig, LoadGenerator, run_chaos
+    from gsd_serve.tools.reliability import ChaosConfig, LoadGenerator, run_chaos
 
     if not redis_server.can_stop:
         pytest.fail("the chaos test restarts Redis: run it with its own redis-server (unset REDIS_URL)")

@@ -33,7 +33,7 @@ def app(ray_serve, redis_server):
 
     from gsd_serve.services.app import build_app
 
-    from conftest import free_port
+    from gsd_serve.serving.serve_config import free_port
 
     args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(), "dtype": "float32",
             "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16, "direct_http_port": free_port(),

@@ -280,7 +280,7 @@ def _llama2_70b_head_layout_bf16(path):
 def test_llama2_70b_head_layout_in_bf16_at_tp8_never_holds_fp32_weights(tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from gsd_serve.models.loading import load_model
+    from gsd_serve.models.checkpoints import load_model
     from gsd_serve.models.tensor_parallel.rank import AUDIT_ENV
 
     path = tmp_path / "llama2-70b-heads"

@@ -26,7 +26,7 @@ def _levels(text: str) -> tuple[int, ...]:
 def cmd_bench_serve(args) -> int:
     import json
 
-    from ..serving.bench_serve import BenchServeConfig, run_bench, write_report
+    from ..tools.bench_serve import BenchServeConfig, run_bench, write_report
 
     extra = {}
     if args.app_args:
@@ -46,7 +46,7 @@ def cmd_bench_serve(args) -> int:
     report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.out:
         write_report(report, args.out)
-    from ..serving.bench_serve import markdown
+    from ..tools.bench_serve import markdown
 
     print(markdown(report))
     checks = report["checks"]

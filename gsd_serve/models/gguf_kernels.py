@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import cache_dir
-from .dtypes import cpu_identity
+from .hardware import cpu_identity
 
 SOURCE = Path(__file__).parent / "kernels" / "gguf_matmul.c"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
