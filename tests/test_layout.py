@@ -197,6 +197,15 @@ def test_core_is_free_of_serving_machinery_and_models_import_ray_in_one_place():
     assert not bad, "\n".join(bad)
 
 
+def test_only_the_tools_need_the_bench_extra():
+    """matplotlib, aiohttp and httpx come with `pip install gsd-serve[bench]`: only gsd_serve.tools imports them
+    (the commands in cli/ import tools on use), so the library and the server run without them."""
+    extra = {"matplotlib", "aiohttp", "httpx"}
+    bad = [f"{module} imports {name}" for module, path in _modules() if _layer(module) != "tools"
+           for name in _imports(module, path) if name.split(".")[0] in extra]
+    assert not bad, "\n".join(bad)
+
+
 def test_every_layer_says_what_it_may_import():
     for package in LAYERS:
         doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))

@@ -259,10 +259,10 @@ class GGUFDecoder:
     or batched with other sequences; and a layer costs one call instead of ~40 tensor operations, which on a
     2-core CPU is several milliseconds per step."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, arch: str = "native"):
         from .gguf_kernels import library
 
-        self.lib = library()
+        self.lib = library(arch)     # this CPU's build; the tests also run the portable one
         dec = model.base_model
         self.decoder = dec
         cfg = model.config
