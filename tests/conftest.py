@@ -44,10 +44,22 @@ def _seed_converted_target() -> None:
 _seed_converted_target()
 
 
+@pytest.hookimpl(tryfirst=True)      # before -m deselects: a test on the Ray cluster is marked `ray` however it is declared
 def pytest_collection_modifyitems(session, config, items):
-    """Tests on the Ray cluster run last (in their files' order): once started, its controller, proxies and
-    agents take ~10% of a core until the session ends, which every later test would pay for on 2 cores."""
-    items.sort(key=lambda item: "ray_serve" in getattr(item, "fixturenames", ()))
+    """Tests on the Ray cluster run last: once started, its controller, proxies and agents take ~10% of a core
+    until the session ends, which every later test would pay for on 2 cores. The tests of the shared served
+    application (served_app) come last of all, one module after the other in SERVED_APP_USERS' order, so that
+    the application is up only while they run (it goes at the session's end)."""
+    def key(item):
+        names = getattr(item, "fixturenames", ())
+        served = "served_app" in names
+        module = item.path.name if served else ""
+        return ("ray_serve" in names, served, SERVED_APP_USERS.index(module) if module in SERVED_APP_USERS else -1)
+
+    items.sort(key=key)
+    for item in items:
+        if "ray_serve" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +164,54 @@ def ray_serve():
         if ray.is_initialized():
             serve.shutdown()
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- one served application with the real models
+
+SERVED_APP, SERVED_MODEL = "gsd", "gsd-test"
+SERVED_MAX = 12                                   # the router's default max_tokens
+SERVED_KEY = "test-key-" + os.urandom(8).hex()
+SERVED_AUTH = {"Authorization": f"Bearer {SERVED_KEY}"}
+SERVED_APP_USERS = ("test_services_serving.py", "test_services_reliability.py")   # chaos and soak last
+
+
+def served_spec():
+    from gsd_serve.core.config import SpecConfig
+
+    return SpecConfig.for_method("gsd", max_depth=4, budget=12)
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_serve, redis_server):
+    """The gsd application with the real models (float32), 2 draft and 2 target replicas, an API key, the
+    Redis prefix cache and a direct HTTP port, shared by the serving and reliability tests (one deployment
+    instead of one per module). The load policy is off: those tests exercise drafting rounds (a killed draft
+    replica, failover), which the policy may turn into plain steps on a CPU where speculation does not pay."""
+    from ray import serve
+
+    from gsd_serve.serving.serve_config import free_port
+    from gsd_serve.tools.local_stack import deploy_app
+
+    direct = free_port()
+    args = {"model_name": SERVED_MODEL, "redis_url": redis_server.url, "spec": served_spec().to_dict(),
+            "dtype": "float32", "api_key": SERVED_KEY, "max_sessions": 64, "prefix_block_size": 16,
+            "direct_http_port": direct,
+            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": SERVED_MAX,
+                       "load_policy": "off"}}
+    deploy_app(SERVED_APP, args, ray_serve["http"], drafts=2, targets=2)
+    yield {**ray_serve, "direct": f"http://127.0.0.1:{direct}"}
+    serve.delete(SERVED_APP)
+
+
+def whole(app: dict, timeout_s: float = 600) -> dict:
+    """`app` (served_app) once both its draft and both its target replicas answer: a module that kills replicas
+    leaves Serve replacing them, and the next module starts from the whole application."""
+    from gsd_serve.tools.local_stack import AppProbe
+
+    probe = AppProbe(SERVED_APP)
+    for kind in ("draft", "target"):
+        probe.wait_replicas(kind, 2, None, timeout_s)
+    return app
 
 
 # ---------------------------------------------------------------- a tiny random Llama with the real tokenizer
