@@ -250,3 +250,23 @@ def choose_vocab(items: list[dict], size: int, vocab_size: int, always: set[int]
     if size == 0 or size >= vocab_size:
         return torch.arange(vocab_size)
     return torch.sort(torch.topk(counts, size).indices).values
+
+
+def teacher_rows(batch: list[dict], full_to_small: torch.Tensor):
+    """The distilled rows of a batch of data items padded side by side, and what the teacher says at each:
+    (rows, cols) (position cols of sequence rows predicts the answer's next token), the teacher's top-k ids in
+    the draft vocabulary [N, K] (0 where outside it), their probabilities renormalised over the draft
+    vocabulary [N, K], and the teacher's top-1 token (a full-vocabulary id)."""
+    rows, cols, tids, tlog = [], [], [], []
+    for i, it in enumerate(batch):
+        p, n = len(it["prompt"]), len(it["cont"])
+        rows.append(torch.full((n,), i))
+        cols.append(torch.arange(p - 1, p - 1 + n))
+        tids.append(it["top_ids"].long())
+        tlog.append(it["top_logits"].float())
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    tids, tlog = torch.cat(tids), torch.cat(tlog)
+    small = full_to_small[tids]                       # [N, K], -1 where outside the draft vocabulary
+    probs = torch.softmax(tlog, dim=-1) * (small >= 0)
+    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
+    return rows, cols, small.clamp(min=0), probs, tids[:, 0]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.feature_draft import FeatureDraft, load_feature_draft, new_feature_draft, save_feature_draft
-from .data import choose_vocab, split_held_out
+from .data import choose_vocab, split_held_out, teacher_rows
 from .loop import learning_rate, make_batches, progress, resume_checkpoint, save_checkpoint
 
 TTT_DECAY = 0.8
@@ -110,21 +110,10 @@ def collate(batch: list[dict], full_to_small: torch.Tensor, pad: int):
     w = batch[0]["feats"].shape[-1]
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     prev = torch.zeros(len(seqs), width, w, dtype=torch.bfloat16)
-    rows, cols, tids, tlog = [], [], [], []
     for i, (it, s) in enumerate(zip(batch, seqs)):
         ids[i, : len(s)] = torch.tensor(s)
         prev[i, 1: len(s)] = it["feats"][: len(s) - 1]
-        p, n = len(it["prompt"]), len(it["cont"])
-        rows.append(torch.full((n,), i))
-        cols.append(torch.arange(p - 1, p - 1 + n))
-        tids.append(it["top_ids"].long())
-        tlog.append(it["top_logits"].float())
-    rows, cols = torch.cat(rows), torch.cat(cols)
-    tids, tlog = torch.cat(tids), torch.cat(tlog)
-    small = full_to_small[tids]
-    probs = torch.softmax(tlog, dim=-1) * (small >= 0)
-    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
-    return ids, prev, rows, cols, small.clamp(min=0), probs, tids[:, 0]
+    return (ids, prev) + teacher_rows(batch, full_to_small)
 
 
 def ttt_mask(width: int, step: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import DistillConfig
-from .data import choose_vocab, held_out, load_data, split_held_out
+from .data import choose_vocab, held_out, load_data, split_held_out, teacher_rows
 from .loop import learning_rate, make_batches, progress, resume_checkpoint, save_checkpoint
 
 
@@ -74,21 +74,10 @@ def collate(batch: list[dict], full_to_small: torch.Tensor, pad: int):
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     attn = torch.zeros_like(ids)
-    rows, cols, tids, tlog = [], [], [], []
-    for i, (it, s) in enumerate(zip(batch, seqs)):
+    for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
-        p, n = len(it["prompt"]), len(it["cont"])
-        rows.append(torch.full((n,), i))
-        cols.append(torch.arange(p - 1, p - 1 + n))
-        tids.append(it["top_ids"].long())
-        tlog.append(it["top_logits"].float())
-    rows, cols = torch.cat(rows), torch.cat(cols)
-    tids, tlog = torch.cat(tids), torch.cat(tlog)
-    small = full_to_small[tids]                       # [N, K], -1 where outside the draft vocabulary
-    probs = torch.softmax(tlog, dim=-1) * (small >= 0)
-    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
-    return ids, attn, rows, cols, small.clamp(min=0), probs, tids[:, 0]
+    return (ids, attn) + teacher_rows(batch, full_to_small)
 
 
 def distill_loss(draft, head_weight, batch_tensors, output_ids):
