@@ -14,6 +14,18 @@ def run(*args, timeout=300, **kw):
                           timeout=timeout, env=ENV, **kw)
 
 
+def test_the_tests_use_their_own_cache_and_their_subprocesses_inherit_it():
+    """Nothing a test builds or measures lands in the user's cache directory (conftest.TEST_CACHE)."""
+    from conftest import TEST_CACHE, USER_CACHE
+
+    from gsd_serve.core.config import cache_dir
+
+    assert cache_dir() == TEST_CACHE and TEST_CACHE.resolve() != USER_CACHE.resolve()
+    r = subprocess.run([sys.executable, "-c", "from gsd_serve.core.config import cache_dir; print(cache_dir())"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(TEST_CACHE), r.stderr
+
+
 def test_help_lists_commands():
     r = run("--help")
     assert r.returncode == 0
