@@ -23,7 +23,8 @@ import torch
 from .checkpoints import (DEFAULT_DRAFT, DEFAULT_TARGET, SHIPPED_DRAFT_DIR, ModelLoadError, default_draft_spec,
                           draft_output_ids, load_model, load_tokenizer, resolve, same_tokenizer, truncated_copy)
 from .dtypes import dtype_name, resolve_dtype
-from .feature_draft import FeatureDraft, FeatureDraftRunner, is_feature_draft, is_feature_draft_model, load_feature_draft
+from .feature_draft import (FeatureDraft, FeatureDraftRunner, is_feature_draft, is_feature_draft_model,
+                            load_feature_draft)
 from .gguf_blocks import use_gguf_blocks, use_q8_blocks, uses_gguf_blocks
 from .gguf_kernels import KernelBuildError
 from .hardware import cpu_key, remembered
