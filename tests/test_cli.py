@@ -63,6 +63,7 @@ def test_bad_prompts_file_line(tmp_path):
     assert r.returncode == 2 and ":2:" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_json_over_a_prompts_file_carries_fields(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "Say hello.", "id": "a"}\n{"prompt": "Name a color.", "id": "b", "x": 3}\n')
@@ -103,6 +104,7 @@ def test_a_pair_with_different_tokenizers_is_refused(tmp_path, tokenizer):
     assert r.returncode == 2 and "different tokenizers" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_tune_saves_a_valid_lossless_default(tmp_path):
     """A short tune (one prompt, a 20 s budget): it measures ar and the starting config, duels candidates
     and saves a configuration the engine accepts."""
@@ -119,6 +121,7 @@ def test_tune_saves_a_valid_lossless_default(tmp_path):
     assert data["config"]["method"] == "gsd"
 
 
+@pytest.mark.slow
 def test_draft_kind_chooses_the_shipped_draft_and_every_kind_is_exact():
     """--draft-kind: auto means the shipped independent draft (it measured faster), features the shipped feature
     draft; every kind gives exactly plain decoding's tokens, and an explicit draft of the other kind is refused

@@ -21,6 +21,7 @@ def tiny_pair():
     return target, draft
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_compiled_steps_give_the_eager_tokens_and_reuse_their_shapes():
     target, draft = tiny_pair()

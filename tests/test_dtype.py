@@ -117,6 +117,7 @@ def bf16_engine():
     return engine, tokenizer
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_bf16_speculation_equals_bf16_plain_decoding_up_to_near_ties(bf16_engine):
     engine, tokenizer = bf16_engine

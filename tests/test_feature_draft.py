@@ -33,7 +33,8 @@ def feature_engine(default_pair, tmp_path_factory):
     return Engine(ModelRunner(target), FeatureDraftRunner(draft), stop_token_ids=stop_token_ids(tokenizer, target))
 
 
-@pytest.mark.parametrize("method", ["chain", "tree", "gsd"])
+@pytest.mark.parametrize("method", [pytest.param("chain", marks=pytest.mark.slow),
+                                    pytest.param("tree", marks=pytest.mark.slow), "gsd"])
 def test_feature_draft_methods_emit_exactly_plain_greedy_decoding(feature_engine, tokenizer, method):
     for p in PROMPTS:
         ids = encode(tokenizer, p)
@@ -107,6 +108,7 @@ def test_ttt_mask_gives_each_step_the_context_of_its_drafting_depth():
     assert bool(m.any(dim=1).all())         # no query without keys
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_distill_features_phases_train_a_draft_that_loads_and_stays_exact(tmp_path, tokenizer):
     prompts = tmp_path / "p.jsonl"

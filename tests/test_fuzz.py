@@ -95,7 +95,7 @@ def api_operations(served):
     return ops
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative"])
+@pytest.mark.parametrize("mode", [pytest.param("positive", marks=pytest.mark.slow), "negative"])
 def test_http_api_from_its_schema(api_operations, mode):
     """No 5xx for anything the schema allows or forbids; what it forbids gets a 4xx (negative_data_rejection).
     Every operation gets EXAMPLES generated requests per mode."""

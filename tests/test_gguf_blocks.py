@@ -180,6 +180,7 @@ def test_forward_is_close_to_dense_and_trees_equal_steps_bit_for_bit(gguf_pair, 
         assert torch.equal(f1, a1) and torch.equal(f2, a2)
 
 
+@pytest.mark.slow
 def test_the_portable_build_runs_the_target_as_the_vector_build_does(gguf_pair):
     """The whole GGUF target forward on the portable build: close to this CPU's build (other sum orders), and
     batch-invariant on its own (a token's hidden state is the same bits alone or among others)."""
@@ -228,6 +229,7 @@ def test_without_a_c_compiler_the_target_runs_its_dense_weights(monkeypatch, tmp
         load_engine(draft_spec=None, dtype="float32", target_weights="gguf")
 
 
+@pytest.mark.slow
 def test_gguf_speculation_equals_gguf_plain_decoding_and_dense_up_to_near_ties(gguf_pair, default_pair):
     target, draft, tokenizer = gguf_pair
     stops = stop_token_ids(tokenizer, target)
