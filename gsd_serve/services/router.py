@@ -101,7 +101,7 @@ class RouterReplica:
         return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "inflight": core.inflight,
                 "endpoints": len(core.endpoints),
                 "verify_queued": sum(len(e.batcher.queue) for e in core.endpoints.values() if e.batcher),
-                # the latest Verify batch sizes (bounded: it used to grow by one per call)
+                # the latest Verify batch sizes (bounded: its size must not grow with the calls)
                 "batch_sizes": len(core.batch_sizes), "runs": len(core.runs),
                 "load_policy": core.policy_snapshot()}
 

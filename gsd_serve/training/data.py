@@ -221,8 +221,8 @@ def load_data(shards: list[Path]) -> list[dict]:
 def held_out(item: dict) -> bool:
     """One prompt in 50, chosen by a hash of its tokens, is never trained on: all its answers (greedy and
     sampled) stay out, and the choice does not depend on the data's order, so held-out numbers compare
-    across runs and warm starts. (Taking the first answers of the data, as before, held out different
-    prompts when the prompt set changed, and left their sampled answers in training.)"""
+    across runs and warm starts (the first answers of the data would hold out other prompts whenever the prompt
+    set changed, and leave their sampled answers in training)."""
     return zlib.crc32(",".join(map(str, item["prompt"])).encode()) % 50 == 0
 
 
