@@ -13,8 +13,8 @@ from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.engine import Engine
 from gsd_serve.core.prompts import BENCH_PROMPTS, encode, load_prompts, spread
 from gsd_serve.models import ModelRunner, load_default_pair, load_engine
-from gsd_serve.models.dtypes import cpu_description
-from gsd_serve.models.loading import apply_draft_weights
+from gsd_serve.models.hardware import cpu_description
+from gsd_serve.models.factory import apply_draft_weights
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import time
 import torch
 
 from gsd_serve.models import ModelRunner, load_default_pair
-from gsd_serve.models.dtypes import cpu_description
+from gsd_serve.models.hardware import cpu_description
 from gsd_serve.models.gguf_blocks import use_gguf_blocks
 from gsd_serve.models.gguf_kernels import block_matmul
 

@@ -14,7 +14,7 @@ from concurrent import futures
 
 import grpc
 
-from gsd_serve.serving.bench_serve import free_port
+from gsd_serve.serving.serve_config import free_port
 
 CALLS, REPEATS, PAYLOAD = 2000, 3, b"x" * 300
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from gsd_serve.models import ModelRunner, load_default_pair
-from gsd_serve.models.dtypes import cpu_description
+from gsd_serve.models.hardware import cpu_description
 
 
 def step_ms(runner) -> float:

@@ -25,8 +25,8 @@ from gsd_serve.core.graph import TokenGraph
 from gsd_serve.core.prompts import encode, load_prompts
 from gsd_serve.core.sampling import SamplingParams, TokenChooser
 from gsd_serve.core.verification import TargetSession
-from gsd_serve.models.dtypes import cpu_description
-from gsd_serve.models.loading import load_engine
+from gsd_serve.models.hardware import cpu_description
+from gsd_serve.models.factory import load_engine
 
 
 def run_one(engine, prompt: list[int], max_new: int, k: int, answer: list[int] | None):

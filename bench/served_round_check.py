@@ -155,8 +155,8 @@ def main(argv=None) -> int:
     from gsd_serve.core.config import SpecConfig
     from gsd_serve.core.prompts import encode
     from gsd_serve.models import load_engine
-    from gsd_serve.models.dtypes import cpu_description
-    from gsd_serve.serving.bench_serve import BenchServeConfig, load_workload
+    from gsd_serve.models.hardware import cpu_description
+    from gsd_serve.tools.bench_serve import BenchServeConfig, load_workload
     from gsd_serve.serving.router import RouterConfig, RouterCore
 
     work = load_workload(BenchServeConfig(limit=a.limit))     # bench-serve's prompts, same selection

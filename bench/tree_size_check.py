@@ -16,8 +16,8 @@ from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.graph import best_tree_size
 from gsd_serve.core.prompts import encode
 from gsd_serve.core.verification import TargetSession
-from gsd_serve.models.dtypes import cpu_description
-from gsd_serve.models.loading import load_engine
+from gsd_serve.models.hardware import cpu_description
+from gsd_serve.models.factory import load_engine
 
 
 def record(engine, tokenizer, prompts, max_new_tokens: int, budget: int) -> tuple[list[dict], float]:

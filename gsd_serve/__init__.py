@@ -1,10 +1,12 @@
 """gsd-serve: Graph-structured Speculative Decoding, as a library and as a serving system.
 
-Layers, each importing only those before it:
-    core     the algorithm (graph, drafting, verification, acceptance, sampling, caches, decode loop, Engine)
-    models   loading checkpoints, the runner that does a forward, CPU kernels, tensor parallelism
-    serving  workers, router, gRPC and OpenAI frontends, prefix cache, Ray Serve deployments (services)
-    cli      the `gsd-serve` command: generate, bench, tune, distill, serve
+Layers, each importing only those before it (training and serving never import each other):
+    core      the algorithm (graph, drafting, verification, acceptance, sampling, caches, decode loop, Engine)
+    models    checkpoints, the runner that does a forward, CPU kernels, tensor parallelism, the factory
+    training  distilling drafts from a target
+    serving   workers, router, gRPC and OpenAI frontends, prefix cache; services: the Ray Serve deployments
+    tools     bench, tune, bench-serve, a local stack, chaos and soak (the [bench] extra)
+    cli       the `gsd-serve` command: arguments, then a call into the layers above
 """
 import importlib
 

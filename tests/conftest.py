@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -7,11 +8,58 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The tests' own cache directory (converted models, built kernels, per-CPU measurements), never the user's: what a
+# test measures or builds must not change what a user's next run decides. It persists across runs (gitignored), so
+# the kernels and the model conversion are not redone each time; GSD_SERVE_TEST_CACHE moves it. Subprocesses the
+# tests start (servers, Ray workers, tensor-parallel ranks, an installed wheel) inherit it through the environment.
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CACHE = Path(os.environ.get("GSD_SERVE_TEST_CACHE") or ROOT / ".test-cache")
+USER_CACHE = Path(os.environ.get("GSD_SERVE_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gsd-serve"))
+os.environ["GSD_SERVE_CACHE"] = str(TEST_CACHE)
 
+
+def _seed_converted_target() -> None:
+    """The default target's conversion from GGUF (deterministic, ~30 s) taken from the user's cache when it is
+    there: read from, never written to (hard links where the file system allows, else copies)."""
+    import shutil
+
+    from gsd_serve.models.checkpoints import DEFAULT_TARGET
+
+    src, dst = USER_CACHE / "models" / DEFAULT_TARGET, TEST_CACHE / "models" / DEFAULT_TARGET
+    if dst.exists() or not (src / "model.safetensors").exists() or src.resolve() == dst.resolve():
+        return
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, tmp, copy_function=link_or_copy)
+    tmp.replace(dst)
+
+
+_seed_converted_target()
+
+
+@pytest.hookimpl(tryfirst=True)      # before -m deselects: a test on the Ray cluster is marked `ray` however it is declared
 def pytest_collection_modifyitems(session, config, items):
-    """Tests on the Ray cluster run last (in their files' order): once started, its controller, proxies and
-    agents take ~10% of a core until the session ends, which every later test would pay for on 2 cores."""
-    items.sort(key=lambda item: "ray_serve" in getattr(item, "fixturenames", ()))
+    """Tests on the Ray cluster run last: once started, its controller, proxies and agents take ~10% of a core
+    until the session ends, which every later test would pay for on 2 cores. The tests of the shared served
+    application (served_app) come last of all, one module after the other in SERVED_APP_USERS' order, so that
+    the application is up only while they run (it goes at the session's end)."""
+    def key(item):
+        names = getattr(item, "fixturenames", ())
+        served = "served_app" in names
+        module = item.path.name if served else ""
+        return ("ray_serve" in names, served, SERVED_APP_USERS.index(module) if module in SERVED_APP_USERS else -1)
+
+    items.sort(key=key)
+    for item in items:
+        if "ray_serve" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -41,59 +89,35 @@ def tokenizer(default_pair):
 
 # ---------------------------------------------------------------- serving (tests/test_services_*.py)
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
-    """A throwaway redis-server on a free loopback port (or the one REDIS_URL names: never stopped)."""
+    """A throwaway redis-server on a free loopback port (tools.local_stack.RedisProcess), or the one REDIS_URL
+    names (never stopped)."""
 
     def __init__(self, tmpdir):
         import shutil
 
-        self.tmpdir = str(tmpdir)
-        self.proc = None
+        from gsd_serve.serving.serve_config import free_port
+        from gsd_serve.tools.local_stack import RedisProcess
+
         self.external = os.environ.get("REDIS_URL")
-        self.binary = shutil.which("redis-server")
-        self.port = None if self.external else free_port()
+        self.local = None
+        if not self.external:
+            if shutil.which("redis-server") is None:
+                # the install step provides it: its absence fails the serving tests, never skips them
+                pytest.fail("redis-server is not installed (apt-get install redis-server) and REDIS_URL is not set")
+            self.local = RedisProcess(free_port(), str(tmpdir))
 
     @property
     def url(self) -> str:
-        return self.external or f"redis://127.0.0.1:{self.port}/0"
+        return self.external or self.local.url
 
     def start(self) -> None:
-        import subprocess
-        import time
-
-        if self.external or self.proc is not None:
-            return
-        if self.binary is None:   # the install step provides it: its absence fails the serving tests, never skips them
-            pytest.fail("redis-server is not installed (apt-get install redis-server) and REDIS_URL is not set")
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.tmpdir, "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.time() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
-                return
-            except redis.RedisError:
-                if time.time() > deadline:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
+        if self.local is not None:
+            self.local.start()
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+        if self.local is not None:
+            self.local.stop()
 
     @property
     def can_stop(self) -> bool:
@@ -116,6 +140,7 @@ def ray_serve():
 
     from gsd_serve.services.app import GRPC_SERVICER_FUNCTIONS
     from gsd_serve.serving.serve_config import SLOW_START_ENV as slow
+    from gsd_serve.serving.serve_config import free_port
 
     http_port, grpc_port = free_port(), free_port()
     for k, v in slow.items():
@@ -126,7 +151,8 @@ def ray_serve():
                      object_store_memory=200 * 1024 * 1024,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
                                                "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                                               "TOKENIZERS_PARALLELISM": "false", **slow}})
+                                               "TOKENIZERS_PARALLELISM": "false",
+                                               "GSD_SERVE_CACHE": os.environ["GSD_SERVE_CACHE"], **slow}})
             break
         except Exception:
             ray.shutdown()
@@ -140,6 +166,54 @@ def ray_serve():
         if ray.is_initialized():
             serve.shutdown()
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- one served application with the real models
+
+SERVED_APP, SERVED_MODEL = "gsd", "gsd-test"
+SERVED_MAX = 12                                   # the router's default max_tokens
+SERVED_KEY = "test-key-" + os.urandom(8).hex()
+SERVED_AUTH = {"Authorization": f"Bearer {SERVED_KEY}"}
+SERVED_APP_USERS = ("test_services_serving.py", "test_services_reliability.py")   # chaos and soak last
+
+
+def served_spec():
+    from gsd_serve.core.config import SpecConfig
+
+    return SpecConfig.for_method("gsd", max_depth=4, budget=12)
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_serve, redis_server):
+    """The gsd application with the real models (float32), 2 draft and 2 target replicas, an API key, the
+    Redis prefix cache and a direct HTTP port, shared by the serving and reliability tests (one deployment
+    instead of one per module). The load policy is off: those tests exercise drafting rounds (a killed draft
+    replica, failover), which the policy may turn into plain steps on a CPU where speculation does not pay."""
+    from ray import serve
+
+    from gsd_serve.serving.serve_config import free_port
+    from gsd_serve.tools.local_stack import deploy_app
+
+    direct = free_port()
+    args = {"model_name": SERVED_MODEL, "redis_url": redis_server.url, "spec": served_spec().to_dict(),
+            "dtype": "float32", "api_key": SERVED_KEY, "max_sessions": 64, "prefix_block_size": 16,
+            "direct_http_port": direct,
+            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": SERVED_MAX,
+                       "load_policy": "off"}}
+    deploy_app(SERVED_APP, args, ray_serve["http"], drafts=2, targets=2)
+    yield {**ray_serve, "direct": f"http://127.0.0.1:{direct}"}
+    serve.delete(SERVED_APP)
+
+
+def whole(app: dict, timeout_s: float = 600) -> dict:
+    """`app` (served_app) once both its draft and both its target replicas answer: a module that kills replicas
+    leaves Serve replacing them, and the next module starts from the whole application."""
+    from gsd_serve.tools.local_stack import AppProbe
+
+    probe = AppProbe(SERVED_APP)
+    for kind in ("draft", "target"):
+        probe.wait_replicas(kind, 2, None, timeout_s)
+    return app
 
 
 # ---------------------------------------------------------------- a tiny random Llama with the real tokenizer

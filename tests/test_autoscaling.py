@@ -1,7 +1,7 @@
 """Issue 13: Ray autoscaling that sees the load the replicas measure.
 
 The router calls draft and target replicas on their own gRPC ports, so Serve counts no ongoing requests on
-them; they report their own load (record_autoscaling_stats) and services/autoscaling.py:ReplicaLoadPolicy turns
+them; they report their own load (record_autoscaling_stats) and gsd_serve/services/autoscaling.py:ReplicaLoadPolicy turns
 it into a replica count. Unit tests of the policy's decisions and of the numbers a real LoadMeter hands it, then
 the end-to-end check on this machine: a real Serve stack whose Draft deployment has min_replicas 1 and
 max_replicas 2 scales to 2 under sustained load and back to 1 when idle, and every request, before, during
@@ -117,7 +117,7 @@ def test_replica_load_meter_feeds_the_policy():
 
 def test_policy_module_imports_only_the_standard_library():
     """Serve pickles the policy into its controller, which has no gsd_serve: stdlib imports only."""
-    tree = ast.parse((ROOT / "services" / "autoscaling.py").read_text())
+    tree = ast.parse((ROOT / "gsd_serve" / "services" / "autoscaling.py").read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and
               not n.level}
@@ -215,7 +215,7 @@ def _wait_for(cond, what: str, timeout_s: float, load=None, every_s: float = 0.5
 def autoscaled_app(ray_serve, tmp_path_factory):
     from ray import serve
 
-    from gsd_serve.serving.reliability import deploy_app
+    from gsd_serve.tools.local_stack import deploy_app
 
     tdir, ddir = _tiny_llama_dirs(tmp_path_factory.mktemp("autoscale-models"))
     args = {"model_name": MODEL, "target": str(tdir), "draft": str(ddir), "dtype": "float32",
@@ -244,7 +244,8 @@ def test_draft_scales_up_under_load_and_down_when_idle_without_losing_a_request(
     import httpx
 
     from gsd_serve.models import load_engine
-    from gsd_serve.serving.reliability import AppProbe, LoadGenerator, make_cases, summarize
+    from gsd_serve.tools.local_stack import AppProbe
+    from gsd_serve.tools.reliability import LoadGenerator, make_cases, summarize
 
     engine, tokenizer = load_engine(str(autoscaled_app.tdir), str(autoscaled_app.ddir), dtype="float32")
     cases = make_cases(engine, tokenizer, SPEC, 8, MAX)

@@ -14,6 +14,18 @@ def run(*args, timeout=300, **kw):
                           timeout=timeout, env=ENV, **kw)
 
 
+def test_the_tests_use_their_own_cache_and_their_subprocesses_inherit_it():
+    """Nothing a test builds or measures lands in the user's cache directory (conftest.TEST_CACHE)."""
+    from conftest import TEST_CACHE, USER_CACHE
+
+    from gsd_serve.core.config import cache_dir
+
+    assert cache_dir() == TEST_CACHE and TEST_CACHE.resolve() != USER_CACHE.resolve()
+    r = subprocess.run([sys.executable, "-c", "from gsd_serve.core.config import cache_dir; print(cache_dir())"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(TEST_CACHE), r.stderr
+
+
 def test_help_lists_commands():
     r = run("--help")
     assert r.returncode == 0
@@ -51,6 +63,7 @@ def test_bad_prompts_file_line(tmp_path):
     assert r.returncode == 2 and ":2:" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_json_over_a_prompts_file_carries_fields(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "Say hello.", "id": "a"}\n{"prompt": "Name a color.", "id": "b", "x": 3}\n')
@@ -91,6 +104,7 @@ def test_a_pair_with_different_tokenizers_is_refused(tmp_path, tokenizer):
     assert r.returncode == 2 and "different tokenizers" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_tune_saves_a_valid_lossless_default(tmp_path):
     """A short tune (one prompt, a 20 s budget): it measures ar and the starting config, duels candidates
     and saves a configuration the engine accepts."""
@@ -107,11 +121,12 @@ def test_tune_saves_a_valid_lossless_default(tmp_path):
     assert data["config"]["method"] == "gsd"
 
 
+@pytest.mark.slow
 def test_draft_kind_chooses_the_shipped_draft_and_every_kind_is_exact():
     """--draft-kind: auto means the shipped independent draft (it measured faster), features the shipped feature
     draft; every kind gives exactly plain decoding's tokens, and an explicit draft of the other kind is refused
     with one clear line."""
-    from gsd_serve.models.loading import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
+    from gsd_serve.models.checkpoints import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
 
     assert default_draft_spec("auto") == "default-independent"
     assert (SHIPPED_FEATURE_DRAFT_DIR / "model.safetensors").exists()        # both drafts ship

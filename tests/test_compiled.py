@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.engine import Engine
 from gsd_serve.models import ModelRunner
-from gsd_serve.models.compiled import CompiledRunner, StaticKVCache, compile_wanted
+from gsd_serve.models.compiled import CompiledRunner, StaticKVCache
+from gsd_serve.models.factory import compile_wanted
 
 
 def tiny_pair():
@@ -20,6 +21,7 @@ def tiny_pair():
     return target, draft
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_compiled_steps_give_the_eager_tokens_and_reuse_their_shapes():
     target, draft = tiny_pair()

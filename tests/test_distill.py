@@ -32,6 +32,7 @@ def test_shipped_draft_loads_as_a_standard_checkpoint_and_shares_the_tokenizer(d
     assert torch.equal(plain, assisted)
 
 
+@pytest.mark.slow
 def test_tiny_distill_run_lowers_the_loss_and_writes_a_draft_that_drafts(tmp_path, tokenizer):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in [
@@ -69,6 +70,7 @@ def test_tiny_distill_run_lowers_the_loss_and_writes_a_draft_that_drafts(tmp_pat
     assert got.token_ids == ref.token_ids and got.stats.draft_forwards > 0
 
 
+@pytest.mark.slow
 def test_distill_in_two_phases_warm_starts_from_the_shipped_draft(tmp_path):
     """--phase data then --phase train --init: the way the shipped draft is retrained on more target text.
     Starting from the shipped draft must begin far better than starting from copies of the target's layers."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from gsd_serve.cli.distill_features import ttt_mask
+from gsd_serve.training.features import ttt_mask
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.drafting import DraftSession
 from gsd_serve.core.engine import Engine
@@ -33,7 +33,8 @@ def feature_engine(default_pair, tmp_path_factory):
     return Engine(ModelRunner(target), FeatureDraftRunner(draft), stop_token_ids=stop_token_ids(tokenizer, target))
 
 
-@pytest.mark.parametrize("method", ["chain", "tree", "gsd"])
+@pytest.mark.parametrize("method", [pytest.param("chain", marks=pytest.mark.slow),
+                                    pytest.param("tree", marks=pytest.mark.slow), "gsd"])
 def test_feature_draft_methods_emit_exactly_plain_greedy_decoding(feature_engine, tokenizer, method):
     for p in PROMPTS:
         ids = encode(tokenizer, p)
@@ -50,7 +51,7 @@ def test_q8_feature_draft_runs_on_blocks_and_stays_exact(default_pair, tokenizer
     """--draft-weights q8 on a feature draft: every projection and the output layer become Q8_0 blocks (a
     quarter of fp32's bytes per forward) and the output is still exactly the target's."""
     from gsd_serve.models.gguf_blocks import BlockLinear
-    from gsd_serve.models.loading import apply_draft_weights
+    from gsd_serve.models.factory import apply_draft_weights
 
     target, _, _ = default_pair
     torch.manual_seed(1)
@@ -107,6 +108,7 @@ def test_ttt_mask_gives_each_step_the_context_of_its_drafting_depth():
     assert bool(m.any(dim=1).all())         # no query without keys
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_distill_features_phases_train_a_draft_that_loads_and_stays_exact(tmp_path, tokenizer):
     prompts = tmp_path / "p.jsonl"
@@ -141,7 +143,7 @@ def test_router_asks_for_the_features_of_the_draft_the_draft_deployment_loads(de
     """The Router deployment must request exactly the layers the Draft deployment's draft reads: an explicit
     feature draft's, the shipped feature draft's when no draft is named (the default), none for an independent
     draft. Asking for none while the draft reads features would feed it zeros: exact, but poor drafts."""
-    from gsd_serve.models.loading import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
+    from gsd_serve.models.checkpoints import SHIPPED_FEATURE_DRAFT_DIR, default_draft_spec
 
     from gsd_serve.services.router import draft_feature_layers
 

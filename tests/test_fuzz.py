@@ -49,7 +49,7 @@ class Uvicorn:
     def __init__(self, app):
         import uvicorn
 
-        from conftest import free_port
+        from gsd_serve.serving.serve_config import free_port
 
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
@@ -95,7 +95,7 @@ def api_operations(served):
     return ops
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative"])
+@pytest.mark.parametrize("mode", [pytest.param("positive", marks=pytest.mark.slow), "negative"])
 def test_http_api_from_its_schema(api_operations, mode):
     """No 5xx for anything the schema allows or forbids; what it forbids gets a 4xx (negative_data_rejection).
     Every operation gets EXAMPLES generated requests per mode."""
@@ -289,7 +289,7 @@ def test_still_serving_exactly_after_the_fuzzing(served, tiny_pair, tok):
                    json={"model": "fuzz-model", "prompt": ids, "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200 and r.json()["token_ids"] == out
     if os.environ.get("GSD_FUZZ_REPORT"):
-        from gsd_serve.serving.reliability import cpu_name
+        from gsd_serve.models.hardware import cpu_description
 
         calls: dict = {}
         for (what, status), n in sorted(TALLY.items()):
@@ -298,6 +298,6 @@ def test_still_serving_exactly_after_the_fuzzing(served, tiny_pair, tok):
                   "http_5xx": sum(n for (w, st), n in TALLY.items() if w.startswith("HTTP") and st.startswith("5")),
                   "grpc_internal_or_unknown": sum(n for (w, st), n in TALLY.items()
                                                   if w.startswith("gRPC") and st in ("INTERNAL", "UNKNOWN")),
-                  "calls": calls, "cpu": cpu_name()}
+                  "calls": calls, "cpu": cpu_description()}
         with open(os.environ["GSD_FUZZ_REPORT"], "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

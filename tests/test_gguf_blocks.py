@@ -10,14 +10,15 @@ import platform
 import pytest
 import torch
 
-from gsd_serve.cli.bench import NEAR_TIE_EPS, divergence
+from gsd_serve.tools.bench import NEAR_TIE_EPS, divergence
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.engine import Engine
+from gsd_serve.core.kv_cache import KVCache
 from gsd_serve.core.prompts import encode, stop_token_ids
 from gsd_serve.core.sampling import SamplingParams
 from gsd_serve.models import ModelRunner, draft_output_ids, load_default_pair
 from gsd_serve.models.gguf_blocks import BlockLinear, dequantize, repack, use_gguf_blocks
-from gsd_serve.models.gguf_kernels import block_matmul
+from gsd_serve.models.gguf_kernels import PORTABLE, block_matmul
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
            "Explain how a bicycle works to a child.", "List three tips for learning a new language."]
@@ -35,9 +36,10 @@ def _random_blocks(kind: str, rows: int, cols: int) -> torch.Tensor:
     return torch.cat([d, m, q], -1).reshape(rows, -1)
 
 
-# this CPU's build (its vector path), and on x86 also the portable C loops (no AVX, no F16C), which the
-# build for an older CPU would take
-ARCHES = ["native"] + (["x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else [])
+X86 = platform.machine() in ("x86_64", "AMD64")
+# this CPU's build (its vector path), the portable build (the C paths only, as built where there are no x86
+# intrinsics), and on x86 the build for an older CPU (no AVX, no F16C: the same C paths, intrinsics available)
+ARCHES = ["native", PORTABLE] + (["x86-64-v2"] if X86 else [])
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -56,6 +58,56 @@ def test_block_matmul_is_the_dequantized_product_and_batch_invariant(kind, arch)
     assert torch.equal(y, alone)
     for a, b in ((3, 11), (0, 8), (2, 9), (5, 7), (1, 7), (4, 13), (0, 3), (1, 5), (2, 7)):   # every tile shape
         assert torch.equal(y[a:b], block_matmul(kind.lower(), x[a:b].contiguous(), blocks, rows, arch))
+
+
+def test_ctypes_signatures_are_read_from_the_c_declarations():
+    import ctypes
+
+    from gsd_serve.models.gguf_kernels import SOURCE, declarations, library
+
+    found = declarations(SOURCE.read_text())
+    assert set(found) == {"q4_1_matmul", "q8_0_matmul", "rms_norm", "layer_forward"}
+    P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    assert found["rms_norm"] == (None, [P, P, F, I, I, P])
+    restype, args = found["layer_forward"]
+    assert restype is None and len(args) == 27 and args[:6] == [I, P, I, I, P, F] and args[-5:] == [I, I, I, F, P]
+    lib = library()
+    for name, (restype, argtypes) in found.items():
+        assert getattr(lib, name).argtypes == argtypes and getattr(lib, name).restype is restype
+    # what the parser reads: file-scope prototypes only (a definition or a macro body is no declaration)
+    snippet = """/* void commented(int a); */
+    long f(const float *x, int n, long m, double s, size_t k, float *const *pp);
+    void g(void);
+    static void h(int a) { }
+    #define DEF(NAME) void NAME(int a) {
+    """
+    assert declarations(snippet) == {"f": (ctypes.c_long, [P, I, ctypes.c_long, ctypes.c_double, ctypes.c_size_t, P]),
+                                     "g": (None, [])}
+    with pytest.raises(ValueError, match="no ctypes type"):
+        declarations("void k(struct thing t);")
+
+
+def test_the_portable_build_needs_no_x86_intrinsics(tmp_path):
+    """-DGSD_PORTABLE builds the C paths alone, as a machine without <immintrin.h> builds them: with an
+    immintrin.h that fails any build including it first on the include path, the portable build still builds
+    (and on x86 the native one, which includes it, does not: the check can fail)."""
+    import subprocess
+
+    from gsd_serve.models.gguf_kernels import SOURCE, compile_flags, compiler
+
+    poison = tmp_path / "include"
+    poison.mkdir()
+    (poison / "immintrin.h").write_text('#error "x86 intrinsics included"\n')
+
+    def build(arch):
+        return subprocess.run([compiler(), *compile_flags(arch), "-I", str(poison), str(SOURCE), "-o",
+                               str(tmp_path / f"{arch}.so")], capture_output=True, text=True)
+
+    r = build(PORTABLE)
+    assert r.returncode == 0, r.stderr
+    if X86:
+        r = build("native")
+        assert r.returncode != 0 and "x86 intrinsics included" in r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +180,56 @@ def test_forward_is_close_to_dense_and_trees_equal_steps_bit_for_bit(gguf_pair, 
         assert torch.equal(f1, a1) and torch.equal(f2, a2)
 
 
+@pytest.mark.slow
+def test_the_portable_build_runs_the_target_as_the_vector_build_does(gguf_pair):
+    """The whole GGUF target forward on the portable build: close to this CPU's build (other sum orders), and
+    batch-invariant on its own (a token's hidden state is the same bits alone or among others)."""
+    from gsd_serve.models.gguf_blocks import GGUFDecoder
+
+    target = gguf_pair[0]
+    native, portable = GGUFDecoder(target), GGUFDecoder(target, PORTABLE)
+    prompt, toks = torch.arange(1000, 1040), torch.tensor([5, 17, 300, 42])
+    with torch.inference_mode():
+        hidden = {}
+        for name, dec in (("native", native), ("portable", portable)):
+            cache = KVCache()
+            dec(cache, prompt, torch.arange(40), None)
+            hidden[name] = dec(cache, toks, torch.arange(40, 44), None)
+        assert (hidden["native"] - hidden["portable"]).abs().max() < 1e-3 * hidden["native"].abs().max()
+        cache = KVCache()
+        portable(cache, prompt, torch.arange(40), None)
+        steps = [portable(cache, toks[i:i + 1], torch.tensor([40 + i]), None)[0] for i in range(4)]
+        assert all(torch.equal(hidden["portable"][i], steps[i]) for i in range(4))
+
+
+def test_without_a_c_compiler_the_target_runs_its_dense_weights(monkeypatch, tmp_path, default_pair):
+    """No C compiler (and no kernels built yet): --target-weights auto falls back to dense weights (and the draft
+    stays dense), generating exactly as plain decoding on dense weights; an explicit gguf says why it cannot."""
+    from gsd_serve.core.config import cache_dir
+    from gsd_serve.models import gguf_kernels, load_engine
+    from gsd_serve.models.gguf_blocks import uses_gguf_blocks
+
+    (tmp_path / "models").symlink_to(cache_dir() / "models")     # the converted models, but no kernels
+    monkeypatch.setenv("GSD_SERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.delenv("GSD_SERVE_GGUF_BLOCKS", raising=False)
+    monkeypatch.setattr(gguf_kernels, "_libs", {})
+    with pytest.raises(gguf_kernels.KernelBuildError, match="no C compiler"):
+        gguf_kernels.library()
+    engine, tokenizer = load_engine(dtype="float32", target_weights="auto", draft_weights="auto")
+    assert engine.target.weights == "dense" and not uses_gguf_blocks(engine.target.model)
+    assert not uses_gguf_blocks(engine.draft.model)
+    assert not (tmp_path / "kernels").exists() and not (tmp_path / "cpu-target-weights.json").exists()
+    dense = Engine(ModelRunner(default_pair[0]), None, stop_token_ids=engine.stop_token_ids)
+    for text in PROMPTS[:2]:
+        ids = encode(tokenizer, text)
+        ref = dense.generate(ids, 24, SpecConfig.for_method("ar")).token_ids
+        assert engine.generate(ids, 24, SpecConfig.for_method("gsd")).token_ids == ref, text
+    with pytest.raises(gguf_kernels.KernelBuildError):
+        load_engine(draft_spec=None, dtype="float32", target_weights="gguf")
+
+
+@pytest.mark.slow
 def test_gguf_speculation_equals_gguf_plain_decoding_and_dense_up_to_near_ties(gguf_pair, default_pair):
     target, draft, tokenizer = gguf_pair
     stops = stop_token_ids(tokenizer, target)
@@ -149,9 +251,10 @@ def test_gguf_speculation_equals_gguf_plain_decoding_and_dense_up_to_near_ties(g
 def test_auto_measures_once_per_cpu_and_can_be_forced(monkeypatch, tmp_path, default_pair):
     import json
 
-    from gsd_serve.models.gguf_blocks import gguf_blocks_faster, uses_gguf_blocks
+    from gsd_serve.models.factory import gguf_blocks_faster
+    from gsd_serve.models.gguf_blocks import uses_gguf_blocks
     from gsd_serve.core.config import cache_dir
-    from gsd_serve.models.loading import apply_target_weights
+    from gsd_serve.models.factory import apply_target_weights
 
     # a fresh cache for the measurement, sharing the built kernels and converted models (rebuilding them is
     # not what this test checks, and costs a minute of gcc on 2 cores)
@@ -178,7 +281,7 @@ def test_auto_measures_once_per_cpu_and_can_be_forced(monkeypatch, tmp_path, def
 
 def test_a_q8_draft_is_close_to_its_dense_self_and_speculation_stays_exact(gguf_pair):
     from gsd_serve.models.gguf_blocks import quantize_q8_0, use_q8_blocks, uses_gguf_blocks
-    from gsd_serve.models.loading import apply_draft_weights
+    from gsd_serve.models.factory import apply_draft_weights
 
     w = torch.randn(64, 576, generator=torch.Generator().manual_seed(3))
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(4))
@@ -215,7 +318,7 @@ def test_a_q8_draft_is_close_to_its_dense_self_and_speculation_stays_exact(gguf_
 def test_distill_data_decodes_a_batch_together_exactly_as_each_prompt_alone(gguf_pair):
     """distill's data phase on GGUF blocks decodes a batch's sequences in one fused forward per token: greedy,
     each answer equals plain decoding of its prompt alone, and the kept top-k are the logits of each choice."""
-    from gsd_serve.cli.distill import runner_answers
+    from gsd_serve.training.data import runner_answers
 
     target, _, tokenizer = gguf_pair
     runner = ModelRunner(target)
@@ -240,7 +343,8 @@ def test_magpie_prompts_are_written_by_the_target_on_its_blocks_and_resume(gguf_
     and a rerun asking for more appends to what is there."""
     import json
 
-    from gsd_serve.cli.distill import DistillConfig, magpie_prompts
+    from gsd_serve.training.config import DistillConfig
+    from gsd_serve.training.data import magpie_prompts
 
     target, _, tokenizer = gguf_pair
 

@@ -28,7 +28,8 @@ def reference(engine, tokenizer):
     return out
 
 
-@pytest.mark.parametrize("method", ["chain", "tree", "gsd"])
+@pytest.mark.parametrize("method", [pytest.param("chain", marks=pytest.mark.slow),
+                                    pytest.param("tree", marks=pytest.mark.slow), "gsd"])
 def test_speculative_methods_emit_exactly_plain_greedy_decoding(engine, reference, method):
     spec = SpecConfig.for_method(method)
     for i, (ids, ref) in reference.items():

@@ -92,7 +92,8 @@ def assert_matches(counts: Counter, exact: dict, n: int, alpha: float = 1e-7):
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
-                                    SamplingParams(temperature=0.7, top_k=5, top_p=0.9)])
+                                    pytest.param(SamplingParams(temperature=0.7, top_k=5, top_p=0.9),
+                                                 marks=pytest.mark.slow)])
 def test_joint_distribution_of_first_tokens_is_exactly_the_targets(tiny, params):
     target, draft = tiny
     engine = Engine(ModelRunner(target), ModelRunner(draft))
@@ -158,6 +159,7 @@ def test_sampling_params_are_validated():
 
 # ------------------------------------------------------------------ the real default pair
 
+@pytest.mark.slow
 def test_real_pair_sampled_output_matches_plain_sampling(engine, tokenizer):
     """Seed for seed, gsd emits plain sampling's tokens; the first two tokens follow the exact distribution."""
     ids = encode(tokenizer, "Tell me something about cats.")

@@ -1,6 +1,7 @@
 """Reliability and security of the served stack: real Ray Serve, real gRPC, real redis-server.
 
-One application with 2 draft and 2 target replicas and an API key: authentication on HTTP, the Router
+One application with 2 draft and 2 target replicas and an API key (conftest.served_app, shared with
+test_services_serving.py): authentication on HTTP, the Router
 RPCs and the worker ports; hostile requests (oversized, malformed, wrong types) answered with 4xx /
 INVALID_ARGUMENT / RESOURCE_EXHAUSTED; a short soak (16 streams: memory flat, nothing left behind) and a
 short chaos run (8 streams while a draft replica, a target replica and Redis fail in turn: no failed
@@ -15,43 +16,34 @@ import grpc
 import httpx
 import pytest
 
-from gsd_serve.core.config import SpecConfig
+from conftest import SERVED_APP as APP
+from conftest import SERVED_AUTH as AUTH
+from conftest import SERVED_KEY as KEY
+from conftest import SERVED_MODEL as MODEL
+from conftest import served_spec, whole
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
-APP = "gsd-rel"
-MODEL = "gsd-rel"
-KEY = "test-key-" + os.urandom(8).hex()
 MAX = 16
-SPEC = SpecConfig.for_method("gsd", max_depth=4, budget=12)
-AUTH = {"Authorization": f"Bearer {KEY}"}
+SPEC = served_spec()
 SOAK_S = float(os.environ.get("GSD_TEST_SOAK_S", 36))   # the long soak is `gsd-serve soak`
 
 
 @pytest.fixture(scope="module")
-def app(ray_serve, redis_server):
-    from ray import serve
-
-    from gsd_serve.serving.reliability import deploy_app
-
-    args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(), "dtype": "float32",
-            "api_key": KEY, "max_sessions": 64, "prefix_block_size": 16,
-            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": MAX}}
-    deploy_app(APP, args, ray_serve["http"], drafts=2, targets=2)
-    yield ray_serve
-    serve.delete(APP)
+def app(served_app):
+    return whole(served_app)
 
 
 @pytest.fixture(scope="module")
 def cases(engine, tokenizer):
-    from gsd_serve.serving.reliability import make_cases
+    from gsd_serve.tools.reliability import make_cases
 
     return make_cases(engine, tokenizer, SPEC, 8, MAX)
 
 
 @pytest.fixture
 def probe(app):
-    from gsd_serve.serving.reliability import AppProbe
+    from gsd_serve.tools.local_stack import AppProbe
 
     return AppProbe(APP)
 
@@ -198,7 +190,7 @@ def test_hostile_grpc_requests_to_the_router(app, cases):
 def test_soak_short(app, cases, probe):
     """16 streams for 36 s: no failure, exact answers, every process's memory flat after warm-up,
     nothing left behind (sessions, in-flight requests, queued Verify items)."""
-    from gsd_serve.serving.reliability import LoadGenerator, SoakConfig, run_soak
+    from gsd_serve.tools.reliability import LoadGenerator, SoakConfig, run_soak
 
     load = LoadGenerator(app["http"], MODEL, cases, MAX, streams=16, api_key=KEY)
     report = run_soak(SoakConfig(duration_s=SOAK_S, warmup_s=SOAK_S / 2, sample_every_s=3), load, probe)
@@ -212,7 +204,7 @@ def test_soak_short(app, cases, probe):
 def test_chaos_short(app, cases, probe, redis_server):
     """8 streams while a draft replica, a target replica and Redis fail in turn: 0 failed requests, every
     answer identical to the in-process engine's, every replica replaced, nothing left behind."""
-    from gsd_serve.serving.reliability import ChaosConfig, LoadGenerator, run_chaos
+    from gsd_serve.tools.reliability import ChaosConfig, LoadGenerator, run_chaos
 
     if not redis_server.can_stop:
         pytest.fail("the chaos test restarts Redis: run it with its own redis-server (unset REDIS_URL)")

@@ -1,8 +1,9 @@
 """The serving stack end to end: real Ray Serve (one cluster per session), real gRPC, real redis-server.
 
-The router, two draft replicas and one target replica run as Serve deployments; clients talk to them
-over loopback HTTP (the official `openai` client) and gRPC. Every generated text is compared with the
-in-process engine's greedy output for the same prompt.
+The router, two draft replicas and two target replicas run as Serve deployments (conftest.served_app, shared
+with test_services_reliability.py); clients talk to them over loopback HTTP (the official `openai` client)
+and gRPC, with the application's API key. Every generated text is compared with the in-process engine's
+greedy output for the same prompt.
 """
 from __future__ import annotations
 
@@ -15,41 +16,23 @@ import uuid
 import grpc
 import pytest
 
-from gsd_serve.core.config import SpecConfig
+from conftest import SERVED_APP as APP
+from conftest import SERVED_AUTH as AUTH
+from conftest import SERVED_KEY, SERVED_MAX
+from conftest import SERVED_MODEL as MODEL
+from conftest import served_spec, whole
 from gsd_serve.core.prompts import encode
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]   # a starved 2-core machine needs the room
 
-MODEL = "gsd-test"
-MAX = 12
-SPEC = SpecConfig.for_method("gsd", max_depth=4, budget=12)
-APP = "gsd"
+SPEC = served_spec()
+
+MAX = SERVED_MAX
 
 
 @pytest.fixture(scope="module")
-def app(ray_serve, redis_server):
-    import httpx
-    from ray import serve
-
-    from gsd_serve.services.app import build_app
-
-    from conftest import free_port
-
-    args = {"model_name": MODEL, "redis_url": redis_server.url, "spec": SPEC.to_dict(), "dtype": "float32",
-            "replicas": {"draft": 2}, "max_sessions": 32, "prefix_block_size": 16, "direct_http_port": free_port(),
-            # load_policy off: these tests exercise drafting rounds (a killed draft replica, failover), which the
-            # load policy may turn into plain steps on a CPU where speculation does not pay
-            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": MAX, "load_policy": "off"}}
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    deadline = time.time() + 120
-    while True:   # replicas register their gRPC ports through heartbeats
-        r = httpx.get(ray_serve["http"] + "/health", timeout=10)
-        if r.status_code == 200 and r.json()["draft_replicas"] == 2:
-            break
-        assert time.time() < deadline, r.text
-        time.sleep(0.5)
-    yield {**ray_serve, "direct": f"http://127.0.0.1:{args['direct_http_port']}"}
-    serve.delete(APP)
+def app(served_app):
+    return whole(served_app)
 
 
 _refs: dict = {}
@@ -71,7 +54,7 @@ def chat_ids(tokenizer, text: str, system: str | None = None):
 def client(app):
     import openai
 
-    return openai.OpenAI(base_url=app["http"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=app["http"] + "/v1", api_key=SERVED_KEY, max_retries=0, timeout=300)
 
 
 def metrics(app) -> str:
@@ -163,7 +146,7 @@ def test_direct_port_serves_the_same_answers_without_the_proxy(app, engine, toke
     engine's and to the proxied route's, streamed and not."""
     import openai
 
-    direct = openai.OpenAI(base_url=app["direct"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    direct = openai.OpenAI(base_url=app["direct"] + "/v1", api_key=SERVED_KEY, max_retries=0, timeout=300)
     msgs, ids = chat_ids(tokenizer, "Name three colors.")
     text, _, _ = reference(engine, tokenizer, ids)
     streamed = "".join(c.choices[0].delta.content or "" for c in direct.chat.completions.create(
@@ -178,7 +161,7 @@ def test_sse_wire_format(app):
 
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", app["http"] + "/v1/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", app["http"] + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)
@@ -194,7 +177,7 @@ def test_grpc_generate_and_health(app, engine, tokenizer):
 
     _, ids = chat_ids(tokenizer, "Name a fruit.")
     text, tokens, finish = reference(engine, tokenizer, ids)
-    md = (("application", APP),)
+    md = (("application", APP), ("authorization", f"Bearer {SERVED_KEY}"))
     with grpc.insecure_channel(app["grpc"], options=CHANNEL_OPTIONS) as ch:
         stub = pb_grpc.RouterStub(ch)
         r = stub.Generate(pb.GenerateRequest(model=MODEL, prompt="Name a fruit.", max_tokens=MAX), metadata=md,
@@ -329,7 +312,7 @@ def test_client_disconnect_cancels_and_releases(app):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
             "max_tokens": 400, "temperature": 0, "stream": True}
     sid = None
-    with httpx.stream("POST", app["http"] + "/v1/chat/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", app["http"] + "/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
         for line in r.iter_lines():
             if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
                 sid = json.loads(line[6:])["id"]
@@ -373,13 +356,13 @@ def test_bad_requests_get_400_and_service_keeps_serving(app, engine, tokenizer):
     ]
     for path, body in cases:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-        r = httpx.post(url + path, timeout=60, headers={"content-type": "application/json"}, **kw)
+        r = httpx.post(url + path, timeout=60, headers=dict(AUTH, **{"content-type": "application/json"}), **kw)
         assert r.status_code in (400, 422), (body, r.status_code, r.text)
         assert r.json()["error"]["message"], body
     with pytest.raises(openai.BadRequestError):
         client(app).chat.completions.create(model="no-such-model", messages=ok_chat["messages"], max_tokens=2)
 
-    md = (("application", APP),)
+    md = (("application", APP), ("authorization", f"Bearer {SERVED_KEY}"))
     with grpc.insecure_channel(app["grpc"]) as ch:
         stub = pb_grpc.RouterStub(ch)
         for req in (pb.GenerateRequest(model=MODEL, max_tokens=2),

@@ -65,7 +65,7 @@ def test_prefix_cache_roundtrip_is_exact(redis_server, tiny_pair):
 
 
 def test_prefix_cache_outage_and_size_cap(tiny_pair):
-    from conftest import free_port
+    from gsd_serve.serving.serve_config import free_port
 
     dead = PrefixCache(f"redis://127.0.0.1:{free_port()}/0", "fp", block_size=4, timeout_s=0.2, retry_after_s=30)
     t0 = time.time()
@@ -373,7 +373,7 @@ def test_direct_http_ports_are_checked():
         yaml.safe_dump(two, f)
     with pytest.raises(ValueError, match="application other: direct_http_port 18004 is already application gsd's"):
         load_config(f.name)
-    from gsd_serve.serving.bench_serve import BenchServeConfig
+    from gsd_serve.tools.bench_serve import BenchServeConfig
 
     with pytest.raises(ValueError, match="entries must be direct and/or proxy"):
         BenchServeConfig(entries=("sideways",))

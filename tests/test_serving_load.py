@@ -1058,6 +1058,7 @@ def test_admitted_request_that_never_starts_is_reaped(workers, tokenizer):
 
 # ---------------------------------------------------------------- (c) batch_sizes bounded
 
+@pytest.mark.slow
 def test_router_batch_sizes_stay_bounded(workers, tiny_pair, tokenizer):
     """Plain decoding: every token after the first is one Verify call. More calls than the bound, and the
     router keeps only the latest (before 9b8da75: one list entry per call, forever)."""

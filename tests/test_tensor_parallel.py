@@ -143,7 +143,7 @@ def tp1_greedy(engine, tokenizer):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("method", ["ar", "gsd"])
+@pytest.mark.parametrize("method", [pytest.param("ar", marks=pytest.mark.slow), "gsd"])
 def test_tp3_greedy_output_is_token_identical_to_tp1(tp_engine, tp1_greedy, method):
     spec = SpecConfig.for_method(method)
     for ids, ref in tp1_greedy:
@@ -276,11 +276,12 @@ def _llama2_70b_head_layout_bf16(path):
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_llama2_70b_head_layout_in_bf16_at_tp8_never_holds_fp32_weights(tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from gsd_serve.models.loading import load_model
+    from gsd_serve.models.checkpoints import load_model
     from gsd_serve.models.tensor_parallel.rank import AUDIT_ENV
 
     path = tmp_path / "llama2-70b-heads"

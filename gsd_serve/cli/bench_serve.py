@@ -26,7 +26,7 @@ def _levels(text: str) -> tuple[int, ...]:
 def cmd_bench_serve(args) -> int:
     import json
 
-    from ..serving.bench_serve import BenchServeConfig, run_bench, write_report
+    from ..tools.bench_serve import BenchServeConfig, run_bench, write_report
 
     extra = {}
     if args.app_args:
@@ -46,7 +46,7 @@ def cmd_bench_serve(args) -> int:
     report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.out:
         write_report(report, args.out)
-    from ..serving.bench_serve import markdown
+    from ..tools.bench_serve import markdown
 
     print(markdown(report))
     checks = report["checks"]
@@ -58,7 +58,7 @@ def register(sub) -> None:
                                            "method and concurrency", description=__doc__)
     p.add_argument("--methods", default="ar,gsd",
                    help="served configurations, comma-separated: ar, gsd (load-following speculation, the default), "
-                        "gsd-static (always the full tree), gsd-adaptive (per-sequence governor) (default ar,gsd)")
+                        "gsd-static (always the full tree) (default ar,gsd)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="concurrent streams per level (default 1,2,4,8,16,32)")
     p.add_argument("--prompts", help="a prompts file (default: the held-out gsd_serve/data/bench_prompts.jsonl)")
     p.add_argument("--limit", type=positive_int("--limit"), help="use N prompts, spread over the categories")

@@ -16,7 +16,7 @@ from .args import positive_int
 
 
 def cmd_chaos(args) -> int:
-    from ..serving.reliability import local_run
+    from ..tools.reliability import local_run
 
     report = local_run("chaos", args.minutes * 60, args.streams, args.max_tokens, settle_s=args.settle)
     report["command"] = "gsd-serve " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["chaos"] else "gsd-serve chaos"

@@ -31,7 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..core.config import ConfigError
     from ..core.prompts import PromptError
 
-    loading = sys.modules.get("gsd_serve.models.loading")
+    loading = sys.modules.get("gsd_serve.models.checkpoints")
     return (CliError, ConfigError, PromptError, ValueError) + ((loading.ModelLoadError,) if loading else ())
 
 

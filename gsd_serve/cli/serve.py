@@ -9,30 +9,8 @@ Ray's default; RAY_AUTH_MODE=disabled turns it off.
 """
 from __future__ import annotations
 
-import os
-import sys
-import time
-
 from ..serving.auth import API_KEY_ENV, api_key_from_env
-from ..serving.serve_config import DIRECT_HTTP_PORT, SLOW_START_ENV, endpoints, load_config
-
-
-def _wait_running(names: list[str], timeout_s: float) -> None:
-    from ray import serve
-
-    deadline = time.time() + timeout_s
-    while True:
-        status = serve.status()
-        states = {n: status.applications[n].status if n in status.applications else "NOT_STARTED" for n in names}
-        failed = {n: s for n, s in states.items() if str(s).endswith(("DEPLOY_FAILED", "UNHEALTHY"))}
-        if failed:
-            n = next(iter(failed))
-            raise RuntimeError(f"application {n} failed: {status.applications[n].message}")
-        if all(str(s).endswith("RUNNING") for s in states.values()):
-            return
-        if time.time() > deadline:
-            raise RuntimeError(f"applications not running after {timeout_s:.0f}s: {states}")
-        time.sleep(1)
+from ..serving.serve_config import DIRECT_HTTP_PORT, endpoints, load_config
 
 
 def cmd_serve(args) -> int:
@@ -44,54 +22,9 @@ def cmd_serve(args) -> int:
     if args.dry_run:
         print("\n".join(endpoints(config)))
         return 0
-    # Ray's token auth stays at Ray's default (on for a new local cluster): RAY_AUTH_MODE=disabled turns it off
-    # the local cluster started here inherits this environment (SLOW_START_ENV: time for Serve's proxy to start)
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                 **SLOW_START_ENV}.items():
-        os.environ.setdefault(k, v)
-    import ray
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeDeploySchema
+    from ..tools.serve import run
 
-    schema = ServeDeploySchema.model_validate(config)
-    if args.address:
-        ray.init(address=args.address, namespace="serve", log_to_driver=False)
-    else:
-        ray.init(namespace="serve", include_dashboard=False, log_to_driver=False)
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # after ray.init (its handler aborts the process): SIGTERM and SIGINT shut the stack down cleanly
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                       proxy_location=schema.proxy_location,
-                                       grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
-        client.deploy_apps(schema, _blocking=False)
-        names = [a["name"] for a in config["applications"]]
-        print(f"gsd-serve: deploying {', '.join(names)} ...", file=sys.stderr, flush=True)
-        _wait_running(names, args.timeout)
-        print("gsd-serve: serving", flush=True)
-        print("\n".join(endpoints(config)), flush=True)
-        if args.exit_when_ready:
-            return 0
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("gsd-serve: shutting down", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        from ray import serve
-
-        if not args.address and ray.is_initialized():
-            serve.shutdown()
-        ray.shutdown()
+    return run(config, args.address, args.timeout, args.exit_when_ready)
 
 
 def register(sub) -> None:

@@ -15,7 +15,7 @@ from .chaos import _emit
 
 
 def cmd_soak(args) -> int:
-    from ..serving.reliability import local_run
+    from ..tools.reliability import local_run
 
     report = local_run("soak", args.minutes * 60, args.streams, args.max_tokens,
                        warmup_s=args.warmup * 60 if args.warmup is not None else None)

@@ -10,7 +10,8 @@ own cache buffers, which CUDA graphs would re-record per session).
 
 Compile time is reported (`compile_seconds`, `warmup()`), kept out of measured tokens/s by `bench`'s
 warm-up, and cached across runs in the cache directory (inductor's FX graph cache). A shape whose
-compilation fails falls back to eager for good (`fallbacks`). `GSD_SERVE_COMPILE=0` turns it off.
+compilation fails falls back to eager for good (`fallbacks`). Whether to compile is the factory's choice
+(factory.compile_wanted: `GSD_SERVE_COMPILE=0` turns it off).
 
 Numerics: compiled kernels reduce in other orders than eager ones, and different buckets compile to
 different kernels, so a one-token step and a tree can differ in the last bits: near-ties can flip, as in
@@ -31,16 +32,6 @@ from .runner import ModelRunner
 
 MAX_COMPILED_ROWS = 64
 MIN_CAPACITY = 256
-
-
-def compile_wanted(mode: str | None, device: torch.device) -> bool:
-    """Whether `--compile` mode (on, off, auto) compiles on `device`."""
-    if os.environ.get("GSD_SERVE_COMPILE", "1").lower() in ("0", "false", "no", "off"):
-        return False
-    mode = (mode or "off").lower()
-    if mode not in ("on", "off", "auto"):
-        raise ValueError(f"--compile must be on, off or auto, got '{mode}'")
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def _bucket(n: int) -> int:

@@ -13,18 +13,18 @@ Set GSD_SERVE_PACKED_LINEAR=0 to keep the stock kernels (for A/B runs and for de
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .switches import forced
 
 # Rows the reorder is tuned for: the size of a typical verification tree (a one-row decode step is as fast).
 BATCH_HINT = 32
 
 
 def packing_available(weight: torch.Tensor) -> bool:
-    if os.environ.get("GSD_SERVE_PACKED_LINEAR", "1").lower() in ("0", "false", "no", "off"):
+    if forced("GSD_SERVE_PACKED_LINEAR") is False:
         return False
     if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):

@@ -12,7 +12,7 @@ restricted to `output_ids`. The target computes those hidden states anyway (its 
 covers every tree node; prefill covers the prompt), so the draft sees what the target "thought" one
 position earlier: the reason such drafts agree with the target far more often than an independent small
 model (EAGLE-3, arXiv 2503.01840). Deeper drafting levels feed the draft's own output state in place of
-the fused feature, which is what training-time test (cli/distill.py --kind features) trains it for.
+the fused feature, which is what training-time test (training/features.py: `gsd-serve distill --kind features`) trains it for.
 
 Files (a checkpoint directory): config.json ({"draft_kind": "features", ...}), model.safetensors (the draft's
 own tensors; the embedding is the target's and is taken from it at load time), draft_vocab.json.

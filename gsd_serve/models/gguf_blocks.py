@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoints import gguf_path as default_gguf_path
 from .gguf_kernels import block_matmul
 
 GROUP = 32
@@ -153,8 +154,9 @@ def q8_linear(dense: nn.Module, name: str = "linear") -> "BlockLinear":
 
 
 def use_q8_blocks(model: nn.Module) -> int:
-    """Quantize a (draft) model's projections to Q8_0 blocks run by the C kernels (GGUFDecoder); returns how
-    many. ModelRunner then also runs its (possibly reduced) output layer as Q8_0 blocks. Lossy, so for drafts only."""
+    """Quantize a (draft) model's projections and output layer to Q8_0 blocks run by the C kernels
+    (GGUFDecoder, and ModelRunner for the output layer, reduced to a draft's vocabulary by taking rows); returns
+    how many. Lossy, so for drafts only."""
     count = 0
     for layer in model.base_model.layers:
         for owner_name, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -163,8 +165,8 @@ def use_q8_blocks(model: nn.Module) -> int:
             for name in names:
                 setattr(owner, name, q8_linear(getattr(owner, name), f"{owner_name}.{name}"))
                 count += 1
-    model.q8_output_layer = True    # ModelRunner quantizes the output layer it uses
-    return count
+    model.set_output_embeddings(q8_linear(model.get_output_embeddings(), "the output layer"))
+    return count + 1
 
 
 def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
@@ -185,15 +187,14 @@ class BlockLinear(nn.Module):
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
 
+    def rows(self, ids: torch.Tensor) -> "BlockLinear":
+        """This weight's rows `ids` (a reduced output vocabulary): the same blocks, fewer outputs."""
+        return BlockLinear(self.kind, self.blocks[ids], self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
         y = block_matmul(self.kind.lower(), flat, self.blocks, self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
-
-
-def _gguf_path() -> str:
-    from .loading import GGUF_FILE, _gguf_dir
-    return str(_gguf_dir() / GGUF_FILE)
 
 
 def use_gguf_blocks(model: nn.Module, gguf_path: str | None = None) -> int:
@@ -202,7 +203,7 @@ def use_gguf_blocks(model: nn.Module, gguf_path: str | None = None) -> int:
     against its weights, element by element)."""
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("GGUF block weights run with fp32 activations: load the target in float32")
-    tensors = gguf_tensors(gguf_path or _gguf_path())
+    tensors = gguf_tensors(gguf_path or str(default_gguf_path()))
     config = model.config
     heads, kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", config.num_attention_heads))
     layers = model.base_model.layers
@@ -258,10 +259,10 @@ class GGUFDecoder:
     or batched with other sequences; and a layer costs one call instead of ~40 tensor operations, which on a
     2-core CPU is several milliseconds per step."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, arch: str = "native"):
         from .gguf_kernels import library
 
-        self.lib = library()
+        self.lib = library(arch)     # this CPU's build; the tests also run the portable one
         dec = model.base_model
         self.decoder = dec
         cfg = model.config
@@ -350,37 +351,3 @@ def uses_gguf_blocks(model: nn.Module) -> bool:
 def gguf_decoder(model: nn.Module) -> GGUFDecoder | None:
     """A GGUFDecoder where `model`'s projections run on GGUF blocks (use_gguf_blocks), else None."""
     return GGUFDecoder(model) if uses_gguf_blocks(model) else None
-
-
-def gguf_blocks_faster(dense_model: nn.Module) -> bool:
-    """Whether the default target runs faster on its GGUF blocks than as `dense_model` (its dense form in the
-    chosen dtype) on this CPU: measured once per CPU, thread count and dtype (a step plus a 16-token tree,
-    each way), then remembered in the cache directory. GSD_SERVE_GGUF_BLOCKS=1/0 forces the answer."""
-    import os
-    import sys
-
-    from .dtypes import _cpu_key, dtype_name, remembered
-    from .gguf_kernels import KernelBuildError
-    from .runner import ModelRunner
-
-    forced = os.environ.get("GSD_SERVE_GGUF_BLOCKS")
-    if forced is not None:
-        return forced.lower() in ("1", "true", "yes", "on")
-
-    def measure() -> dict:
-        from .loading import DEFAULT_TARGET, load_model
-
-        blocks = load_model(DEFAULT_TARGET, torch.float32)
-        use_gguf_blocks(blocks)
-        # a decoding step plus a 16-token tree each way, from the runners' measured forward times
-        dense, gguf = ModelRunner(dense_model), ModelRunner(blocks)
-        dense_s = dense.forward_seconds(1) + dense.forward_seconds(16)
-        gguf_s = gguf.forward_seconds(1) + gguf.forward_seconds(16)
-        return {"dense_ms": round(dense_s * 1e3, 2), "gguf_ms": round(gguf_s * 1e3, 2), "gguf": gguf_s < dense_s}
-
-    key = f"{_cpu_key()}|{dtype_name(next(dense_model.parameters()).dtype)}"
-    try:
-        return bool(remembered("cpu-target-weights.json", key, measure)["gguf"])
-    except KernelBuildError as e:
-        print(f"gsd-serve: GGUF block weights unavailable here ({e}); using dense weights", file=sys.stderr)
-        return False

@@ -11,17 +11,17 @@ biased projections); anything else keeps the transformers forward. GSD_SERVE_LEA
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from .switches import forced
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
 
 def lean_decoder(model: torch.nn.Module) -> "LeanDecoder | None":
     """A LeanDecoder over `model`'s weights, or None where this model needs transformers' own forward."""
-    if os.environ.get("GSD_SERVE_LEAN_FORWARD", "1").lower() in ("0", "false", "no", "off"):
+    if forced("GSD_SERVE_LEAN_FORWARD") is False:
         return None
     config = model.config
     if getattr(config, "model_type", None) not in SUPPORTED:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.kv_cache import KVCache
-from .gguf_blocks import BlockLinear, GGUFDecoder, gguf_decoder, quantize_q8_0
+from .gguf_blocks import BlockLinear, GGUFDecoder, gguf_decoder
 from .cpu_linear import PackedLinear, PackedWeight, pack_linears, packing_available
 from .llama_forward import lean_decoder
 
@@ -20,6 +20,9 @@ class ModelRunner:
     logits come back over that list and callers map positions back with `output_ids[i]`. The output
     layer is most of a small draft's cost, so this is its main cost lever.
 
+    What it runs is read from the model (the factory chose it): its decoder forward is the C kernels' where
+    the projections are GGUF or Q8_0 blocks (GGUFDecoder), else the lean Llama forward where it applies,
+    else transformers' own; its output layer runs on its blocks, or oneDNN-prepacked, or as a plain linear.
     On CPU in fp32 (and bf16 where the CPU has bf16 units) the model's linear layers are swapped in place
     for oneDNN-prepacked ones (`cpu_linear`, ~1.5-2x faster for the few-row GEMMs of decoding and
     verification); `pack=False` keeps the model untouched.
@@ -31,30 +34,9 @@ class ModelRunner:
         if pack:
             # the full-vocabulary head too when it is the one used (plain generate() calls benefit alike)
             pack_linears(model if output_ids is None else model.base_model)
-        head = model.get_output_embeddings()
-        if isinstance(head, BlockLinear):
-            # the output layer runs on its GGUF blocks; the dense weight (the tied embedding) only sets the dtype
-            if output_ids is not None:
-                raise ValueError("a GGUF block output layer serves the full vocabulary only")
-            self.head_weight, self.head_bias = model.get_input_embeddings().weight, None
-        else:
-            self.head_weight = head.weight if output_ids is None else head.weight[output_ids].contiguous()
-            self.head_bias = getattr(head, "bias", None)
-            if self.head_bias is not None and output_ids is not None:
-                self.head_bias = self.head_bias[output_ids].contiguous()
         self._lean = gguf_decoder(model) or lean_decoder(model)
         self.weights = "gguf" if isinstance(self._lean, GGUFDecoder) else "dense"   # for reports
-        self._head = None
-        if getattr(model, "q8_output_layer", False) and not isinstance(head, BlockLinear):
-            # a draft quantized by use_q8_blocks: its (reduced) output layer as Q8_0 blocks too
-            self._head = BlockLinear("Q8_0", quantize_q8_0(self.head_weight.float()), self.head_weight.shape[1])
-            self.head_weight = self.head_weight.float()
-            if self.head_bias is not None:
-                raise ValueError("a Q8_0 output layer has no bias")
-        elif isinstance(head, (PackedLinear, BlockLinear)) and output_ids is None:
-            self._head = head if isinstance(head, BlockLinear) else head._kernel
-        elif pack and packing_available(self.head_weight):
-            self._head = PackedWeight(self.head_weight, self.head_bias)
+        self.head_weight, self.head_bias, self._head = output_layer(model, output_ids, pack)
         self.output_ids = output_ids
         self.dtype = self.head_weight.dtype
         self.vocab_size = int(model.config.vocab_size)
@@ -175,6 +157,29 @@ class ModelRunner:
         return tb + (tb - ta) * (n - b) / (b - a)
 
 
+def output_layer(model: torch.nn.Module, output_ids: torch.Tensor | None, pack: bool):
+    """(dense weight, bias, kernel or None) of `model`'s output layer over `output_ids` (None: every token).
+
+    A BlockLinear output layer (the default target's GGUF blocks, or a draft's Q8_0 blocks) is its own kernel,
+    its rows taken for a reduced vocabulary; the dense weight, the tied embedding, then only sets the dtype.
+    Otherwise the kernel is the oneDNN-packed weight where packing applies, else None (a plain linear)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, BlockLinear):
+        weight = model.get_input_embeddings().weight
+        if output_ids is None:
+            return weight, None, head
+        return weight[output_ids].contiguous(), None, head.rows(output_ids)
+    weight = head.weight if output_ids is None else head.weight[output_ids].contiguous()
+    bias = getattr(head, "bias", None)
+    if bias is not None and output_ids is not None:
+        bias = bias[output_ids].contiguous()
+    if isinstance(head, PackedLinear) and output_ids is None:
+        return weight, bias, head._kernel
+    if pack and packing_available(weight):
+        return weight, bias, PackedWeight(weight, bias)
+    return weight, bias, None
+
+
 class DeviceModelRunner(ModelRunner):
     """A ModelRunner for a model on an accelerator: the core builds token/position/mask tensors on the CPU,
     so they are moved to the model's device here and the logits come back to the CPU."""
@@ -204,7 +209,7 @@ def measured_forward_costs(runner: ModelRunner) -> tuple[list[int], list[float]]
     once per CPU, thread count and model (and remembered in the cache directory)."""
     import time
 
-    from .dtypes import _cpu_key, remembered
+    from .hardware import cpu_key as _cpu_key, remembered
 
     cfg = runner.model.config
     params = sum(p.numel() for p in runner.model.parameters())
@@ -237,19 +242,3 @@ def measured_forward_costs(runner: ModelRunner) -> tuple[list[int], list[float]]
     for i in range(1, len(seconds)):   # more tokens never cost less: a dip is timing noise
         seconds[i] = max(seconds[i], seconds[i - 1])
     return list(found["sizes"]), seconds
-
-
-def make_runner(model, output_ids=None, device: str | None = None):
-    """A runner for `model` on `device` (None or "cpu": here; "auto": CUDA when there is one): a
-    FeatureDraftRunner for a feature draft, else a ModelRunner."""
-    from .feature_draft import FeatureDraft, FeatureDraftRunner
-
-    if isinstance(model, FeatureDraft):
-        if device not in (None, "", "cpu", "auto"):
-            model = model.to(device)
-        return FeatureDraftRunner(model)
-    if device in (None, "", "cpu"):
-        return ModelRunner(model, output_ids)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return DeviceModelRunner(model, output_ids, device)

@@ -1,6 +1,6 @@
 """The draft worker: per-session draft state behind the gsd.v1.Draft service (Propose).
 
-Plain Python (no Ray): `services/draft` wraps it in a Ray Serve deployment and `grpc_server` serves it.
+Plain Python (no Ray): `services/draft.py` wraps it in a Ray Serve deployment and `grpc_server` serves it.
 Propose calls that arrive while the model is busy are drafted together (batching.BatchGate): every level
 of all their graphs is one draft forward (core.drafting.propose_many), the way a target replica fuses the
 verification of several sessions. A feature-conditioned draft takes the target's features of committed
@@ -18,7 +18,7 @@ import torch
 
 from ..core.config import ConfigError
 from ..core.drafting import DraftSession, ProposeJob, propose_many
-from ..models.runner import make_runner
+from ..models.factory import make_runner
 from . import rpc
 from .batching import BatchGate
 from .threads import MODEL_THREAD

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP (/v1/completions, /v1/chat/completions, /v1/models) and gsd.v1.Router Generate.
 
 Framework-light: handlers take the raw body and return (status, JSON) or an async iterator of SSE lines,
-so the Ray Serve deployment (services/router) is a thin FastAPI adapter around them.
+so the Ray Serve deployment (services/router.py) is a thin FastAPI adapter around them.
 """
 from __future__ import annotations
 

@@ -467,7 +467,7 @@ class RouterCore:
         self.discover = discover
         self.worker_secret = SharedSecret(worker_token)
         if tokenizer is None:
-            from ..models.loading import load_tokenizer
+            from ..models.checkpoints import load_tokenizer
 
             tokenizer = load_tokenizer(config.target)
         self.tokenizer = tokenizer
@@ -492,7 +492,7 @@ class RouterCore:
 
             from transformers import GenerationConfig
 
-            from ..models.loading import resolve
+            from ..models.checkpoints import resolve
 
             model = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(resolve(self.config.target)))
         except Exception:  # noqa: BLE001 (no generation config: the tokenizer's EOS only)

@@ -17,6 +17,15 @@ DIRECT_HTTP_PORT = 8001     # the router replicas' own HTTP port in the default 
 SLOW_START_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a config's ports, a throwaway server's, a test's)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def default_config(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
                    draft_replicas: int = 1, direct_http_port: int = DIRECT_HTTP_PORT) -> dict:
     """The one-CPU-machine configuration (deploy/local-cpu.yaml); direct_http_port 0: no direct port."""

@@ -22,7 +22,8 @@ import torch
 
 from ..core.graph import best_batch_sizes, flatten_to_tree
 from ..core.verification import TargetSession, verify_batch
-from ..models.runner import ModelRunner, make_runner
+from ..models.factory import make_runner
+from ..models.runner import ModelRunner
 from . import rpc
 from .errors import BadRequest, ServingError, TooLarge
 from .procinfo import rss_bytes

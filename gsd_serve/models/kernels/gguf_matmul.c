@@ -21,14 +21,39 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <immintrin.h>
 #include <omp.h>
+
+/* Which paths this build takes. The vector paths need x86 intrinsics (<immintrin.h>) and the CPU features
+ * the compiler targets (-march); every other build, and any build with -DGSD_PORTABLE, takes the portable C
+ * paths, which compute the same sums in the same fixed orders within each path. */
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && !defined(GSD_PORTABLE)
+#include <immintrin.h>
+#define GSD_X86 1
+#endif
+#if defined(GSD_X86) && defined(__AVX512F__)
+#define GSD_AVX512 1    /* the AVX-512 paths below */
+#endif
+#if defined(GSD_X86) && defined(__F16C__)
+#define GSD_F16C 1      /* fp16 -> fp32 in one instruction */
+#endif
+#if defined(GSD_X86) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(GSD_AVX512)
+#define GSD_AVX2 1      /* the AVX2 paths below (every AVX2 CPU also has FMA and F16C) */
+#endif
 
 #define QK 32
 #define TILE 8
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
-#define GSD_AVX2 1      /* the AVX2 paths below (every AVX2 CPU also has FMA and F16C) */
-#endif
+
+/* The functions Python calls: gsd_serve/models/gguf_kernels.py types its ctypes calls from these declarations
+ * (every pointer a void pointer; int, long and float as they are), and the compiler checks the definitions
+ * below against them. */
+void q4_1_matmul(const float *x, int M, int K, const uint8_t *w, int N, float *y);
+void q8_0_matmul(const float *x, int M, int K, const uint8_t *w, int N, float *y);
+void rms_norm(const float *x, const float *w, float eps, int rows, int d, float *out);
+void layer_forward(int kind, float *h, int n, int d, const float *norm1, float eps1, const uint8_t *qkv_w,
+                   const uint8_t *o_w, const float *norm2, float eps2, const uint8_t *gate_up_w, int ff,
+                   const uint8_t *down_w, const float *cos_, const float *sin_, int nseq, const int *bounds,
+                   float *const *k_bufs, float *const *v_bufs, const long *caps, const long *starts,
+                   const uint8_t *const *masks, int H, int KVH, int hd, float scale, float *scratch);
 #define MAX_BLOCKS 4096     /* inputs per row up to 131072 */
 
 /* the fixed reduction of 32 lane sums: s16[j] = a[j] + a[j+16], then halves again, then (0+2) + (1+3) */
@@ -42,14 +67,14 @@ static inline float reduce16(const float *s16) {
 /* fp16 scales -> fp32 (exact) */
 static inline void halves_to_floats(const uint8_t *src, int n, float *dst) {
     int b = 0;
-#if defined(__AVX512F__)
+#if defined(GSD_AVX512)
     for (; b + 16 <= n; b += 16)
         _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * b))));
 #endif
     for (; b < n; b++) {
         uint16_t h;
         memcpy(&h, src + 2 * b, 2);
-#if defined(__F16C__)
+#if defined(GSD_F16C)
         dst[b] = _cvtsh_ss(h);
 #else   /* CPUs without F16C: the same exact conversion in integer arithmetic */
         const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 0x3ff;
@@ -247,7 +272,7 @@ void NAME(const float *x, int M, int K, const uint8_t *w, int N, float *y) {    
     }                                                                                                     \
 }
 
-#elif defined(__AVX512F__)
+#elif defined(GSD_AVX512)
 /* AVX-512 (Intel since Skylake-SP, AMD since Zen 4): 32 lane sums per (output, row), as two 16-lane
  * accumulators (inputs 0-15 and 16-31 of every block, blocks in input order), then lo + hi and reduce16's
  * order; the same order whatever M is and wherever a row sits, so batch-invariant. */
@@ -470,7 +495,7 @@ static inline float exp_poly(float x) {
 
 static void exp_shifted(float *s, int count, float shift) {
     int j = 0;
-#if defined(__AVX512F__)
+#if defined(GSD_AVX512)
     const __m512 sh = _mm512_set1_ps(shift);
     for (; j + 16 <= count; j += 16) {
         __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + j), sh);
@@ -528,7 +553,7 @@ static void exp_shifted(float *s, int count, float shift) {
 
 /* q . k over a head (hd a multiple of 16): 16 lane sums, then one fixed reduction */
 static inline __attribute__((always_inline)) float dot_hd(const float *q, const float *k, const int hd) {
-#if defined(__AVX512F__)
+#if defined(GSD_AVX512)
     __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
     for (int a = 16; a < hd; a += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + a), _mm512_loadu_ps(k + a), acc);
     __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
@@ -578,7 +603,7 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *p, i
     int j;
     for (j = 0; j < count; j++)
         if (p[j] != 0.0f) sum += p[j];
-#if defined(__AVX512F__)
+#if defined(GSD_AVX512)
     __m512 acc[16];
     if (HD <= 256) {
         for (int a = 0; a < HD / 16; a++) acc[a] = _mm512_setzero_ps();

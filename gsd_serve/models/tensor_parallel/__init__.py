@@ -22,7 +22,7 @@ def make_target_runner(spec: str, tp_size: int = 1, model=None, *, transport: st
 
     kwargs["dtype"] = resolve_dtype(kwargs.get("dtype", torch.float32))
     if tp_size == 1 and transport == "pipes":
-        from ..loading import load_model
+        from ..checkpoints import load_model
         from ..runner import ModelRunner
         return ModelRunner(model if model is not None else load_model(spec, kwargs["dtype"]))
     if transport == "ray":

@@ -55,7 +55,7 @@ def model_config(source):
     if isinstance(source, str):
         from transformers import AutoConfig
 
-        from ..loading import resolve
+        from ..checkpoints import resolve
         return AutoConfig.from_pretrained(resolve(source), local_files_only=True)
     return None
 
@@ -192,7 +192,7 @@ def shard_model(model: nn.Module, rank: int, world: int, group: TPGroup | None =
 
 def _load(source, dtype: torch.dtype) -> nn.Module:
     if isinstance(source, str):
-        from ..loading import load_model
+        from ..checkpoints import load_model
         return load_model(source, dtype=dtype)
     return source().eval().to(dtype)
 
@@ -217,7 +217,7 @@ def load_shard(source, rank: int, world: int, group: TPGroup | None,
         from safetensors import safe_open
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from ..loading import resolve
+        from ..checkpoints import resolve
         path = Path(resolve(source))
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
         if not files:

@@ -1,14 +1,13 @@
 """Reliability runs against a live gsd-serve application: steady streaming load, faults (chaos) and soak.
 
 The pieces, each usable alone (the tests use them on the session's Ray cluster and redis-server; the
-`gsd-serve chaos` and `gsd-serve soak` commands start their own on loopback with `LocalStack`):
+`gsd-serve chaos` and `gsd-serve soak` commands start their own on loopback with local_stack.LocalStack, and
+look into the application with local_stack.AppProbe):
 
     Case, make_cases      chat prompts sharing a long system prompt (prefix-cache hits) with the
                           in-process engine's greedy output for each: what every served answer must equal
     LoadGenerator         N client threads, each streaming one chat completion after another over HTTP
                           (SSE) until stopped; every outcome is recorded (error, text == reference, stalls)
-    AppProbe              looks into the application: its registry, its workers (Info over authenticated
-                          gRPC: sessions, pid, resident memory), the router's stats (a deployment handle)
     run_chaos             kills a draft replica, kills a target replica, restarts Redis, in turn, until the
                           time is up; measures each recovery; all under load
     run_soak              load for a while; resident memory of every process sampled, sessions and
@@ -21,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import statistics
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+
+from ..models.hardware import cpu_description
+from .local_stack import AppProbe, LocalStack
 
 log = logging.getLogger(__name__)
 
@@ -160,137 +160,6 @@ def summarize(outcomes: list[Outcome]) -> dict:
             "errors": sorted({o.error for o in outcomes if o.error})[:10],
             "max_stall_s": round(max((o.max_gap_s for o in outcomes), default=0.0), 2),
             "mean_latency_s": round(statistics.fmean([o.ended - o.started for o in done]), 2) if done else None}
-
-
-# ---------------------------------------------------------------- looking into the application
-
-class AppProbe:
-    """The application's registry, workers and router, as seen from the driver of its Ray cluster."""
-
-    def __init__(self, app_name: str):
-        self.app_name = app_name
-
-    def _registry(self):
-        import ray
-
-        from ..services.common import REGISTRY_NAMESPACE, registry_name
-
-        return ray.get_actor(registry_name(self.app_name), namespace=REGISTRY_NAMESPACE)
-
-    def view(self) -> dict:
-        import ray
-
-        return ray.get(self._registry().view.remote(), timeout=30)
-
-    def metadata(self) -> tuple:
-        from .auth import METADATA_KEY, bearer
-
-        return ((METADATA_KEY, bearer(self.view()["token"])),)
-
-    def workers(self, kind: str | None = None) -> list[dict]:
-        """The registered workers that answer Info: {kind, replica_id, address, actor_name, info}."""
-        import grpc
-
-        from .rpc import pb, pb_grpc
-
-        view = self.view()
-        md = ((("authorization", f"Bearer {view['token']}"),))
-        out = []
-        for e in view["entries"]:
-            if kind is not None and e["kind"] != kind:
-                continue
-            with grpc.insecure_channel(e["address"]) as ch:
-                stub = (pb_grpc.DraftStub if e["kind"] == "draft" else pb_grpc.TargetStub)(ch)
-                try:
-                    info = stub.Info(pb.InfoRequest(), timeout=10, metadata=md)
-                except grpc.RpcError:     # killed a moment ago: its entry ages out with its heartbeat
-                    continue
-            out.append(dict(e, info=info))
-        return out
-
-    def router_stats(self) -> dict:
-        from ray import serve
-
-        return serve.get_deployment_handle("Router", self.app_name).stats.remote().result(timeout_s=60)
-
-    def sessions_held(self) -> int:
-        return sum(len(w["info"].session_ids) for w in self.workers())
-
-    def kill(self, kind: str) -> dict:
-        """Kill one replica of `kind` (the busiest: the one holding most sessions); returns its entry."""
-        import ray
-
-        victims = sorted(self.workers(kind), key=lambda w: -len(w["info"].session_ids))
-        if not victims:
-            raise RuntimeError(f"no live {kind} replica to kill")
-        victim = victims[0]
-        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
-        return victim
-
-    def wait_replicas(self, kind: str, n: int, gone: str | None, timeout_s: float) -> float:
-        """Seconds until n replicas of `kind` (none of them `gone`) answer; TimeoutError after timeout_s."""
-        t0 = time.monotonic()
-        while True:
-            live = [w for w in self.workers(kind) if w["replica_id"] != gone]
-            if len(live) >= n:
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"{len(live)} of {n} {kind} replicas after {timeout_s:.0f}s")
-            time.sleep(0.25)
-
-    def wait_idle(self, timeout_s: float = 120.0) -> dict:
-        """Once the load stopped: wait until no session is held and nothing is in flight; the final counts."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            stats = self.router_stats()
-            held = self.sessions_held()
-            if (held == 0 and stats["inflight"] == 0 and stats["verify_queued"] == 0) or time.monotonic() > deadline:
-                return {"sessions_held": held, "inflight": stats["inflight"], "verify_queued": stats["verify_queued"]}
-            time.sleep(0.25)
-
-    def memory(self) -> dict[str, tuple[int, int]]:
-        """{process: (pid, resident bytes)} of the router and every worker."""
-        out = {}
-        stats = self.router_stats()
-        out["router"] = (stats["pid"], stats["rss_bytes"])
-        for w in self.workers():
-            out[f"{w['kind']}:{w['replica_id']}"] = (w["info"].pid, w["info"].rss_bytes)
-        return out
-
-    def prefix_hits(self) -> dict[str, int]:
-        return {w["replica_id"]: w["info"].prefix_cache_hits for w in self.workers("target")}
-
-
-def deploy_app(app_name: str, args: dict, base_url: str, drafts: int, targets: int, timeout_s: float = 600) -> None:
-    """Deploy the gsd application and wait until the router sees all its replicas."""
-    from ray import serve
-
-    from ..services.app import build_app
-
-    args = dict(args, replicas={"draft": drafts, "target": targets})
-    serve.run(build_app(args), name=app_name, route_prefix="/")
-    wait_healthy(base_url, lambda h: h.get("draft_replicas") == drafts and h.get("target_replicas") == targets,
-                 timeout_s)
-
-
-def wait_healthy(base_url: str, ready, timeout_s: float, *, poll_s: float = 0.5, alive=None,
-                 what: str = "the application") -> None:
-    """Poll `base_url`/health until `ready(health)` holds; `alive()` (if given) raises when what is being
-    waited for has died, and a TimeoutError ends the wait after `timeout_s`."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if alive is not None:
-            alive()
-        try:
-            if ready(httpx.get(base_url + "/health", timeout=10).json()):
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} was not ready within {timeout_s:.0f}s")
-        time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------- chaos
@@ -428,7 +297,7 @@ def run_soak(cfg: SoakConfig, load: LoadGenerator, probe: AppProbe) -> dict:
         "after": idle,
         # the router's endpoint table must track the replicas, not the calls
         "endpoints": [structures[0]["endpoints"], structures[-1]["endpoints"]] if structures else None,
-        # RouterCore.batch_sizes keeps the latest Verify calls only (it used to grow by one per call)
+        # RouterCore.batch_sizes keeps the latest Verify calls only: its size must not grow with the calls
         "batch_sizes_growth": (structures[-1]["batch_sizes"] - structures[0]["batch_sizes"]) if structures else None,
     })
     report["passed"] = (report["failed"] == 0 and report["mismatches"] == 0 and report["completed"] > 0
@@ -439,116 +308,7 @@ def run_soak(cfg: SoakConfig, load: LoadGenerator, probe: AppProbe) -> dict:
     return report
 
 
-# ---------------------------------------------------------------- a whole stack on this machine
-
-class RedisProcess:
-    """A throwaway redis-server on a loopback port; stop() and start() keep the port."""
-
-    def __init__(self, port: int, workdir: str):
-        self.port, self.workdir, self.proc = port, workdir, None
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        import redis
-
-        if self.proc is not None:
-            return
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.workdir, "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalStack:
-    """A Ray cluster, Serve (HTTP and gRPC on free loopback ports), a redis-server and the application with
-    `drafts` + `targets` replicas, all on this machine; `close()` takes everything down."""
-
-    APP = "gsd"
-
-    def __init__(self, args: dict, drafts: int = 2, targets: int = 2, workdir: str = "/tmp"):
-        self.redis = RedisProcess(free_port(), workdir)
-        self.redis.start()
-        try:
-            self._start(args, drafts, targets)
-        except BaseException:
-            self.close()      # a half-started stack leaves no redis-server or Ray cluster behind
-            raise
-
-    def _start(self, args: dict, drafts: int, targets: int) -> None:
-        import ray
-        from ray import serve
-
-        from .serve_config import GRPC_SERVICER_FUNCTIONS, SLOW_START_ENV
-
-        http_port, grpc_port = free_port(), free_port()
-        for k, v in SLOW_START_ENV.items():
-            os.environ.setdefault(k, v)
-        env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "GSD_TORCH_THREADS",
-                                          *SLOW_START_ENV) if k in os.environ}
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env} if env else None)
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS})
-        self.base_url = f"http://127.0.0.1:{http_port}"
-        self.grpc_address = f"127.0.0.1:{grpc_port}"
-        self.args = dict(args, redis_url=self.redis.url)
-        self.drafts, self.targets = drafts, targets
-        deploy_app(self.APP, self.args, self.base_url, drafts, targets)
-        self.probe = AppProbe(self.APP)
-
-    def close(self) -> None:
-        import ray
-        from ray import serve
-
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        finally:
-            ray.shutdown()
-            self.redis.stop()
-
-
 # ---------------------------------------------------------------- the long runs (gsd-serve chaos / soak)
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
 
 def local_run(kind: str, duration_s: float, streams: int, max_tokens: int = 32, n_cases: int = 16,
               drafts: int = 2, targets: int = 2, settle_s: float = 10.0, warmup_s: float | None = None) -> dict:
@@ -582,6 +342,6 @@ def local_run(kind: str, duration_s: float, streams: int, max_tokens: int = 32, 
                 report = run_soak(SoakConfig(duration_s=duration_s, warmup_s=warm), load, stack.probe)
         finally:
             stack.close()
-    report.update({"kind": kind, "cpu": cpu_name(), "cores": os.cpu_count(), "drafts": drafts, "targets": targets,
+    report.update({"kind": kind, "cpu": cpu_description(), "cores": os.cpu_count(), "drafts": drafts, "targets": targets,
                    "max_tokens": max_tokens, "cases": len(cases), "spec": spec.to_dict()})
     return report

@@ -10,7 +10,7 @@ import os
 
 from ray import serve
 
-from ..common import GrpcReplica, env_setup, load_models, session_bytes
+from .common import GrpcReplica, env_setup, load_models, session_bytes
 
 
 class TargetReplica(GrpcReplica):
@@ -19,8 +19,8 @@ class TargetReplica(GrpcReplica):
     def __init__(self, args: dict | None = None):
         args = dict(args or {})
         self.threads = env_setup(args, "target")   # before torch is imported (OpenMP reads its settings once)
-        from ...serving.prefix_cache import PrefixCache, model_fingerprint
-        from ...serving.target_worker import TargetWorker
+        from ..serving.prefix_cache import PrefixCache, model_fingerprint
+        from ..serving.target_worker import TargetWorker
         name = str(args.get("target", "smollm2-135m-instruct"))
         common = dict(name=name, max_sessions=int(args.get("max_sessions", 64)),
                       ttl_s=float(args.get("session_ttl_s", 300)), max_session_bytes=session_bytes(args))
@@ -32,8 +32,8 @@ class TargetReplica(GrpcReplica):
 
             from transformers import AutoConfig
 
-            from ...models import resolve
-            from ...models.tensor_parallel import make_target_runner
+            from ..models import resolve
+            from ..models.tensor_parallel import make_target_runner
 
             runner = make_target_runner(name, tp, transport="ray", gpus_per_rank=gpus_per_rank,
                                         cpus_per_rank=float(args.get("cpus_per_rank", 1)),
@@ -42,7 +42,7 @@ class TargetReplica(GrpcReplica):
             config = AutoConfig.from_pretrained(resolve(name), local_files_only=True)
             worker = TargetWorker(runner=runner, max_seq_len=int(config.max_position_embeddings), **common)
         else:
-            from ...serving.threads import MODEL_THREAD
+            from ..serving.threads import MODEL_THREAD
 
             def build() -> TargetWorker:    # on the thread every forward will run on (one OpenMP team)
                 model, _ = load_models(args, "target")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from ..common import GrpcReplica, env_setup, load_models, session_bytes
+from .common import GrpcReplica, env_setup, load_models, session_bytes
 
 
 class DraftReplica(GrpcReplica):
@@ -12,9 +12,9 @@ class DraftReplica(GrpcReplica):
     def __init__(self, args: dict | None = None):
         args = dict(args or {})
         self.threads = env_setup(args, "draft")   # before torch is imported (OpenMP reads its settings once)
-        from ...serving.draft_worker import DraftWorker
+        from ..serving.draft_worker import DraftWorker
 
-        from ...serving.threads import MODEL_THREAD
+        from ..serving.threads import MODEL_THREAD
 
         def build() -> DraftWorker:    # on the thread every forward will run on (one OpenMP team)
             model, ids = load_models(args, "draft")

@@ -34,14 +34,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..models.hardware import cpu_description
+from ..serving.serve_config import free_port
+
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "bench_prompts.jsonl"
 
 # what each method name serves: application args merged over the defaults (deploy/local-cpu.yaml's app)
 METHODS: dict[str, dict] = {
     "ar": {"spec": {"method": "ar"}},
     "gsd": {"spec": {"method": "gsd"}},                                       # load-following (the default)
-    "gsd-static": {"spec": {"method": "gsd", "size_by_cost": False}, "router": {"load_policy": "off"}},  # full trees
-    "gsd-adaptive": {"spec": {"method": "gsd", "adaptive": True}, "router": {"load_policy": "off"}},
+    "gsd-static": {"spec": {"method": "gsd", "planner": False}, "router": {"load_policy": "off"}},  # full trees
 }
 
 
@@ -149,17 +151,9 @@ def inprocess_reference(work: Workload, cfg: BenchServeConfig, methods=("ar", "g
 
 # ---------------------------------------------------------------- the server
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_config(cfg: BenchServeConfig, method: str, http_port: int, grpc_port: int) -> dict:
     """The Serve config a method runs: the default one-machine config (or cfg.config) with the method's args."""
-    from .serve_config import load_config
+    from ..serving.serve_config import load_config
 
     config = load_config(cfg.config, http_port=http_port, grpc_port=grpc_port, draft_replicas=cfg.draft_replicas,
                          dtype=cfg.dtype, api_key=cfg.api_key, direct_http_port=free_port())
@@ -208,7 +202,7 @@ class ServeProcess:
             raise
 
     def _wait_ready(self, timeout_s: float) -> None:
-        from .reliability import wait_healthy
+        from .local_stack import wait_healthy
 
         app = self.config["applications"][0]
         want = {d["name"]: int(d.get("num_replicas", 1)) for d in app.get("deployments") or []}
@@ -414,12 +408,6 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
 
 # ---------------------------------------------------------------- the sweep
 
-def cpu_name() -> str:
-    from ..models.dtypes import cpu_description
-
-    return cpu_description()
-
-
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -512,7 +500,7 @@ def make_report(cfg: BenchServeConfig, work: Workload, levels: list[LevelResult]
         lv.identical_to_reference == lv.completed for lv in levels) if cfg.reference == "inprocess" else None
     return {
         "command": "gsd-serve " + " ".join(sys.argv[1:]) if "bench-serve" in sys.argv[1:2] else "gsd-serve bench-serve",
-        "cpu": cpu_name(), "cores": os.cpu_count(), "commit": git_commit(),
+        "cpu": cpu_description(), "cores": os.cpu_count(), "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "dtype": cfg.dtype if cfg.dtype != "auto" else f"auto ({inproc.get('dtype', 'see server')})",
         "prompts": cfg.prompts, "n_prompts": len(work.items), "max_tokens": cfg.max_tokens,

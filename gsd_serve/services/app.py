@@ -18,7 +18,7 @@
                            single-device replicas
     replicas               {draft: N, target: N, router: N} (a config file's `deployments` overrides win)
     autoscaling            {draft: {...}, target: {...}}: Serve autoscaling_config per deployment; without a
-                           `policy`, ReplicaLoadPolicy (services/autoscaling.py: the load the replicas measure)
+                           `policy`, ReplicaLoadPolicy (autoscaling.py: the load the replicas measure)
     torch_threads, draft_torch_threads, target_torch_threads   threads of the replicas' forwards (default: the
                            CPUs Ray gives the replica, all cores with num_cpus 0)
     max_session_bytes      memory the sessions of one replica may hold (default: a quarter of the machine's)

@@ -1,7 +1,7 @@
-"""`gsd-serve distill --kind features`: a draft that reads the target's features (models/feature_draft.py).
+"""A draft that reads the target's features (models/feature_draft.py): `gsd-serve distill --kind features`.
 
 Phases under --out, each resumable (rerun the same command):
-1. data      the target answers the prompt set (shared with the independent draft: cli/distill.py).
+1. data      the target answers the prompt set (shared with the independent draft: data.py).
 2. features  a teacher-forced target pass over every prompt + answer keeps the target's hidden states
              after the feature layers (bf16, `features/feat-*.pt`, one file per data shard).
 3. train     training-time test (EAGLE-3): the draft is unrolled `ttt_steps` drafting steps deep on the
@@ -15,7 +15,6 @@ The result (`--out/model`) is a feature-draft checkpoint (config.json, model.saf
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -24,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.feature_draft import (DEFAULT_FEATURE_LAYERS, FeatureDraft, load_feature_draft, new_feature_draft,
-                                    save_feature_draft)
-from .distill import _progress, choose_vocab, load_data, resume_checkpoint, save_checkpoint, split_held_out
+from ..models.feature_draft import FeatureDraft, load_feature_draft, new_feature_draft, save_feature_draft
+from .data import choose_vocab, split_held_out, teacher_rows
+from .loop import learning_rate, make_batches, progress, resume_checkpoint, save_checkpoint
 
 TTT_DECAY = 0.8
 
@@ -83,7 +82,7 @@ def extract_features(out: Path, shards: list[Path], target, layers: tuple[int, .
         tmp = feature_file(out, shard).with_suffix(".tmp")
         torch.save(feats, tmp)
         tmp.replace(feature_file(out, shard))
-        _progress(n + 1, len(todo), start, f"{done_tokens} positions ({done_tokens / (time.time() - start):.0f}/s)")
+        progress(n + 1, len(todo), start, f"{done_tokens} positions ({done_tokens / (time.time() - start):.0f}/s)")
     print(file=sys.stderr)
 
 
@@ -111,21 +110,10 @@ def collate(batch: list[dict], full_to_small: torch.Tensor, pad: int):
     w = batch[0]["feats"].shape[-1]
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     prev = torch.zeros(len(seqs), width, w, dtype=torch.bfloat16)
-    rows, cols, tids, tlog = [], [], [], []
     for i, (it, s) in enumerate(zip(batch, seqs)):
         ids[i, : len(s)] = torch.tensor(s)
         prev[i, 1: len(s)] = it["feats"][: len(s) - 1]
-        p, n = len(it["prompt"]), len(it["cont"])
-        rows.append(torch.full((n,), i))
-        cols.append(torch.arange(p - 1, p - 1 + n))
-        tids.append(it["top_ids"].long())
-        tlog.append(it["top_logits"].float())
-    rows, cols = torch.cat(rows), torch.cat(cols)
-    tids, tlog = torch.cat(tids), torch.cat(tlog)
-    small = full_to_small[tids]
-    probs = torch.softmax(tlog, dim=-1) * (small >= 0)
-    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
-    return ids, prev, rows, cols, small.clamp(min=0), probs, tids[:, 0]
+    return (ids, prev) + teacher_rows(batch, full_to_small)
 
 
 def ttt_mask(width: int, step: int) -> torch.Tensor:
@@ -178,14 +166,6 @@ def ttt_loss(draft, tensors, steps: int):
     return loss, agree
 
 
-def _batches(items: list[dict], batch: int, rng: random.Random):
-    order = list(range(len(items)))
-    while True:
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch + 1, batch):
-            yield [items[j] for j in order[i: i + batch]]
-
-
 def _held_out_eval(draft, held: list[dict], full_to_small, pad: int, steps: int, batch: int):
     draft.eval()
     tot_loss, agree, n = 0.0, [0.0] * steps, 0
@@ -229,7 +209,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
     print(f"distill: feature draft on {len(train_items)} answers, {n_tokens} target tokens; feature layers "
           f"{list(layers)}, {cfg.ttt_steps} drafting steps per position, output vocabulary {output_ids.numel()}; "
           f"{cfg.steps} steps", file=sys.stderr)
-    batches = _batches(train_items, cfg.batch, rng)
+    batches = make_batches(train_items, cfg.batch, rng)
     start, first_step = time.time(), step
     seen = history[-1]["tokens"] if history else 0
     seen_at_start = seen
@@ -249,7 +229,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
     ema_loss = ema_agree = None
     while step < cfg.steps:
         tensors = collate(next(batches), full_to_small, pad)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
         loss, agree = ttt_loss(draft, tensors, cfg.ttt_steps)
@@ -262,7 +242,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_agree = agree[0] if ema_agree is None else 0.95 * ema_agree + 0.05 * agree[0]
         elapsed = time.time() - start
-        _progress(step, cfg.steps, start, f"loss {ema_loss:.3f} top1 {ema_agree:.3f} "
+        progress(step, cfg.steps, start, f"loss {ema_loss:.3f} top1 {ema_agree:.3f} "
                   f"{(seen - seen_at_start) / max(elapsed, 1e-9):.0f} tok/s", first_step)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             record(ema_loss, ema_agree)
@@ -281,7 +261,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
 
 
 def run(cfg, target_loader, tokenizer) -> Path:
-    """The features and train phases (the data phase is cli/distill.py's)."""
+    """The features and train phases (the data phase is data.py's)."""
     out = Path(cfg.out)
     layers = parse_layers(cfg.feature_layers)
     shards = sorted((out / "data").glob("shard-*.pt"))
@@ -304,6 +284,3 @@ def run(cfg, target_loader, tokenizer) -> Path:
     for p in target.parameters():
         p.requires_grad_(False)
     return train(cfg, target, tokenizer, items, layers)
-
-
-__all__ = ["DEFAULT_FEATURE_LAYERS", "extract_features", "run", "train", "ttt_mask"]

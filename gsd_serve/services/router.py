@@ -15,17 +15,17 @@ import os
 
 from ray import serve
 
-from ..common import app_name, env_setup, get_registry
+from .common import app_name, env_setup, get_registry
 
 
 def draft_feature_layers(draft) -> list[int]:
     """The target layers a feature-conditioned draft reads (its config.json), [] for any other draft. The
-    draft spec is resolved as the Draft deployment resolves it (services/common.load_models): no `draft`
-    arg means the default draft, the shipped kind `--draft-kind auto` picks (models/loading.default_draft_spec)."""
+    draft spec is resolved as the Draft deployment resolves it (common.load_models): no `draft`
+    arg means the default draft, the shipped kind `--draft-kind auto` picks (models/checkpoints.default_draft_spec)."""
     import json
 
-    from ...models.feature_draft import is_feature_draft
-    from ...models.loading import DEFAULT_DRAFT, ModelLoadError, default_draft_spec, resolve
+    from ..models.feature_draft import is_feature_draft
+    from ..models.checkpoints import DEFAULT_DRAFT, ModelLoadError, default_draft_spec, resolve
 
     spec = str(draft or DEFAULT_DRAFT)
     if spec in (DEFAULT_DRAFT, "default-draft"):
@@ -44,10 +44,10 @@ def draft_feature_layers(draft) -> list[int]:
 class RouterReplica:
     def __init__(self, args: dict | None = None, draft=None, target=None):
         env_setup()
-        from ...serving.auth import api_key_from_env
-        from ...serving.http_app import HttpApi
-        from ...serving.openai_api import OpenAIFrontend
-        from ...serving.router import RouterConfig, RouterCore
+        from ..serving.auth import api_key_from_env
+        from ..serving.http_app import HttpApi
+        from ..serving.openai_api import OpenAIFrontend
+        from ..serving.router import RouterConfig, RouterCore
 
         args = dict(args or {})
         conf = dict(args.get("router") or {})
@@ -76,8 +76,8 @@ class RouterReplica:
         self.direct = None
         port = int(args.get("direct_http_port") or 0)
         if port > 0:   # the same app on a port of its own, from this replica's event loop (no proxy hop)
-            from ...serving.direct_http import DirectHttpServer
-            from ...serving.http_app import create_app
+            from ..serving.direct_http import DirectHttpServer
+            from ..serving.http_app import create_app
 
             host = str(args.get("direct_http_host", "127.0.0.1"))
             try:
@@ -88,29 +88,29 @@ class RouterReplica:
                     host, port, exc.strerror)
 
     def __serve_build_asgi_app__(self):
-        from ...serving.http_app import create_app
+        from ..serving.http_app import create_app
 
         return create_app(self.http)
 
     def stats(self) -> dict:
         """What the soak and chaos checks read (through a deployment handle, never over HTTP): this process's
         resident memory and the sizes of the router's per-request structures."""
-        from ...serving.procinfo import rss_bytes
+        from ..serving.procinfo import rss_bytes
 
         core = self.core
         return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "inflight": core.inflight,
                 "endpoints": len(core.endpoints),
                 "verify_queued": sum(len(e.batcher.queue) for e in core.endpoints.values() if e.batcher),
-                # the latest Verify batch sizes (bounded: it used to grow by one per call)
+                # the latest Verify batch sizes (bounded: its size must not grow with the calls)
                 "batch_sizes": len(core.batch_sizes), "runs": len(core.runs),
                 "load_policy": core.policy_snapshot()}
 
     # gsd.v1.Router over Serve's gRPC proxy: methods named exactly like the RPCs
     def _refuse(self, request, grpc_context):
         """A ServingError for a request that must not run (bad bytes, too large, no API key), else None."""
-        from ...serving.auth import matches, metadata_value
-        from ...serving.errors import BadRequest, TooLarge, Unauthenticated
-        from ...serving.rpc import RejectedRequest
+        from ..serving.auth import matches, metadata_value
+        from ..serving.errors import BadRequest, TooLarge, Unauthenticated
+        from ..serving.rpc import RejectedRequest
 
         md = grpc_context.invocation_metadata() if grpc_context is not None else ()
         if not matches(metadata_value(md), self.api_key):
@@ -127,8 +127,8 @@ class RouterReplica:
             grpc_context.set_details(exc.message)
 
     async def Generate(self, request, grpc_context=None):  # noqa: N802
-        from ...serving.errors import ServingError
-        from ...serving.rpc import pb
+        from ..serving.errors import ServingError
+        from ..serving.rpc import pb
 
         refused = self._refuse(request, grpc_context)
         if refused is not None:
@@ -141,7 +141,7 @@ class RouterReplica:
             return pb.GenerateResponse()
 
     async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
-        from ...serving.errors import ServingError
+        from ..serving.errors import ServingError
 
         # a stream's status is the one set on the context before an exception ends it (Serve keeps it)
         refused = self._refuse(request, grpc_context)

@@ -172,12 +172,12 @@ def load_models(args: dict, want: str):
     draft_spec = args.get("draft", DEFAULT_DRAFT)
     dtype = args.get("dtype", "auto")
     if want == "target":
-        from ..models.loading import apply_target_weights
+        from ..models.factory import apply_target_weights
 
         target, _, _, _ = load_pair(target_spec, None, dtype)
         return apply_target_weights(target, target_spec, args.get("target_weights", "auto"),
                                     args.get("target_device")), None
-    from ..models.loading import apply_draft_weights, resolve_target_weights
+    from ..models.factory import apply_draft_weights, resolve_target_weights
 
     target, draft, _, ids = load_pair(target_spec, draft_spec, dtype)
     # the draft follows the target onto block weights where the target replicas (same machine, same measurement) run them
@@ -214,7 +214,7 @@ class GrpcReplica:
         return self.address
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics: the load this replica measures (services/autoscaling.py); Serve
+        """Serve's custom autoscaling metrics: the load this replica measures (autoscaling.py); Serve
         itself sees no requests here (the router calls the gRPC port directly)."""
         from .autoscaling import autoscaling_stats
 
