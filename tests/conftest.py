@@ -87,6 +87,36 @@ def tokenizer(default_pair):
     return default_pair[2]
 
 
+# ---------------------------------------------------------------- every kind of round
+
+class RotatingPlanner:
+    """A sequence planner forced through every kind of round in turn (plain, a lookup chain alone, a draft with
+    the chain merged in), whatever the costs say. A lookup turn without a chain drafts, and the next round
+    tries the lookup again."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.turn = 0
+
+    def plan(self, tokens, room, method, lookup, max_depth, lag=0):
+        from gsd_serve.core.planner import DRAFT, LOOKUP, PLAIN, RoundPlan
+
+        plan = self.inner.plan(tokens, room, method, lookup, max_depth, lag)
+        kind = (PLAIN, LOOKUP, DRAFT)[self.turn % 3]
+        if kind == LOOKUP and not plan.chain:
+            kind = DRAFT
+        else:
+            self.turn += 1
+        return RoundPlan(kind, plan.chain, plan.chain_probs, len(plan.chain), plan.match_len, plan.source,
+                         min(max_depth, room - 1))
+
+    def tree_size(self, path_probs):
+        return len(path_probs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 # ---------------------------------------------------------------- serving (tests/test_services_*.py)
 
 class RedisServer:
@@ -180,15 +210,16 @@ SERVED_APP_USERS = ("test_services_serving.py", "test_services_reliability.py") 
 def served_spec():
     from gsd_serve.core.config import SpecConfig
 
-    return SpecConfig.for_method("gsd", max_depth=4, budget=12)
+    return SpecConfig.for_method("gsd", max_depth=4, budget=12, planner=False)
 
 
 @pytest.fixture(scope="session")
 def served_app(ray_serve, redis_server):
     """The gsd application with the real models (float32), 2 draft and 2 target replicas, an API key, the
     Redis prefix cache and a direct HTTP port, shared by the serving and reliability tests (one deployment
-    instead of one per module). The load policy is off: those tests exercise drafting rounds (a killed draft
-    replica, failover), which the policy may turn into plain steps on a CPU where speculation does not pay."""
+    instead of one per module). Its spec drafts every round (no planner): those tests exercise drafting rounds
+    (a killed draft replica, failover), which the planner may turn into plain steps where speculation does
+    not pay."""
     from ray import serve
 
     from gsd_serve.serving.serve_config import free_port
@@ -198,8 +229,7 @@ def served_app(ray_serve, redis_server):
     args = {"model_name": SERVED_MODEL, "redis_url": redis_server.url, "spec": served_spec().to_dict(),
             "dtype": "float32", "api_key": SERVED_KEY, "max_sessions": 64, "prefix_block_size": 16,
             "direct_http_port": direct,
-            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": SERVED_MAX,
-                       "load_policy": "off"}}
+            "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": SERVED_MAX}}
     deploy_app(SERVED_APP, args, ray_serve["http"], drafts=2, targets=2)
     yield {**ray_serve, "direct": f"http://127.0.0.1:{direct}"}
     serve.delete(SERVED_APP)
@@ -238,7 +268,8 @@ def tiny_pair():
 
 
 def start_workers(tiny_pair, secret: str | None = None, names=("d1", "d2", "t1"), **target_kw) -> dict:
-    """In-process gRPC draft ("d...") and target ("t...") workers on loopback: {name: (worker, server, port)}."""
+    """In-process gRPC draft ("d...") and target ("t...") workers on loopback: {name: (worker, server, port)}.
+    The targets find the drafts in the returned dict (drop a draft's name from it to hide that draft)."""
     from gsd_serve.serving.auth import SharedSecret
     from gsd_serve.serving.draft_worker import DraftWorker
     from gsd_serve.serving.grpc_server import serve_grpc
@@ -246,9 +277,14 @@ def start_workers(tiny_pair, secret: str | None = None, names=("d1", "d2", "t1")
 
     target, draft = tiny_pair
     servers = {}
-    for name in names:
+
+    def drafts():
+        return [(n, f"127.0.0.1:{port}") for n, (_, _, port) in list(servers.items()) if n.startswith("d")]
+
+    for name in sorted(names, key=lambda n: not n.startswith("d")):     # drafts first
         worker = DraftWorker(draft, replica_id=name) if name.startswith("d") else \
-            TargetWorker(target, replica_id=name, **target_kw)
+            TargetWorker(target, replica_id=name, drafts=drafts, secret=SharedSecret(secret) if secret else None,
+                         **target_kw)
         servers[name] = (worker,) + serve_grpc(worker, secret=SharedSecret(secret) if secret else None)
     return servers
 
@@ -265,6 +301,6 @@ def router_core(servers: dict, tokenizer, secret: str | None = None, **cfg):
                 for n, (_, _, port) in live.items()]
 
     cfg.setdefault("spec", SpecConfig.for_method("gsd", max_depth=4, budget=12))
-    config = RouterConfig(batch_wait_s=0.01, **cfg)
+    config = RouterConfig(**cfg)
     return RouterCore(config, discover, tokenizer=tokenizer, stop_ids={tokenizer.eos_token_id},
                       worker_token=secret), live

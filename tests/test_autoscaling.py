@@ -161,7 +161,9 @@ def test_app_and_manifests_autoscale_on_replica_load():
 APP = "gsd-autoscale"
 MODEL = "gsd-autoscale"
 MAX = 32
-SPEC = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+# every round drafts (no planner), so the drafts see the sustained load this test makes (with the planner, a
+# machine where verification is costly decodes plainly under load and the drafts go idle)
+SPEC = SpecConfig.for_method("gsd", max_depth=4, budget=12, planner=False)
 TARGET_SESSIONS = 2
 
 
@@ -220,10 +222,7 @@ def autoscaled_app(ray_serve, tmp_path_factory):
     tdir, ddir = _tiny_llama_dirs(tmp_path_factory.mktemp("autoscale-models"))
     args = {"model_name": MODEL, "target": str(tdir), "draft": str(ddir), "dtype": "float32",
             "spec": SPEC.to_dict(), "redis_url": None, "torch_threads": 1, "load_window_s": 2.0,
-            # the load policy off: every round drafts, so the drafts see the sustained load this test makes (with
-            # it on, a machine where verification is costly decodes plainly under load and the drafts go idle)
-            "router": {"max_inflight": 64, "default_max_tokens": MAX, "max_prompt_tokens": 400,
-                       "load_policy": "off"},
+            "router": {"max_inflight": 64, "default_max_tokens": MAX, "max_prompt_tokens": 400},
             "autoscaling": {"draft": {
                 "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
                 "upscale_delay_s": 1.0, "downscale_delay_s": 3.0,

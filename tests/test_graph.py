@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gsd_serve.core.acceptance import accept_greedy, accept_path
-from gsd_serve.core.graph import TokenGraph, ancestor_matrix, best_batch_sizes, flatten_to_tree, tree_attention_mask
+from gsd_serve.core.graph import TokenGraph, ancestor_matrix, flatten_to_tree, tree_attention_mask
 
 R, X, Y, THE, CAT, A, DOG = 100, 1, 2, 3, 4, 5, 6
 
@@ -136,22 +136,6 @@ def test_flatten_gives_path_probabilities_best_first_and_prefixes_are_trees():
         assert len(cut) == n and cut.tokens.tolist() == tree.tokens[:n].tolist()
         assert all(int(cut.parents[i]) < i for i in range(1, n))
         assert cut.path_probs == tree.path_probs[:n]
-
-
-def test_batch_sizes_take_the_most_probable_nodes_across_trees_and_shrink_under_load():
-    a, b = [1.0, 0.9, 0.8, 0.2], [1.0, 0.5, 0.1]
-    assert best_batch_sizes([a, b], lambda n: 1.0) == [4, 3]      # rows are free: everything
-    # a row costs 0.25 on top of 1.0: 2.9 / 1.5, 3.7 / 1.75 = 2.11 tokens per unit; + 0.5: 4.2 / 2.0 = 2.1 < 2.11
-    assert best_batch_sizes([a, b], lambda n: 1 + 0.25 * (n - 1)) == [3, 1]
-    # the wider the forward, the more tokens per second it already yields, the more a node must be worth
-    c = [1.0, 0.9, 0.8, 0.5, 0.2]
-    cost = lambda n: 1 + 0.25 * (n - 1)
-    assert best_batch_sizes([c], cost) == [4]
-    assert best_batch_sizes([c] * 4, cost) == [3] * 4
-    assert best_batch_sizes([c] * 16, cost) == [2] * 16
-    # a tree marked whole keeps all its nodes, and its rows and tokens count in the rate the others must beat
-    assert best_batch_sizes([c] * 16, cost, whole=[True] + [False] * 15) == [5] + [2] * 15
-    assert best_batch_sizes([], cost) == []
 
 
 def test_flatten_ranks_a_merged_subtree_by_each_parents_edge():

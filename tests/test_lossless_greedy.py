@@ -61,38 +61,14 @@ def test_other_settings_are_lossless_too(engine, reference):
         assert engine.generate(ids, NEW_TOKENS, spec).token_ids == ref.token_ids, spec
 
 
-class _Rotating:
-    """A sequence planner forced through every kind of round in turn (plain, a lookup chain alone, a draft with
-    the chain merged in), whatever the costs say."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.turn = 0
-
-    def plan(self, tokens, room, method, lookup, max_depth, lag=0):
-        from gsd_serve.core.planner import DRAFT, LOOKUP, PLAIN, RoundPlan
-
-        plan = self.inner.plan(tokens, room, method, lookup, max_depth, lag)
-        kind = (PLAIN, LOOKUP, DRAFT)[self.turn % 3]
-        self.turn += 1
-        if kind == LOOKUP and not plan.chain:
-            kind = DRAFT
-        return RoundPlan(kind, plan.chain, plan.chain_probs, len(plan.chain), plan.match_len, plan.source,
-                         min(max_depth, room - 1))
-
-    def tree_size(self, path_probs):
-        return len(path_probs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def test_every_kind_of_round_is_lossless(engine, reference, monkeypatch):
     """Plain steps, lookup chains verified alone and drafted graphs mix within one request; the tokens must not
     depend on the mix (each round's draft and target caches are left where the next kind expects them)."""
     planner = engine.planner
     real = planner.sequence
-    monkeypatch.setattr(planner, "sequence", lambda *a, **k: _Rotating(real(*a, **k)))
+    from conftest import RotatingPlanner
+
+    monkeypatch.setattr(planner, "sequence", lambda *a, **k: RotatingPlanner(real(*a, **k)))
     spec = SpecConfig.for_method("gsd")
     kinds = {"plain": 0, "lookup": 0, "draft": 0}
     for i in (0, 5, 6, 7):

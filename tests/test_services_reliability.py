@@ -196,7 +196,7 @@ def test_soak_short(app, cases, probe):
     report = run_soak(SoakConfig(duration_s=SOAK_S, warmup_s=SOAK_S / 2, sample_every_s=3), load, probe)
     print("soak:", report)
     assert report["failed"] == 0 and report["mismatches"] == 0 and report["completed"] >= 16, report
-    assert report["after"] == {"sessions_held": 0, "inflight": 0, "verify_queued": 0}, report
+    assert report["after"] == {"sessions_held": 0, "inflight": 0, "runs": 0}, report
     assert len(report["memory"]) == 5 and report["max_drift"] <= 0.10, report["memory"]
     assert report["passed"], report
 

@@ -180,24 +180,33 @@ def test_router_rounds_exact_batched_greedy_and_sampled(stack, tiny_pair, tokeni
             for p, (out, run) in zip(prompts, got):
                 assert out == engine.generate(p, 20, spec=spec, sampling=sampling).token_ids
                 assert run.stats.rounds >= 1 and run.finish in ("stop", "length")
-        assert max(core.batch_sizes) > 1
+        assert stack["t1"][0].scheduler.widest > 1      # concurrent requests shared the target's forwards
         await core.close()
     asyncio.run(main())
 
 
-def test_router_mixes_plain_and_speculative_rounds_exactly(stack, tiny_pair, tokenizer):
+def test_served_requests_mix_every_kind_of_round_exactly(stack, tiny_pair, tokenizer, monkeypatch):
+    """On the target replica, plain steps, lookup chains alone and drafted graphs alternate within a request."""
+    from conftest import RotatingPlanner
+
     engine = _engine(tiny_pair, tokenizer)
-    ids = tokenizer("The sea is")["input_ids"]
+    prompts = [tokenizer("The sea is")["input_ids"], tokenizer("1 2 3 4 5 6 1 2 3 4 5 6 1 2")["input_ids"]]
     spec = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+    planner = stack["t1"][0].planner
+    real = planner.sequence
+    monkeypatch.setattr(planner, "sequence", lambda *a, **k: RotatingPlanner(real(*a, **k)))
 
     async def main():
-        core, _ = _core(stack, tokenizer, load_policy="off")
-        turns = iter(range(10**6))
-        core.round_budget = lambda run: 1 if next(turns) % 2 else 12   # plain and speculative rounds alternate
+        core, _ = _core(stack, tokenizer)
+        kinds = [0, 0, 0]
         for sampling in (SamplingParams(), SamplingParams(temperature=0.9, seed=5)):
-            out, run = await _generate(core, ids, 24, sampling)
-            assert out == engine.generate(ids, 24, spec=spec, sampling=sampling).token_ids
-            assert 0 < run.stats.plain_steps < run.stats.rounds and run.stats.drafted_rounds > 0
+            for ids in prompts:
+                out, run = await _generate(core, ids, 40, sampling)
+                assert out == engine.generate(ids, 40, spec=spec, sampling=sampling).token_ids
+                s = run.stats
+                assert s.plain_steps + s.lookup_rounds + s.drafted_rounds == s.rounds
+                kinds = [kinds[0] + s.plain_steps, kinds[1] + s.lookup_rounds, kinds[2] + s.drafted_rounds]
+        assert all(kinds), kinds
         await core.close()
     asyncio.run(main())
 
@@ -218,24 +227,23 @@ def test_resync_and_draft_failover_stay_exact(stack, tiny_pair, tokenizer):
         rpc.RESYNC
 
     async def main():
-        core, live = _core(stack, tokenizer)
+        # every round drafts (no planner), so the draft replica is in use when it disappears
+        core, _ = _core(stack, tokenizer, spec=SpecConfig.for_method("gsd", max_depth=4, budget=12, planner=False))
         from gsd_serve.serving.router import GenerateParams
 
         run = core.start(GenerateParams(ids, 24, SamplingParams()))
-        out = []
-        gen = run.chunks()
-        async for chunk in gen:
+        out, stopped = [], None
+        async for chunk in run.chunks():
             out += chunk
-            if len(out) >= 3 and run.draft is not None and run.stats.failovers == 0 and len(live) == 3:
+            session = t1.scheduler.sessions.get(f"{run.id}.0")
+            if len(out) >= 3 and stopped is None and session is not None and session.draft.replica:
                 # the draft replica in use disappears: its server stops and its sessions are lost
-                victim = run.draft.replica_id
-                worker, server, _ = live.pop(victim)
+                stopped = session.draft.replica
+                worker, server, _ = stack[stopped]
                 server.stop(0)
                 worker.sessions = type(worker.sessions)()
-            if len(out) >= 10 and run.target is not None and not run.stats.resyncs:
-                stack["t1"][0].release([run.id])     # the target loses the session (e.g. evicted)
         assert out == want
-        assert run.stats.failovers >= 1 and run.stats.resyncs >= 1
+        assert stopped is not None and t1.drafts.failovers >= 1
         await core.close()
     asyncio.run(main())
 
@@ -416,7 +424,7 @@ def test_deploy_manifests_are_valid_serve_configs():
 
 def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
     """A request whose deadline passes while the target is busy fails with DEADLINE_EXCEEDED; the replica is
-    not blamed (no failover), skips the stale work, keeps no session, and the next request is exact."""
+    not blamed (no failover), drops the stale session before any work on it, and the next request is exact."""
     from gsd_serve.serving.router import DeadlineExceeded, GenerateParams
 
     engine = _engine(tiny_pair, tokenizer)
@@ -425,7 +433,7 @@ def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
 
     async def main():
         core, _ = _core(stack, tokenizer)
-        skipped = t1.expired_calls
+        skipped = t1.scheduler.dropped
         t1.lock.acquire()          # the replica is busy with someone else's long forward
         try:
             run = core.start(GenerateParams(ids, 8, SamplingParams(), "late-1", timeout_s=0.5))
@@ -436,10 +444,10 @@ def test_request_deadline_reaches_the_replicas(stack, tiny_pair, tokenizer):
             t1.lock.release()
         assert run.stats.failovers == 0 and core.endpoints and all(ep.alive for ep in core.endpoints.values())
         deadline = time.monotonic() + 60
-        while t1.expired_calls == skipped:   # the stale Prefill gets the lock, sees it is expired, does nothing
-            assert time.monotonic() < deadline, "the stale Prefill never ran"
+        while t1.scheduler.dropped == skipped:   # the scheduler gets the lock, sees it is over, drops it
+            assert time.monotonic() < deadline, "the stale session was never dropped"
             await asyncio.sleep(0.01)
-        assert "late-1" not in t1.sessions.ids()
+        assert not t1.scheduler.sessions and "late-1.0" not in t1.info().session_ids
         out, _ = await _generate(core, ids, 8)
         assert out == engine.generate(ids, 8, spec=SpecConfig.for_method("gsd", max_depth=4, budget=12)).token_ids
         await core.close()

@@ -1,19 +1,15 @@
-"""Issue 13: serving under load, without Ray. Real tiny Llama weights, real gRPC over loopback.
+"""Serving under load, without Ray. Real tiny Llama weights, real gRPC over loopback.
 
-- the load policy's decisions (serving/load_policy.py): full spec until measured, the full tree for one stream
-  when a tree costs about a step, smaller trees as the target's forwards fill, plain decoding at saturation,
-  the margin, the probes, and `spec_for_budget` never asking for more than the configured spec;
 - bounded-load routing (router.bounded_pick / RouterCore.pick): a hot prompt prefix spreads over the replicas
   within ceil((1 + slack) x share), a key keeps its replica while that one is under the bound;
 - BatchGate: calls that overlap run as one batch, each call gets its own answer or its own error;
 - batched drafting: core.drafting.propose_many drafts the same graphs as DraftSession.propose one by one
   (independent and feature drafts, several rounds, greedy and sampled), with one fused forward per level;
-- the defects of the issue, each with a test that fails on the code before 9b8da75: (a) one invalid Verify
-  item failed its whole batch; (b) an SSE response dropped before its first chunk held its admission slot
-  forever; (c) RouterCore.batch_sizes grew by one entry per Verify call; (d) sessions were bounded by count,
-  not by the bytes their caches hold;
-- (e, issue 15) the served feature hand-off: a feature-conditioned draft behind draft + target workers gives
-  exactly the target's greedy output, and Target Prefill / Verify return the target's features when asked.
+- (a) one invalid Verify item fails only itself; (b) an SSE response dropped before its first chunk releases its
+  admission slot; (c) concurrent requests share the target replica's fused forwards; (d) sessions are bounded
+  by the bytes their caches hold;
+- (e) the served feature hand-off: a feature-conditioned draft behind draft + target workers gives exactly the
+  target's greedy output, and Target Prefill / Verify return the target's features when asked.
 """
 from __future__ import annotations
 
@@ -29,7 +25,6 @@ import torch
 from gsd_serve.core.config import SpecConfig
 from gsd_serve.core.sampling import SamplingParams
 from gsd_serve.serving import rpc
-from gsd_serve.serving.load_policy import CostModel, LoadPolicy, LoadPolicyConfig, budget_ladder, spec_for_budget
 
 pytestmark = pytest.mark.timeout(300)
 pb = rpc.pb
@@ -77,7 +72,6 @@ async def _generate(core, ids, n, sampling=None, seen=None):
     async for chunk in run.chunks():
         out += chunk
         if seen is not None:
-            seen.add(("draft", run.draft.replica_id if run.draft else None))
             seen.add(("target", run.target.replica_id if run.target else None))
     return out, run
 
@@ -87,330 +81,6 @@ def _wait(cond, what: str, timeout_s: float = 60.0, step_s: float = 0.005) -> No
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(step_s)
-
-
-# ---------------------------------------------------------------- the load policy
-
-def _feed(policy: LoadPolicy, *, n: int, cost, path, tree_size: int, rows=(1, 4, 16, 64, 256, 1024),
-          draft_s: float = 0.002, overhead_s: float = 0.001, times: int = 8) -> None:
-    """Report to `policy` what a router reports: Verify calls at n sessions per fused forward whose forwards of
-    `rows` rows took cost(rows) seconds, verified trees of the full budget with `path` accepted, Propose times."""
-    for _ in range(times):
-        for r in rows:
-            policy.observe_verify(r, n, cost(r), cost(r) + overhead_s)
-        policy.observe_tree(policy.full, tree_size, path)
-        policy.observe_propose(policy.full, draft_s)
-
-
-# a tree of 12: the deeper the tree, the more it accepts (path indices below b are what a tree of b accepts)
-DEEP_PATH = [0, 1, 5, 8, 11]
-
-
-def test_load_policy_full_spec_until_measured_and_when_off():
-    p = LoadPolicy(12, LoadPolicyConfig(warmup_calls=4))
-    assert p.ladder == budget_ladder(12) and p.ladder[-1] == 12 and p.ladder[0] == 2
-    d = p.decide()
-    assert d.budget == 12 and d.reason == "full spec until measured"
-    saturated = lambda r: 0.002 * r   # noqa: E731 (a forward costs in proportion to its rows)
-    for _ in range(3):     # fewer Verify calls than warmup_calls: still the full tree
-        p.observe_verify(1024, 64, saturated(1024), saturated(1024) + 0.001)
-        p.observe_tree(12, 12, [0])
-        p.observe_propose(12, 0.002)
-    assert p.decide(sessions_here=64).budget == 12
-    # measured and saturated: plain decoding; the same measurements with the policy off: always the spec
-    p.observe_verify(1024, 64, saturated(1024), saturated(1024) + 0.001)
-    _feed(p, n=64, cost=saturated, path=[0, 1], tree_size=12)
-    assert p.decide(sessions_here=64).budget == 1
-    off = LoadPolicy(12, LoadPolicyConfig(mode="off"))
-    _feed(off, n=64, cost=saturated, path=[0, 1], tree_size=12)
-    assert {off.decide(sessions_here=64).budget for _ in range(20)} == {12}
-    assert LoadPolicyConfig.from_value("off").mode == "off" and LoadPolicyConfig.from_value(None).mode == "auto"
-    with pytest.raises(ValueError):
-        LoadPolicyConfig.from_value({"mode": "sometimes"})
-    with pytest.raises(ValueError):
-        LoadPolicyConfig.from_value({"no_such_field": 1})
-
-
-def test_load_policy_full_tree_for_one_stream_plain_at_saturation_and_shrinks_between():
-    cost = lambda r: 0.02 + 0.001 * r   # noqa: E731 (a fixed part, then linear in the rows)
-    budgets = {}
-    for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
-        p = LoadPolicy(12)
-        _feed(p, n=n, cost=cost, path=DEEP_PATH, tree_size=12)
-        d = p.decide(sessions_here=1)           # the replica's measured batch, not this router's share, says n
-        assert d.reason == "measured" and set(d.rates) == {1, *p.ladder}
-        assert d.rates[d.budget] == max(d.rates.values()) or d.budget == 1
-        budgets[n] = d.budget
-    assert budgets[1] == 12                     # one stream: a tree of 12 costs about a step
-    assert budgets[512] == 1                    # saturated: every extra row costs its share, plain decoding wins
-    seq = [budgets[n] for n in sorted(budgets)]
-    assert seq == sorted(seq, reverse=True), budgets       # never more speculation under more load
-    assert any(1 < b < 12 for b in seq), budgets            # ... and smaller trees in between
-    # the router's own sessions on the replica count when they are more than the replica measured
-    p = LoadPolicy(12)
-    _feed(p, n=1, cost=cost, path=DEEP_PATH, tree_size=12)
-    assert p.decide(sessions_here=1).budget == 12 and p.decide(sessions_here=512).budget == 1
-
-
-def test_load_policy_plain_when_forward_cost_is_linear_in_rows():
-    p = LoadPolicy(16)
-    _feed(p, n=16, cost=lambda r: 0.002 * r, path=[0, 1, 2], tree_size=16)
-    d = p.decide(sessions_here=16)
-    assert d.budget == 1 and d.reason == "measured"
-    # even trees that accept every token of their first levels do not pay for their rows and the draft
-    assert all(d.rates[b] < (1 + p.config.margin) * d.rates[1] for b in p.ladder), d.rates
-
-
-def test_load_policy_predicts_small_forwards_from_their_own_measurements_not_a_line():
-    """A CPU forward's cost is convex in its rows (default target, Zen 5: 1 / 3 / 6 rows 3.5 / 5.5 / 9.3 ms,
-    then steeper). A line fitted to all sizes overstated a 4-row plain forward ~2x once trees of 14 rows
-    dominated the measurements, and kept 4 served streams speculating at half of plain throughput."""
-    convex = lambda r: 0.0025 + 0.0008 * r + 0.00012 * r * r   # noqa: E731
-    costs = CostModel(0.1, 0.05)
-    for _ in range(20):
-        for r in (1, 2, 4, 14, 28, 56):
-            costs.add(r, convex(r))
-    for r in (1, 2, 3, 4, 14, 40):      # measured sizes and sizes between them: interpolated
-        assert costs.predict(r) == pytest.approx(convex(r), rel=0.25), r
-    assert costs.predict(4) < 0.5 * (costs.predict(14))
-    # at 4 sessions, trees of 14 that accept ~1.2 tokens do not pay for a forward over 56 rows: plain decoding
-    p = LoadPolicy(14)
-    _feed(p, n=4, cost=convex, path=[0, 1, 3], tree_size=14, rows=(1, 2, 4, 14, 28, 56))
-    d = p.decide(sessions_here=4)
-    assert d.budget == 1 and d.reason == "measured", d.rates
-
-
-def test_load_policy_margin():
-    cost = lambda r: 0.02 + 0.001 * r   # noqa: E731
-    n = None
-    for n in (32, 64, 128, 256):     # a load where the best tree beats plain decoding by a little
-        p = LoadPolicy(12, LoadPolicyConfig(margin=0.0))
-        _feed(p, n=n, cost=cost, path=DEEP_PATH, tree_size=12)
-        d = p.decide()
-        if d.budget > 1 and d.rates[d.budget] / d.rates[1] < 1.5:
-            break
-    best, ratio = d.budget, d.rates[d.budget] / d.rates[1]
-    assert best > 1 and 1.0 < ratio < 1.5, d.rates
-    for margin, want in (((ratio - 1) / 2, best), ((ratio - 1) * 1.5, 1)):
-        q = LoadPolicy(12, LoadPolicyConfig(margin=margin))
-        _feed(q, n=n, cost=cost, path=DEEP_PATH, tree_size=12)
-        assert q.decide().budget == want, (margin, ratio)
-
-
-def test_load_policy_probes_the_setting_it_does_not_measure():
-    # decoding plainly at saturation: probe_rounds rounds of the tree predicted best, every probe_every rounds of
-    # each session: with n sessions per forward, every probe_every x n rounds of the replica
-    p = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=3))
-    _feed(p, n=512, cost=lambda r: 0.02 + 0.001 * r, path=DEEP_PATH, tree_size=12)
-    period = 10 * round(p.batch.value)
-    assert period == 5120
-    got = [(d.budget, d.reason) for d in (p.decide() for _ in range(10 + period + 4))]
-    rates = p.last.rates
-    tree = max((b for b in rates if b > 1), key=rates.get)
-    assert tree > 1 and rates[tree] < (1 + p.config.margin) * rates[1]   # plain was chosen
-    assert [b for b, _ in got] == [1] * 10 + [tree] * 3 + [1] * (period - 3) + [tree] * 3 + [1], got[:40]
-    assert {r for b, r in got if b == tree} == {"probe"}
-    # speculating at a batch size whose plain forward was never measured: a few plain rounds now and then
-    q = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=3))
-    _feed(q, n=1, cost=lambda r: 0.02 + 0.0001 * r, path=DEEP_PATH, tree_size=12, rows=(8, 12, 24))
-    assert not q.cost.known(1)
-    got = [q.decide().budget for _ in range(14)]
-    assert got == [12] * 10 + [1] * 3 + [12], got
-    q.observe_verify(1, 1, 0.02, 0.021)      # the probe measured it: no more probes at this load
-    assert q.cost.known(1)
-    assert {q.decide().budget for _ in range(30)} == {12}
-    # no probes when probe_every is 0
-    r = LoadPolicy(12, LoadPolicyConfig(probe_every=0))
-    _feed(r, n=512, cost=lambda x: 0.02 + 0.001 * x, path=DEEP_PATH, tree_size=12)
-    assert {r.decide().budget for _ in range(50)} == {1}
-
-
-def test_load_policy_gives_a_probes_rounds_to_one_session():
-    # 4 sessions decoding plainly at saturation: the probe's rounds go to one session in a row (one catch-up, then
-    # steady Proposes the draft cost can count), not one round to each; an owner that stops asking (its request
-    # ended) hands the rest of the probe to another session, and the probe is judged once it is over
-    p = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=4))
-    _feed(p, n=4, cost=lambda r: 0.002 * r, path=[0, 1], tree_size=12)
-    rounds = []
-    for i in range(120):
-        sid = "abcd"[i % 4]
-        rounds.append((sid, p.decide(sessions_here=4, session=sid)))
-    probes = [(sid, d.budget) for sid, d in rounds if d.reason == "probe"]
-    assert probes and len(probes) % 4 == 0, probes
-    first = probes[:4]
-    assert len({sid for sid, _ in first}) == 1 and all(b > 1 for _, b in first), first
-    assert all(d.budget == 1 for sid, d in rounds if d.reason != "probe")
-    # the owner's request ends mid-probe: another session finishes it
-    q = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=4))
-    _feed(q, n=4, cost=lambda r: 0.002 * r, path=[0, 1], tree_size=12)
-    owner, got = None, []
-    for i in range(400):
-        sid = "abcd"[i % 4]
-        if sid == owner:
-            continue                          # gone
-        d = q.decide(sessions_here=4, session=sid)
-        if d.reason == "probe":
-            got.append(sid)
-            if owner is None and len(got) == 2:
-                owner = sid
-        if len(got) >= 4:
-            break
-    assert len(got) == 4 and len(set(got)) == 2 and got[0] == got[1] == owner and got[2] == got[3] != owner, got
-    # callers that do not name sessions: every round takes the probe, as before
-    r = LoadPolicy(12, LoadPolicyConfig(probe_every=10, probe_rounds=4))
-    _feed(r, n=4, cost=lambda x: 0.002 * x, path=[0, 1], tree_size=12)
-    reasons = [r.decide(sessions_here=4).reason for _ in range(60)]
-    start = reasons.index("probe")
-    assert reasons[start:start + 5] == ["probe"] * 4 + ["measured"]
-
-
-def test_load_policy_backs_off_probes_that_confirm_plain_decoding():
-    # 16 sessions per forward that costs in proportion to its rows: plain decoding wins; each probe that leaves it
-    # chosen doubles the wait for the next (10 x 16 rounds, then 20 x 16, ..., at most 2**probe_backoff x 10 x 16)
-    p = LoadPolicy(16, LoadPolicyConfig(probe_every=10, probe_rounds=2, probe_backoff=3))
-    _feed(p, n=16, cost=lambda r: 0.002 * r, path=[0, 1, 2], tree_size=16)
-    assert p.decide().budget == 1
-    reasons = [p.decide().reason for _ in range(5000)]
-    starts = [i for i, r in enumerate(reasons) if r == "probe" and (i == 0 or reasons[i - 1] != "probe")]
-    assert all(reasons[i + 1] == "probe" and reasons[i + 2] == "measured" for i in starts)
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert gaps[:5] == [160, 320, 640, 1280, 1280], gaps
-    assert p.snapshot()["probe_streak"] >= 3
-    # a load where speculation wins: a decision to speculate resets the wait
-    _feed(p, n=1, cost=lambda r: 0.02 + 0.0001 * r, path=DEEP_PATH, tree_size=16, times=200)
-    assert p.decide().budget > 1 and p.snapshot()["probe_streak"] == 0
-
-
-def test_load_policy_overhead_ignores_calls_that_waited_behind_a_prefill():
-    # 4 streams on a 2-core Zen 4 (served_round_check): forwards of 1 / 4 / 12 rows ~9.5 / 18.5 / 42.5 ms, trees of
-    # 3 that accept 0.5 tokens, an 8 ms Propose; most Verify calls spend ~3 ms outside the forward, but every fifth
-    # waited ~300 ms behind a new request's Prefill on the model thread. A moving average put O at ~60 ms, so
-    # a tree's extra rows looked cheap and trees of 3 were chosen over plain decoding (1.5 / 53.7 ms against
-    # 1 / 21.5 ms per round at O = 3 ms).
-    p = LoadPolicy(3)
-    linear = lambda r: 0.0065 + 0.003 * r   # noqa: E731
-    calls = 0
-    for _ in range(60):
-        for r in (1, 2, 4, 8, 12):
-            calls += 1
-            wait = 0.3 if calls % 5 == 0 else 0.0
-            p.observe_verify(r, 4, linear(r), linear(r) + 0.003 + wait)
-        p.observe_tree(3, 3, [0, 1])
-        p.observe_propose(3, 0.0082)
-    assert p.overhead.value == pytest.approx(0.003)
-    d = p.decide(sessions_here=4)
-    assert d.budget == 1 and d.reason == "measured", d.rates
-
-
-def test_load_policy_leaves_plain_decoding_only_when_the_catch_up_pays():
-    # a session that decoded plainly must first feed its draft every token since its last Propose; on a busy
-    # 2-core replica that cost 30-100 ms, more than a short tail of speculation saves
-    p = LoadPolicy(12)
-    _feed(p, n=1, cost=lambda r: 0.02 + 0.0001 * r, path=DEEP_PATH, tree_size=12)
-    d = p.decide()
-    assert d.budget > 1 and d.reason == "measured"
-    assert p.catch_up_pays(d, lag=10**6, remaining=1)            # no catch-up measured yet: measure one
-    p.observe_catch_up(200, 0.2)                                  # 1 ms per token
-    saved_per_token = 1 / d.rates[1] - 1 / d.rates[d.budget]
-    assert saved_per_token > 0
-    breakeven = 200 * 0.001 / saved_per_token                     # remaining tokens that pay for 200 tokens' catch-up
-    assert p.catch_up_pays(d, lag=200, remaining=math.ceil(breakeven) + 1)
-    assert not p.catch_up_pays(d, lag=200, remaining=math.floor(breakeven) - 1)
-    assert p.catch_up_pays(d, lag=20, remaining=math.floor(breakeven) - 1)     # a tenth of the lag: it pays
-    snap = p.snapshot()
-    assert snap["switches_declined"] == 1 and snap["catch_up_ms_per_token"] == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("per_token_s,drafts", [(10.0, False), (1e-9, True)])
-def test_router_declines_speculation_whose_catch_up_does_not_pay(workers, tiny_pair, tokenizer, per_token_s, drafts):
-    # every target replica's policy measured trees that win (a tree of 12 costs about a step); what decides is
-    # the draft's catch-up: at 10 s per token the prompt's feed never pays, and no Propose is sent at all
-    core = _core(workers, tokenizer)
-    ids = tokenizer.encode("List the planets of the solar system in order from the sun, one per line.")
-    assert len(ids) > core.config.spec.max_depth + 1
-
-    async def scenario():
-        await core.refresh(force=True)
-        for ep in core.live("target"):
-            _feed(ep.policy, n=1, cost=lambda r: 0.02 + 0.0001 * r, path=DEEP_PATH, tree_size=12)
-            ep.policy.observe_catch_up(1, per_token_s)
-        return await _generate(core, ids, 24)
-
-    out, run = asyncio.run(scenario())
-    assert out == _engine(tiny_pair, tokenizer).generate(ids, 24).token_ids       # exact either way
-    assert (run.stats.draft_forwards > 0) is drafts, run.stats
-    declined = sum(ep.policy.declined for ep in core.live("target"))
-    assert (declined == 0) is drafts, declined
-
-
-def test_router_counts_only_steady_proposes_in_the_draft_cost(workers, tiny_pair, tokenizer, monkeypatch):
-    # a Propose that catches the draft up on the tokens of plain rounds (or feeds it the prompt) is not what a
-    # speculating round costs: the policy's D(b) must not see it
-    core = _core(workers, tokenizer)
-    full, depth = core.config.spec.budget, core.config.spec.max_depth
-    pattern = iter(([full] + [1] * (depth + 2)) * 100)    # one speculating round, then enough plain ones to lag
-    monkeypatch.setattr(core, "round_budget", lambda run: next(pattern))
-    sent, counted = [], []
-    real_propose = core.propose
-
-    async def propose(run, d):
-        sent.append((run.d_synced, len(run.committed) - run.d_synced))
-        return await real_propose(run, d)
-
-    monkeypatch.setattr(core, "propose", propose)
-    real_observe = LoadPolicy.observe_propose
-    monkeypatch.setattr(LoadPolicy, "observe_propose",
-                        lambda self, b, sec: (counted.append(b), real_observe(self, b, sec)))
-    ids = tokenizer.encode("Count: one two three four five")
-    out, _ = asyncio.run(_generate(core, ids, 40))
-    assert out == _engine(tiny_pair, tokenizer).generate(ids, 40).token_ids       # still exact
-    catch_ups = [d for start, d in sent if start > 0 and d > depth + 1]
-    steady = [d for start, d in sent if start > 0 and d <= depth + 1]
-    assert sent[0][0] == 0 and catch_ups, sent          # the prompt's feed, then catch-ups after plain rounds
-    assert len(counted) == len(steady), (sent, counted)
-
-
-@pytest.mark.parametrize("spec", [SpecConfig.for_method("gsd"), SPEC, SpecConfig.for_method("tree", budget=7),
-                                  SpecConfig.for_method("chain", max_depth=5, budget=6),
-                                  SpecConfig.for_method("gsd", k=8, max_width=16, max_depth=10, budget=64)])
-def test_spec_for_budget_never_exceeds_the_spec(spec):
-    for budget in range(0, spec.budget + 6):
-        s = spec_for_budget(spec, budget)
-        if budget >= spec.budget:
-            assert s is spec
-            continue
-        assert s.budget == max(2, budget) <= spec.budget
-        assert 1 <= s.max_depth <= min(spec.max_depth, s.budget - 1)
-        assert 1 <= s.max_width <= min(spec.max_width, s.budget)
-        assert 0 <= s.lookup <= min(spec.lookup, s.budget - 1)
-        assert (s.method, s.k, s.merge_context, s.sibling_threshold, s.confidence_threshold) == \
-            (spec.method, spec.k, spec.merge_context, spec.sibling_threshold, spec.confidence_threshold)
-        rpc.check_spec_size(s)                     # what the draft replicas accept
-        back = rpc.spec_from_proto(rpc.spec_to_proto(s))
-        assert (back.budget, back.max_depth, back.max_width, back.lookup) == (s.budget, s.max_depth, s.max_width,
-                                                                              s.lookup)
-
-
-def test_spec_for_budget_trees_stay_within_the_budget(tiny_pair):
-    """The router sends spec_for_budget(b) to the draft; the tree the target then verifies has at most b nodes."""
-    from gsd_serve.core.drafting import DraftSession
-    from gsd_serve.core.graph import flatten_to_tree
-    from gsd_serve.core.sampling import TokenChooser
-    from gsd_serve.models import ModelRunner
-
-    _, draft = tiny_pair
-    runner = ModelRunner(draft)
-    wide = SpecConfig.for_method("gsd", k=4, max_depth=6, max_width=8, budget=16, confidence_threshold=0.0,
-                                 sibling_threshold=0.0)
-    prompt = list(range(300, 320))
-    for b in (2, 3, 5, 9, 16):
-        spec = spec_for_budget(wide, b)
-        s = DraftSession(runner)
-        s.pending = prompt[:-1]
-        graph, _ = s.propose(prompt[-1], len(prompt) - 1, (), spec, TokenChooser(SamplingParams(), runner.vocab_size),
-                             history=prompt)
-        assert max(graph.depth) <= spec.max_depth
-        assert len(flatten_to_tree(graph, spec.budget).tokens) <= b or b < 2
 
 
 # ---------------------------------------------------------------- bounded-load routing
@@ -440,7 +110,7 @@ def test_bounded_pick_spreads_a_hot_prefix(tokenizer, n, slack):
             ep = await core.pick("target", run.key)
             if i == 0:
                 assert ep is _rendezvous(run.key, core.live("target"))[0]     # an idle fleet: its own replica
-            run.assign("target", ep)
+            run.assign(ep)
             runs.append(run)
             total = i + 1
             bound = math.ceil((1 + slack) * total / n)
@@ -502,13 +172,15 @@ def test_hot_prefix_is_served_by_every_replica_exactly(workers, tiny_pair, token
         got = await asyncio.gather(*[_generate(core, p, 24, seen=s) for p, s in zip(prompts, seen)])
         for p, (out, _) in zip(prompts, got):
             assert out == engine.generate(p, 24, spec=SPEC).token_ids
-        for kind, names in (("target", {"t1", "t2"}), ("draft", {"d1", "d2"})):
-            used = [{rid for k, rid in s if k == kind and rid} for s in seen]
-            assert all(len(u) == 1 for u in used), used          # each request stays on its replica
-            per = {name: sum(1 for u in used if name in u) for name in names}
-            assert all(c > 0 for c in per.values()), (kind, per)
-            if kind == "target":    # all placed at once (their prefills start together): within the bound
-                assert max(per.values()) <= math.ceil(1.25 * len(prompts) / 2), per
+        used = [{rid for k, rid in s if k == "target" and rid} for s in seen]
+        assert all(len(u) == 1 for u in used), used          # each request stays on its replica
+        per = {name: sum(1 for u in used if name in u) for name in ("t1", "t2")}
+        assert all(c > 0 for c in per.values()), per
+        # all placed at once (their prefills start together): within the bound
+        assert max(per.values()) <= math.ceil(1.25 * len(prompts) / 2), per
+        # the target replicas spread their sessions' drafting over both draft replicas the same way
+        drafted = {d: workers[d][0].load.snapshot()["active_sessions"] for d in ("d1", "d2")}
+        assert all(drafted.values()), drafted
         await core.close()
     asyncio.run(main())
 
@@ -827,47 +499,6 @@ def test_invalid_verify_item_fails_only_its_own_request(workers, tiny_pair):
     stub.Release(pb.ReleaseRequest(session_ids=list(firsts)), timeout=60)
 
 
-def test_target_replica_sizes_trees_by_its_forward_costs_and_stays_exact(workers):
-    """Items with size_by_cost are cut to the nodes that pay for their rows under the replica's measured forward
-    times (here set: each row costs ten steps, then rows are free); items without it stay whole. The verdict
-    agrees with the full tree's on every token the cut tree verifies."""
-    import grpc
-
-    from gsd_serve.core.graph import TokenGraph
-
-    worker, _, port = workers["t2"]
-    stub = rpc.pb_grpc.TargetStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    prompt = list(range(300, 318))
-    n = len(prompt)
-    sids = ("full", "cut", "free")
-    firsts = {sid: stub.Prefill(pb.PrefillRequest(session_id=sid, tokens=prompt), timeout=60).first_token
-              for sid in sids}
-    f = firsts["full"]
-    g = TokenGraph(f, merge_context=-1)
-    a, _ = g.add(0, 11, 0.9)
-    g.add(a, 12, 0.8)
-    g.add(0, 13, 0.05)
-
-    def item(sid, **kw):
-        return pb.VerifyItem(session_id=sid, delta_start=n, delta=[f], graph=rpc.graph_to_proto(g), root_index=n,
-                             budget=16, **kw)
-
-    saved = worker.runner._costs
-    try:
-        worker.runner._costs = ([1, 2], [1.0, 11.0])
-        full = stub.Verify(pb.VerifyRequest(items=[item("full")]), timeout=60).results[0]
-        resp = stub.Verify(pb.VerifyRequest(items=[item("cut", size_by_cost=True, round_overhead_s=0.5)]), timeout=60)
-        cut = resp.results[0]
-        assert full.verified_tokens == 4 and cut.verified_tokens == 1 and resp.rows == 1
-        assert list(cut.emitted) == list(full.emitted)[:1]
-        worker.runner._costs = ([1, 2], [1.0, 1.0])
-        free = stub.Verify(pb.VerifyRequest(items=[item("free", size_by_cost=True)]), timeout=60).results[0]
-        assert free.verified_tokens == 4 and list(free.emitted) == list(full.emitted)
-    finally:
-        worker.runner._costs = saved
-        stub.Release(pb.ReleaseRequest(session_ids=list(sids)), timeout=60)
-
-
 # ---------------------------------------------------------------- (b) SSE dropped before its first chunk
 
 def _asgi_post(path: str, body: bytes, spec_version: str) -> dict:
@@ -1056,37 +687,16 @@ def test_admitted_request_that_never_starts_is_reaped(workers, tokenizer):
     asyncio.run(main())
 
 
-# ---------------------------------------------------------------- (c) batch_sizes bounded
+# ---------------------------------------------------------------- (c) concurrent requests share forwards
 
-@pytest.mark.slow
-def test_router_batch_sizes_stay_bounded(workers, tiny_pair, tokenizer):
-    """Plain decoding: every token after the first is one Verify call. More calls than the bound, and the
-    router keeps only the latest (before 9b8da75: one list entry per call, forever)."""
-    engine = _engine(tiny_pair, tokenizer)
-    ar = SpecConfig.for_method("ar")
-    prompts = [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35]]
-
-    async def main():
-        core = _core(workers, tokenizer, spec=ar)
-        calls = 0
-        for p in prompts:
-            out, run = await _generate(core, p, 420)
-            assert out == engine.generate(p, 420, spec=ar).token_ids
-            calls += len(out) - 1                 # the first token comes with the prefill
-        assert calls > 1024
-        assert len(core.batch_sizes) <= 1024 and set(core.batch_sizes) == {1}, len(core.batch_sizes)
-        await core.close()
-    asyncio.run(main())
-
-
-def test_concurrent_streams_share_each_verify_call(workers, tiny_pair, tokenizer):
-    """Four streams on one target replica: each Verify call carries all four (one fused forward per round). Before,
-    while one call was in flight the others queued and left alone when it returned, so the streams fell out of
-    phase for good (batches of 1 and 3 in turn: two forwards per round)."""
+def test_concurrent_streams_share_each_forward(workers, tiny_pair, tokenizer):
+    """Four streams on one target replica: its scheduler carries all four in each fused forward, and prefills
+    the late ones in chunks fused with the others' steps."""
     engine = _engine(tiny_pair, tokenizer)
     ar = SpecConfig.for_method("ar")
     prompts = [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35], [41, 42]]
     one_target = {k: v for k, v in workers.items() if k in ("d1", "t1")}
+    t1 = workers["t1"][0]
 
     async def main():
         core = _core(one_target, tokenizer, spec=ar)
@@ -1095,16 +705,16 @@ def test_concurrent_streams_share_each_verify_call(workers, tiny_pair, tokenizer
             await asyncio.sleep(delay)
             return await _generate(core, p, 64)
 
+        forwards = t1.scheduler.forwards
         got = await asyncio.gather(*(late(p, 0.02 * i) for i, p in enumerate(prompts)))
         for p, (out, _) in zip(prompts, got):
             assert out == engine.generate(p, 64, spec=ar).token_ids
-        sizes = list(core.batch_sizes)
         await core.close()
-        return sizes, [out for out, _ in got]
+        return t1.scheduler.forwards - forwards, [out for out, _ in got]
 
-    sizes, outs = asyncio.run(main())
-    assert sum(sizes) == sum(len(o) - 1 for o in outs) > 0   # each token after the first: one item in a call
-    assert sizes.count(4) >= 0.6 * len(sizes), {k: sizes.count(k) for k in set(sizes)}
+    forwards, outs = asyncio.run(main())
+    steps = sum(len(o) for o in outs)          # one forward each (prefill or step) if none were shared
+    assert t1.scheduler.widest >= 4 and forwards < 0.5 * steps, (forwards, steps)
 
 
 # ---------------------------------------------------------------- (d) sessions bounded by bytes
@@ -1197,8 +807,10 @@ def feature_stack(tiny_pair):
     torch.manual_seed(0)
     fd = new_feature_draft(target, torch.arange(0, target.config.vocab_size, 2), feature_layers=FEATURE_LAYERS)
     servers = {}
-    for name, worker in (("dfeat", DraftWorker(fd, replica_id="dfeat")), ("tfeat", TargetWorker(target, replica_id="tfeat"))):
-        servers[name] = (worker,) + serve_grpc(worker)
+    drafts = DraftWorker(fd, replica_id="dfeat")
+    servers["dfeat"] = (drafts,) + serve_grpc(drafts)
+    worker = TargetWorker(target, replica_id="tfeat", drafts=lambda: [("dfeat", f"127.0.0.1:{servers['dfeat'][2]}")])
+    servers["tfeat"] = (worker,) + serve_grpc(worker)
     yield servers, fd
     for _, server, _ in servers.values():
         server.stop(0)
@@ -1216,7 +828,9 @@ def test_served_feature_draft_is_exactly_target_greedy(feature_stack, tiny_pair,
     prompts = [tokenizer(t)["input_ids"] for t in ("The sea is", "One, two, three, four", "Hello there, friend")]
 
     async def main():
-        core = _core(servers, tokenizer, feature_layers=list(FEATURE_LAYERS))
+        # every round drafts (no planner): the features must reach the draft in every round
+        core = _core(servers, tokenizer, feature_layers=list(FEATURE_LAYERS),
+                     spec=SpecConfig.for_method("gsd", max_depth=4, budget=12, planner=False))
         assert core.feature_layers == list(FEATURE_LAYERS)
         got = await asyncio.gather(*[_generate(core, p, 24) for p in prompts])
         for p, (out, run) in zip(prompts, got):
@@ -1300,9 +914,14 @@ def test_feature_draft_failover_to_a_replica_without_the_features_stays_exact(ti
     torch.manual_seed(0)
     fd = new_feature_draft(target, torch.arange(0, target.config.vocab_size, 2), feature_layers=FEATURE_LAYERS)
     servers = {}
+    live = {}
+
+    def drafts():
+        return [(n, f"127.0.0.1:{port}") for n, (_, _, port) in list(live.items()) if n.startswith("d")]
+
     for name, worker in (("dA", DraftWorker(fd, replica_id="dA")), ("dB", DraftWorker(fd, replica_id="dB")),
-                         ("tfo", TargetWorker(target, replica_id="tfo"))):
-        servers[name] = (worker,) + serve_grpc(worker)
+                         ("tfo", TargetWorker(target, replica_id="tfo", drafts=drafts))):
+        servers[name] = live[name] = (worker,) + serve_grpc(worker)
     engine = Engine(ModelRunner(target), FeatureDraftRunner(fd), stop_token_ids={tokenizer.eos_token_id})
     ids = tokenizer("Once upon a time there was")["input_ids"]
     want = engine.generate(ids, 28, spec=SpecConfig.for_method("ar")).token_ids
@@ -1310,18 +929,21 @@ def test_feature_draft_failover_to_a_replica_without_the_features_stays_exact(ti
     async def main():
         from conftest import router_core
 
-        core, live = router_core(servers, tokenizer, feature_layers=list(FEATURE_LAYERS))
+        spec = SpecConfig.for_method("gsd", max_depth=4, budget=12, planner=False)   # every round drafts
+        core, _ = router_core(servers, tokenizer, feature_layers=list(FEATURE_LAYERS), spec=spec)
         run = core.start(GenerateParams(ids, 28, SamplingParams()))
         out, victim = [], None
+        tfo = servers["tfo"][0]
         async for chunk in run.chunks():
             out += chunk
-            if len(out) >= 4 and victim is None and run.draft is not None:
-                victim = run.draft.replica_id
+            session = tfo.scheduler.sessions.get(f"{run.id}.0")
+            if len(out) >= 4 and victim is None and session is not None and session.draft.replica:
+                victim = session.draft.replica
                 worker, server, _ = live.pop(victim)
                 server.stop(0)
                 worker.sessions = type(worker.sessions)()
         assert out == want
-        assert victim is not None and run.stats.failovers >= 1
+        assert victim is not None and run.stats.draft_failovers >= 1
         # the new replica drafted for committed tokens whose features it never got (fed as zeros)
         assert run.stats.draft_features_missing > 0 and run.stats.draft_forwards > 0
         await core.close()

@@ -168,8 +168,9 @@ class DecodeStats:
     draft_features_missing: int = 0  # feature drafts: committed tokens fed without the target's features
     cached_prompt_tokens: int = 0   # prompt tokens restored from the prefix cache
     resyncs: int = 0             # sessions rebuilt on a replica
-    failovers: int = 0           # calls that moved to another replica
-    feature_bytes: int = 0       # served feature drafts: target features through the router (bytes in + out)
+    failovers: int = 0           # times the request moved to another target replica
+    draft_failovers: int = 0     # draft calls that failed (their rounds went on without a draft)
+    feature_bytes: int = 0       # served feature drafts: target features sent to draft replicas (bytes)
     seconds: float = 0.0
     ttft: float = 0.0
     draft_seconds: float = 0.0

@@ -240,7 +240,7 @@ class DraftSession:
 
     def rollback_to(self, length: int) -> None:
         self.cache.truncate(length)
-        self.lookup = SuffixLookup()   # the committed sequence diverged: its indexed positions are stale
+        self.lookup.reset()   # the committed sequence diverged: its indexed positions are stale
         if self._feats is not None and length - 1 < self._feat_start + len(self._feats):
             # features from the divergence on describe other tokens
             keep = max(length - 1 - self._feat_start, 0)
@@ -267,6 +267,8 @@ class ProposeJob:
     chooser: TokenChooser
     max_depth: int | None = None
     history: list[int] | None = None
+    chain: list[int] | None = None          # the caller's lookup chain (None: the session looks up `history`)
+    chain_probs: list[float] | None = None
 
 
 @dataclass
@@ -289,8 +291,8 @@ def propose_many(jobs: list[ProposeJob]) -> list[tuple[TokenGraph, list[int]]]:
     GEMMs (identical token for token where the runner's arithmetic does not depend on the batch, e.g.
     float64). Sessions whose drafting ends early drop out of later levels. A runner without a fused
     multi-sequence forward runs the sessions' forwards one after another (same results as propose)."""
-    steps = [j.session.propose_steps(j.root, j.root_index, j.context, j.config, j.chooser, j.max_depth, j.history)
-             for j in jobs]
+    steps = [j.session.propose_steps(j.root, j.root_index, j.context, j.config, j.chooser, j.max_depth, j.history,
+                                     j.chain, j.chain_probs) for j in jobs]
     results: list = [None] * len(jobs)
     feeds: dict[int, DraftFeed] = {}
     for i, gen in enumerate(steps):

@@ -129,32 +129,6 @@ class VerifyTree:
         return VerifyTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.nodes[:n], self.path_probs[:n])
 
 
-def best_batch_sizes(path_probs: list[list[float]], forward_seconds, overhead_seconds: float = 0.0,
-                     whole: list[bool] | None = None) -> list[int]:
-    """best_tree_size for the trees of one fused forward: how many nodes of each tree (best-first lists of path
-    probabilities, root first) to verify for the most expected tokens per second of the whole forward, which
-    costs forward_seconds(rows in total) + overhead_seconds. Trees marked in `whole` are verified whole. A node
-    joins in order of probability across the trees; the wider the forward, the more tokens per second it
-    already yields, so the more a node must be worth to pay for its row: under load the trees shrink."""
-    whole = whole or [False] * len(path_probs)
-    sizes = [len(probs) if keep else (1 if probs else 0) for probs, keep in zip(path_probs, whole)]
-    expected = sum(sum(probs) if keep else float(n) for probs, keep, n in zip(path_probs, whole, sizes))
-    rows = sum(sizes)
-    # every tree's list falls (a child is never more probable than its parent), so taking nodes in order of
-    # probability across trees keeps each tree a prefix of its own list
-    candidates = sorted(((p, i) for i, probs in enumerate(path_probs) if not whole[i] for p in probs[1:]),
-                        key=lambda c: -c[0])
-    taken, best_rate = 0, expected / max(forward_seconds(max(rows, 1)) + overhead_seconds, 1e-9)
-    for k, (p, _) in enumerate(candidates, 1):
-        expected += p
-        rate = expected / max(forward_seconds(rows + k) + overhead_seconds, 1e-9)
-        if rate > best_rate:
-            taken, best_rate = k, rate
-    for _, i in candidates[:taken]:
-        sizes[i] += 1
-    return sizes
-
-
 def flatten_to_tree(graph: TokenGraph, budget: int) -> VerifyTree:
     """Unroll the DAG into the trie of its root paths, keeping the `budget` most probable nodes.
 

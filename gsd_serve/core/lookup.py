@@ -132,6 +132,10 @@ class SuffixLookup:
     earlier matches of their suffix. The newest token's own position never matches itself."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was indexed (the sequence was rewritten, not just extended)."""
         self._index = _GramIndex()
         self._indexed = 0
 
@@ -139,7 +143,7 @@ class SuffixLookup:
         if max_tokens <= 0 or len(tokens) < 2:
             return Continuation([], [], 0, 0, "context")
         if len(tokens) < self._indexed:
-            self._index, self._indexed = _GramIndex(), 0
+            self.reset()
         end = len(tokens)
         # index every gram that ends before the final token: an occurrence must be followed by something
         if self._indexed < end - 1:

@@ -139,24 +139,40 @@ class SequencePlanner:
         self.rate_seconds = Ema(0.1, engine.rate_seconds.value)
         self.since_draft = 0
         self.probe_gap = PROBE_MIN
+        self.base_rows = 0
+        self.others_rate = 0.0
         self._round_forward_s = 0.0        # forward seconds timed since the round started
         self._round_draft_s = 0.0          # of those, the draft's
         self._round_draft_first_s = None   # the draft's first forward of the round
         self.decisions = {PLAIN: 0, LOOKUP: 0, DRAFT: 0}
 
     # ------------------------------------------------------------ what things cost and yield
+    def set_load(self, base_rows: int = 0, others_rate: float = 0.0) -> None:
+        """Plan the next rounds as one of several sessions whose rounds share a fused forward: `base_rows` rows of
+        the others go with this session's, and they generate `others_rate` tokens per second. A row this session
+        adds slows every session's round, so rows (and the round's overhead, spent on the same thread) are
+        valued at the rate of all of them; the draft's latency delays this session alone."""
+        self.base_rows = max(int(base_rows), 0)
+        self.others_rate = max(float(others_rate), 0.0)
+
     def t(self, rows: int) -> float:
-        return self.engine.target_costs.seconds(max(rows, 1))
+        """The forward time of a round that verifies `rows` rows of this sequence."""
+        return self.engine.target_costs.seconds(self.base_rows + max(rows, 1))
 
     def overhead(self, kind: str) -> float:
         return self.engine.overhead[kind].get(0.0)
 
-    def rate(self) -> float:
-        """The tokens per second to beat: this sequence's recent rate, and never less than plain decoding's."""
+    def own_rate(self) -> float:
+        """This sequence's recent tokens per second, and never less than plain decoding's."""
         plain = 1.0 / (self.t(1) + self.overhead(PLAIN))
         if self.rate_tokens.value is None or not self.rate_seconds.value:
             return plain
         return max(plain, self.rate_tokens.value / self.rate_seconds.value)
+
+    def rate(self) -> float:
+        """The tokens per second a round's rows must pay for: this sequence's, plus those of the sessions that
+        share its forwards."""
+        return self.own_rate() + self.others_rate
 
     def chain_probs(self, cont: Continuation) -> list[float]:
         """Each chain token's acceptance probability given the tokens before it were accepted."""
@@ -217,7 +233,7 @@ class SequencePlanner:
             best = RoundPlan(LOOKUP, cont.tokens, probs, n_l, cont.match_len, cont.source)
             best_v = v_lookup
         if draft_available and depth > 0:
-            v_draft = self._draft_value(probs, n_l, rate, draft_lag, room)
+            v_draft = self._draft_value(probs, n_l, rate, self.own_rate(), draft_lag, room)
             probe = self.since_draft >= self.probe_gap and best.kind != LOOKUP
             if v_draft > best_v or probe:
                 best = RoundPlan(DRAFT, cont.tokens, probs, n_l, cont.match_len, cont.source, depth,
@@ -228,7 +244,7 @@ class SequencePlanner:
                     self.probe_gap = PROBE_MIN
         return self._decided(best)
 
-    def _draft_value(self, probs: list[float], n_l: int, rate: float, lag: int, room: int) -> float:
+    def _draft_value(self, probs: list[float], n_l: int, rate: float, own_rate: float, lag: int, room: int) -> float:
         """Expected tokens minus rate x seconds of a drafted round: the chain's part, plus what the draft adds
         when the chain's first token fails (the draft extends only its own nodes), minus the draft's forwards
         and the rows they add to verification. The draft's first forward also reads the `lag` tokens it has
@@ -246,7 +262,7 @@ class SequencePlanner:
         first = dc.seconds(1)
         catch_up = (dc.seconds(lag + 1) - first) * min(1.0, (1.0 + gain) / max(room, 1))
         draft_s = first + catch_up + rec.extra_seconds.get(3 * first)
-        return 1.0 + chain_part + miss * gain - rate * (draft_s + self.t(1 + n_l + rows) + self.overhead(DRAFT))
+        return 1.0 + chain_part + miss * gain - own_rate * draft_s - rate * (self.t(1 + n_l + rows) + self.overhead(DRAFT))
 
     def _decided(self, plan: RoundPlan) -> RoundPlan:
         self.decisions[plan.kind] += 1
@@ -276,6 +292,10 @@ class SequencePlanner:
     def observe_target(self, rows: int, seconds: float) -> None:
         """A target forward over `rows` rows of this sequence alone took `seconds`."""
         self.engine.target_costs.observe(rows, seconds)
+        self._round_forward_s += seconds
+
+    def waited(self, seconds: float) -> None:
+        """This sequence's round waited `seconds` for a forward (a fused one, timed by its driver)."""
         self._round_forward_s += seconds
 
     def observe_draft(self, rows: int, seconds: float) -> None:

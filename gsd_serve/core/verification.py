@@ -82,40 +82,87 @@ def _tree_inputs(session: TargetSession, tree: VerifyTree, root_index: int):
     return anc, cached + tree.depths, mask[None, None]
 
 
+@dataclass
+class PrefillChunk:
+    """Part of a prompt fed to a session's cache, to be fused with other sessions' rounds (chunked prefill).
+
+    `tokens` continue the session's cache; on the prompt's last chunk (`last`) the first generated token is
+    chosen from its last row, the token at sequence index `index`."""
+
+    session: TargetSession
+    tokens: list[int]
+    last: bool
+    chooser: TokenChooser | None = None
+    index: int = 0
+
+
+@dataclass
+class PrefillResult:
+    first: int | None                       # the first generated token (the last chunk only)
+    features: torch.Tensor | None = None    # the chunk's target features (feature drafts)
+
+
 @torch.inference_mode()
-def verify_batch(jobs: list[tuple[TargetSession, VerifyTree, int, TokenChooser]]) -> list[Verdict]:
-    """Verify the trees of several sequences; sequences sharing one runner go through one fused forward.
+def verify_batch(jobs: list[tuple[TargetSession, VerifyTree, int, TokenChooser]],
+                 prefills: list[PrefillChunk] = ()) -> list:
+    """Verify the trees of several sequences, and feed prompt chunks of others; sequences sharing one runner go
+    through one fused forward.
 
     Each job is (session, tree, root_index, chooser). The acceptance of each sequence depends only on its
-    own logits, so the verdicts are the ones each session would get alone.
-    """
-    verdicts: list[Verdict | None] = [None] * len(jobs)
+    own logits, so the verdicts are the ones each session would get alone. Returns the verdicts, followed by
+    one PrefillResult per prefill chunk."""
+    items = [("tree", j) for j in jobs] + [("prefill", c) for c in prefills]
+    out: list = [None] * len(items)
     by_runner: dict[int, list[int]] = {}
-    for j, (session, _, _, _) in enumerate(jobs):
+    for j, (_, item) in enumerate(items):
+        session = item[0] if isinstance(item, tuple) else item.session
         by_runner.setdefault(id(session.runner), []).append(j)
     for group in by_runner.values():
-        runner = jobs[group[0]][0].runner
-        inputs = [_tree_inputs(jobs[j][0], jobs[j][1], jobs[j][2]) for j in group]
-        caches = [jobs[j][0].cache for j in group]
-        tokens = [jobs[j][1].tokens for j in group]
-        layers = jobs[group[0]][0].feature_layers
-        if layers and any(jobs[j][0].feature_layers != layers for j in group):
+        sessions, caches, tokens, positions, masks, last, inputs = [], [], [], [], [], [], []
+        for j in group:
+            kind, item = items[j]
+            if kind == "tree":
+                session, tree, root_index, _ = item
+                anc, pos, mask = _tree_inputs(session, tree, root_index)
+                tokens.append(tree.tokens)
+                positions.append(pos)
+                masks.append(mask)
+                last.append(False)
+                inputs.append(anc)
+            else:
+                session = item.session
+                start = session.cache.length
+                tokens.append(torch.tensor(item.tokens, dtype=torch.long))
+                positions.append(torch.arange(start, start + len(item.tokens)))
+                masks.append(None)      # causal among the chunk's tokens, the cache before them all visible
+                last.append(True)
+                inputs.append(None)
+            sessions.append(session)
+            caches.append(session.cache)
+        runner = sessions[0].runner
+        layers = sessions[0].feature_layers
+        if layers and any(s.feature_layers != layers for s in sessions):
             raise ValueError("sessions sharing a target runner must ask for the same feature layers")
         if layers:   # feature drafts: the target's hidden states come with the logits
-            outs = runner.forward_many(caches, tokens, [p for _, p, _ in inputs], [m for _, _, m in inputs],
-                                       features=layers)
+            outs = runner.forward_many(caches, tokens, positions, masks, features=layers, last_only=last)
         elif len(group) > 1 and hasattr(runner, "forward_many"):
-            outs = runner.forward_many(caches, tokens, [p for _, p, _ in inputs], [m for _, _, m in inputs])
+            outs = runner.forward_many(caches, tokens, positions, masks, last_only=last)
         else:
-            outs = [runner.forward(c, t, p, m) for c, t, (_, p, m) in zip(caches, tokens, inputs)]
-        for j, (anc, _, _), out in zip(group, inputs, outs):
-            session, tree, root_index, chooser = jobs[j]
-            lg, feats = out if layers else (out, None)
+            outs = [runner.forward(c, t, p, m, last_only=lo) for c, t, p, m, lo in
+                    zip(caches, tokens, positions, masks, last)]
+        for j, anc, o in zip(group, inputs, outs):
+            kind, item = items[j]
+            lg, feats = o if layers else (o, None)
+            if kind == "prefill":
+                item.session.forwards += 1
+                first = int(item.chooser.choose(lg[-1:], torch.tensor([item.index]))[0]) if item.last else None
+                out[j] = PrefillResult(first, feats)
+                continue
+            session, tree, root_index, chooser = item
             session.forwards += 1
             choices = chooser.choose(lg, root_index + 1 + tree.depths)
             path = accept_path(tree.tokens, tree.parents, choices, anc)
-            cached = root_index
-            session.cache.keep(cached, [cached + i for i in path])
-            verdicts[j] = Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree),
-                                  None if feats is None else feats[path])
-    return verdicts
+            session.cache.keep(root_index, [root_index + i for i in path])
+            out[j] = Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree),
+                             None if feats is None else feats[path])
+    return out

@@ -187,10 +187,11 @@ class CompiledRunner(ModelRunner):
         self.tokens_fed += n
         return hidden[:n]
 
-    def forward_many(self, caches, tokens, positions, masks, features=()):
+    def forward_many(self, caches, tokens, positions, masks, features=(), last_only=False):
         if features:
             raise ValueError("--compile does not hand out target features yet (feature drafts need the eager path)")
-        return [self.forward(c, t, p, m) for c, t, p, m in zip(caches, tokens, positions, masks)]
+        last = list(last_only) if isinstance(last_only, (list, tuple)) else [bool(last_only)] * len(caches)
+        return [self.forward(c, t, p, m, last_only=lo) for c, t, p, m, lo in zip(caches, tokens, positions, masks, last)]
 
     def warmup(self, buckets=(1, 2, 4, 8, 16, 32), capacity: int = MIN_CAPACITY) -> float:
         """Compile the step for these row buckets at one capacity; returns the seconds it took."""

@@ -207,6 +207,8 @@ class GrpcReplica:
         # the port refuses every call until the first heartbeat has fetched the application's secret
         self.secret = SharedSecret(new_secret_placeholder())
         self.server, port = serve_grpc(worker, bind, int(args.get(port_key, 0)), secret=self.secret)
+        if getattr(worker, "drafts", None) is not None:
+            worker.drafts.secret = self.secret      # its calls to draft replicas carry the application's secret
         self.address = f"{host}:{port}"
         self.heartbeat = Heartbeat(self.kind, worker.replica_id, self.address, self.secret)
 

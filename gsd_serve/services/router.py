@@ -99,11 +99,7 @@ class RouterReplica:
 
         core = self.core
         return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "inflight": core.inflight,
-                "endpoints": len(core.endpoints),
-                "verify_queued": sum(len(e.batcher.queue) for e in core.endpoints.values() if e.batcher),
-                # the latest Verify batch sizes (bounded: its size must not grow with the calls)
-                "batch_sizes": len(core.batch_sizes), "runs": len(core.runs),
-                "load_policy": core.policy_snapshot()}
+                "endpoints": len(core.endpoints), "runs": len(core.runs)}
 
     # gsd.v1.Router over Serve's gRPC proxy: methods named exactly like the RPCs
     def _refuse(self, request, grpc_context):

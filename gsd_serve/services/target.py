@@ -10,7 +10,7 @@ import os
 
 from ray import serve
 
-from .common import GrpcReplica, env_setup, load_models, session_bytes
+from .common import GrpcReplica, app_name, env_setup, get_registry, load_models, session_bytes
 
 
 class TargetReplica(GrpcReplica):
@@ -22,8 +22,18 @@ class TargetReplica(GrpcReplica):
         from ..serving.prefix_cache import PrefixCache, model_fingerprint
         from ..serving.target_worker import TargetWorker
         name = str(args.get("target", "smollm2-135m-instruct"))
+        registry = get_registry(app_name())
+
+        def drafts() -> list[tuple[str, str]]:
+            """The application's live draft replicas, for the rounds this replica's sessions draft."""
+            import ray
+
+            return [(e["replica_id"], e["address"]) for e in ray.get(registry.list.remote("draft"), timeout=10)]
+
         common = dict(name=name, max_sessions=int(args.get("max_sessions", 64)),
-                      ttl_s=float(args.get("session_ttl_s", 300)), max_session_bytes=session_bytes(args))
+                      ttl_s=float(args.get("session_ttl_s", 300)), max_session_bytes=session_bytes(args),
+                      drafts=drafts, prefill_chunk=int(args.get("prefill_chunk", 64)),
+                      shared_lookup_tokens=int(args.get("shared_lookup_tokens", 100_000)))
         tp = int(args.get("tensor_parallel_size", 1))
         gpus_per_rank = float(args.get("gpus_per_rank", 0))
         if tp > 1 or gpus_per_rank > 0:

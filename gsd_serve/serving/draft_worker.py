@@ -108,6 +108,11 @@ class DraftWorker:
         if req.delta_start + len(req.delta) + depth > self.max_seq_len:
             raise BadRequest(f"the sequence would exceed the draft's {self.max_seq_len} positions")
         check_tokens(req.delta, self.vocab_size, "delta")
+        check_tokens(req.chain, self.vocab_size, "chain")
+        if len(req.chain) != len(req.chain_probs) or len(req.chain) > 64:
+            raise BadRequest("chain and chain_probs must be as long as each other, at most 64 tokens")
+        if any(not 0.0 <= p <= 1.0 for p in req.chain_probs):
+            raise BadRequest("chain_probs must be probabilities in [0, 1]")
         chooser = chooser_from_proto(req.sampling, self.vocab_size)
         feats = None
         if req.HasField("features") and self.feature_layers:
@@ -145,11 +150,12 @@ class DraftWorker:
         return entry, new, entry.session.features_missing
 
     def _job(self, call: _Call, entry: _DraftEntry, new: list[int]) -> ProposeJob:
-        spec = call.spec
+        spec, req = call.spec, call.req
         n = max(spec.merge_context, 0)
+        chain = (list(req.chain), list(req.chain_probs)) if req.has_chain else (None, None)
         return ProposeJob(entry.session, new[-1], len(new) - 1, tuple(new[-1 - n:-1]) if n > 0 else (), spec,
-                          call.chooser, call.req.max_depth if call.req.max_depth > 0 else 0,
-                          new if spec.lookup else None)
+                          call.chooser, req.max_depth if req.max_depth > 0 else 0,
+                          new if spec.lookup and not req.has_chain else None, *chain)
 
     def _run_batch(self, jobs) -> None:
         with self.lock, torch.inference_mode():

@@ -68,6 +68,21 @@ class DraftServicer(_WorkerServicer):
 
 
 class TargetServicer(_WorkerServicer):
+    def Decode(self, request, context):  # noqa: N802
+        """A whole request decoded on this replica, its tokens streamed as they are committed."""
+        if isinstance(request, rpc.RejectedRequest):
+            context.abort(request.status, request.message)
+        try:
+            yield from self.worker.decode(request, cancelled=context.add_callback,
+                                          deadline_s=context.time_remaining())
+        except ServingError as exc:
+            context.abort(exc.grpc_code, str(exc))
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 (a bug: log it, answer INTERNAL; the router fails over)
+            log.exception("Decode failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
     def Prefill(self, request, context):  # noqa: N802
         return _call(context, self.worker, self.worker.prefill, request)
 
@@ -75,10 +90,13 @@ class TargetServicer(_WorkerServicer):
         return _call(context, self.worker, self.worker.verify, request)
 
 
-def serve_grpc(worker, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
+def serve_grpc(worker, host: str = "127.0.0.1", port: int = 0, max_workers: int | None = None,
                secret: SharedSecret | None = None):
     """Start a gRPC server (with health checking) for a DraftWorker or TargetWorker; returns (server, port).
-    With `secret`, calls must carry it (health checks excepted)."""
+    With `secret`, calls must carry it (health checks excepted). A target's Decode streams each hold a handler
+    thread while they last: its pool has room for all it may decode, and some more."""
+    if max_workers is None:
+        max_workers = 8 + int(getattr(worker, "max_decoding", 0))
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     interceptors = [WorkerAuthInterceptor(secret)] if secret is not None else []

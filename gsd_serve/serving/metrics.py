@@ -12,13 +12,12 @@ class Metrics:
         m = ["model_name"]
         self.model_name = model_name
         lat = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-        call = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5, 10)   # one round's calls
         self._c = {
             "drafts": Counter("gsd_num_drafts", "Speculation rounds with a draft", m, registry=r),
-            "draft_tokens": Counter("gsd_num_draft_tokens", "Draft tokens verified by the target", m, registry=r),
-            "accepted": Counter("gsd_num_accepted_tokens", "Draft tokens accepted", m, registry=r),
-            "per_pos": Counter("gsd_num_accepted_tokens_per_pos", "Draft tokens accepted per position",
-                               m + ["position"], registry=r),
+            "lookups": Counter("gsd_num_lookup_rounds", "Speculation rounds that verified a lookup chain alone", m,
+                               registry=r),
+            "draft_tokens": Counter("gsd_num_draft_tokens", "Proposed tokens verified by the target", m, registry=r),
+            "accepted": Counter("gsd_num_accepted_tokens", "Proposed tokens accepted", m, registry=r),
             "prompt_tokens": Counter("gsd_prompt_tokens", "Prompt tokens", m, registry=r),
             "generation_tokens": Counter("gsd_generation_tokens", "Generated tokens", m, registry=r),
             "success": Counter("gsd_request_success", "Finished requests", m + ["finished_reason"], registry=r),
@@ -37,13 +36,6 @@ class Metrics:
         self.running = Gauge("gsd_num_requests_running", "Requests in flight", m, registry=r)
         self.latency = Histogram("gsd_e2e_request_latency_seconds", "Request latency", m, buckets=lat, registry=r)
         self.ttft = Histogram("gsd_time_to_first_token_seconds", "Time to first token", m, buckets=lat, registry=r)
-        self.batch = Histogram("gsd_verify_batch_size", "Sessions per Verify call", m,
-                               buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
-        self.draft_s = Histogram("gsd_draft_seconds", "Propose call latency", m, buckets=call, registry=r)
-        self.verify_s = Histogram("gsd_verify_seconds", "Verify call latency", m, buckets=call, registry=r)
-        # the part of a Verify call the target's fused forward took (the rest: batching, gRPC, the worker's Python)
-        self.forward_s = Histogram("gsd_target_forward_seconds", "Target forward time inside a Verify call", m,
-                                   buckets=call, registry=r)
 
     def inc(self, name: str, n: float = 1, **labels) -> None:
         if n:

@@ -216,7 +216,7 @@ def spec_to_proto(spec) -> "pb.SpecConfig":
     return pb.SpecConfig(method=spec.method, k=spec.k, merge_context=spec.merge_context,
                          sibling_threshold=spec.sibling_threshold, confidence_threshold=spec.confidence_threshold,
                          max_depth=spec.max_depth, max_width=spec.max_width, budget=spec.budget,
-                         lookup=spec.lookup)
+                         lookup=spec.lookup, planner=spec.planner, shared_lookup=spec.shared_lookup)
 
 
 def check_spec_size(spec) -> None:
@@ -236,7 +236,9 @@ def spec_from_proto(msg: "pb.SpecConfig", default=None):
     return SpecConfig(method=msg.method, k=msg.k or base.k, merge_context=msg.merge_context,
                       sibling_threshold=msg.sibling_threshold, confidence_threshold=msg.confidence_threshold,
                       max_depth=msg.max_depth or base.max_depth, max_width=msg.max_width or base.max_width,
-                      budget=msg.budget or base.budget, lookup=msg.lookup)
+                      budget=msg.budget or base.budget, lookup=msg.lookup,
+                      planner=msg.planner if msg.HasField("planner") else base.planner,
+                      shared_lookup=msg.shared_lookup if msg.HasField("shared_lookup") else base.shared_lookup)
 
 
 MAX_FEATURE_BYTES = 64 * 1024 * 1024             # features in one message (a long prompt of a wide target)
@@ -270,4 +272,8 @@ def stats_to_proto(stats) -> "pb.GenerateStats":
     return pb.GenerateStats(rounds=stats.rounds, accepted_tokens=stats.accepted_tokens,
                             verified_tokens=stats.verified_tokens, draft_tokens=stats.draft_tokens,
                             mean_accept_len=stats.mean_accept_len, cached_prompt_tokens=stats.cached_prompt_tokens,
-                            resyncs=stats.resyncs, seconds=stats.seconds)
+                            resyncs=stats.resyncs, seconds=stats.seconds, plain_rounds=stats.plain_steps,
+                            lookup_rounds=stats.lookup_rounds, drafted_rounds=stats.drafted_rounds,
+                            lookup_accepted=stats.lookup_accepted, draft_forwards=stats.draft_forwards,
+                            ttft=stats.ttft, failovers=stats.failovers, draft_failovers=stats.draft_failovers,
+                            draft_features_missing=stats.draft_features_missing, feature_bytes=stats.feature_bytes)

@@ -1,4 +1,8 @@
-"""The target worker: per-session target state behind the gsd.v1.Target service (Prefill, Verify).
+"""The target worker: the gsd.v1.Target service (Decode; Prefill and Verify).
+
+Decode hands the worker a whole request: its decode loop runs here (scheduler.py), fused with the worker's
+other sessions, and the committed tokens stream back. Prefill and Verify serve a caller that drives the loop
+itself, one round at a time, with per-session target state kept here.
 
 A Verify call carries the graphs of several sessions and verifies them in one fused target forward. Each
 item succeeds or fails on its own: an item the worker refuses (or whose forward fails) gets
@@ -20,14 +24,21 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from ..core.graph import best_batch_sizes, flatten_to_tree
+from ..core.config import ConfigError
+from ..core.costs import ForwardCosts
+from ..core.engine import COST_SEED_SIZES
+from ..core.graph import flatten_to_tree
+from ..core.lookup import SharedSuffixIndex
+from ..core.planner import Planner
 from ..core.verification import TargetSession, verify_batch
 from ..models.factory import make_runner
 from ..models.runner import ModelRunner
 from . import rpc
-from .errors import BadRequest, ServingError, TooLarge
+from .errors import BadRequest, ServingError, TooLarge, Unavailable
 from .procinfo import rss_bytes
 from .prefix_cache import KVLayout, PrefixCache, export_kv, import_kv, model_fingerprint
+from .draft_client import DraftLink, DraftPool
+from .scheduler import END, Scheduler, new_session
 from .threads import MODEL_THREAD
 from .sessions import (LoadMeter, SessionTable, cache_bytes, check_tokens, chooser_from_proto, committed_tokens,
                        common_prefix, default_session_bytes, replica_identity, still_wanted)
@@ -51,7 +62,13 @@ class TargetWorker:
     def __init__(self, target_model=None, *, runner=None, name: str = "target", max_sessions: int = 64,
                  ttl_s: float = 300.0, prefix_cache: PrefixCache | None = None, redis_url: str | None = None,
                  block_size: int = 32, replica_id: str | None = None, max_seq_len: int | None = None,
-                 device: str | None = None, max_session_bytes: int | None = None):
+                 device: str | None = None, max_session_bytes: int | None = None, drafts=None, secret=None,
+                 shared_lookup_tokens: int = 100_000, shared_log=None, prefill_chunk: int = 64,
+                 max_decoding: int = 256):
+        """drafts: discover() -> [(replica_id, address)] of the draft replicas its Decode sessions call (None:
+        none); secret: the SharedSecret their calls carry; shared_lookup_tokens: the cross-request index's
+        bound (0: none); shared_log: a SharedLog (shared_index.py) that shares that index with the
+        application's other replicas; prefill_chunk: prompt tokens fused per iteration while others decode."""
         if runner is None:
             runner = make_runner(target_model, None, device)
         self.runner = runner
@@ -73,6 +90,18 @@ class TargetWorker:
                                                         block_size=block_size)
         if self.prefix_cache.url and self.prefix_cache.layout is None:
             self.prefix_cache.layout = self._kv_layout()
+        self.max_decoding = max_decoding
+        self.shared_log = shared_log
+        costs = getattr(runner, "forward_seconds", None)
+        seed = (list(COST_SEED_SIZES), [costs(n) for n in COST_SEED_SIZES]) if costs is not None else None
+        shared = SharedSuffixIndex(shared_lookup_tokens) if shared_lookup_tokens > 0 else None
+        self.planner = Planner(ForwardCosts(seed), shared=shared)
+        if shared_log is not None and shared is not None:
+            shared_log.attach(shared)
+        self.drafts = DraftPool(drafts, secret) if drafts is not None else None
+        self.scheduler = Scheduler(runner, self.planner, self.drafts, prefill_chunk=prefill_chunk,
+                                   restore=self._restore_prompt, store=self._store_prompt, execute=MODEL_THREAD.run,
+                                   lock=self.lock, on_forward=self.load.record)
 
     def _kv_layout(self) -> KVLayout:
         """The layout of this model's K/V as the cache exports it (one token's forward, once)."""
@@ -83,6 +112,97 @@ class TargetWorker:
 
     def _new_session(self) -> TargetSession:
         return TargetSession(self.runner, cache=self.runner.new_cache())
+
+    # Decode: a whole request decoded here ---------------------------------------
+    def _restore_prompt(self, session, tokens: list[int]) -> int:
+        """Restore what the prefix cache holds of a prompt into the session's empty cache; returns the tokens."""
+        blocks = self.prefix_cache.lookup(tokens, len(tokens) - 1)
+        if not blocks:
+            return 0
+        try:
+            return import_kv(session.target.cache, blocks, self.n_layers, getattr(self.runner, "device", None))
+        except Exception as exc:  # noqa: BLE001 (a bad entry is a miss)
+            log.warning("prefix cache: unusable blocks (%s)", exc)
+            session.target.cache = self.runner.new_cache()
+            return 0
+
+    def _store_prompt(self, session, tokens: list[int]) -> None:
+        cache = session.target.cache
+        self.prefix_cache.store(tokens, lambda a, b: export_kv(cache, a, b),
+                                first_block=session.cached_tokens // self.prefix_cache.block_size,
+                                limit=len(tokens))
+
+    def start_decode(self, req: "pb.DecodeRequest", deadline_s: float | None = None):
+        """Validate a Decode request and start its session; returns the session (its `out` queue yields token
+        lists, then END or an exception)."""
+        if not req.session_id:
+            raise BadRequest("session_id is empty")
+        if not req.tokens:
+            raise BadRequest("the prompt is empty")
+        if req.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if len(req.tokens) + req.max_tokens > self.max_seq_len:
+            raise BadRequest(f"{len(req.tokens)} prompt tokens + max_tokens {req.max_tokens} exceed the model's "
+                             f"{self.max_seq_len}")
+        check_tokens(req.tokens, self.vocab_size, "tokens")
+        check_tokens(req.stop_token_ids, self.vocab_size, "stop_token_ids")
+        try:
+            spec = rpc.spec_from_proto(req.spec)
+        except ConfigError as exc:
+            raise BadRequest(str(exc)) from None
+        rpc.check_spec_size(spec)
+        sampling = rpc.sampling_from_proto(req.sampling)
+        if not sampling.greedy and sampling.seed is None:
+            raise BadRequest("sampling needs a seed (the router sets one)")
+        layers = self._feature_layers(req.feature_layers)
+        if self.scheduler.active >= self.max_decoding:
+            raise Unavailable(f"this replica decodes {self.max_decoding} requests at most; retry elsewhere")
+        draft = None
+        if spec.method != "ar" and self.drafts is not None:
+            draft = DraftLink(self.drafts, req.session_id, bytes(str(list(req.tokens[:32])), "ascii"),
+                              req.sampling, rpc.spec_to_proto(spec))
+        deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
+        session = new_session(req.session_id, self.runner, self.planner, list(req.tokens), req.max_tokens, spec,
+                              sampling, set(req.stop_token_ids), self.vocab_size, draft=draft,
+                              feature_layers=layers, deadline=deadline)
+        self.scheduler.submit(session)
+        return session
+
+    def decode(self, req: "pb.DecodeRequest", expired=None, cancelled=None, deadline_s: float | None = None):
+        """Decode one request here; yields DecodeChunk messages (the first names this replica and the prefix-cache
+        hit, the last carries the finish reason and the stats)."""
+        session = self.start_decode(req, deadline_s)
+        if cancelled is not None:
+            cancelled(lambda: self.scheduler.cancel(session.id))
+        first = True
+        try:
+            while True:
+                items = [session.out.get()]
+                while not session.out.empty():
+                    items.append(session.out.get_nowait())
+                tokens, end = [], False
+                for item in items:
+                    if item is END:
+                        end = True
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        tokens.extend(item)
+                chunk = pb.DecodeChunk(tokens=tokens)
+                if first:
+                    chunk.replica_id = self.replica_id
+                    chunk.cached_tokens = session.cached_tokens
+                    first = False
+                if end:
+                    chunk.finish_reason = session.seq.finish_reason or "length"
+                    chunk.stats.CopyFrom(rpc.stats_to_proto(session.stats))
+                    if self.shared_log is not None and session.spec.shared_lookup:
+                        self.shared_log.publish(session.seq.tokens)
+                yield chunk
+                if end:
+                    return
+        finally:
+            self.scheduler.cancel(session.id)    # a reader that left early: the session stops
 
     # state rebuilding --------------------------------------------------------
     def _build(self, entry: _TargetEntry, tokens: list[int], need_logits: bool):
@@ -238,20 +358,6 @@ class TargetWorker:
         return pb.VerifyResult(session_id=sid, status=rpc.ERROR, error=f"{exc}"[:1000] or type(exc).__name__,
                                error_code=code.value[0])
 
-    def _size_by_cost(self, jobs: list, items: list) -> list:
-        """Cut the trees of the items that ask for it to the nodes that pay for their rows in this fused forward
-        (best_batch_sizes, by the runner's measured forward times): under load the trees shrink, down to plain
-        steps. A session's round overhead overlaps the other sessions' forwards, so the batch's fixed cost is
-        their mean overhead over the batch's size. Trees of items that do not ask stay whole."""
-        costs = getattr(self.runner, "forward_seconds", None)
-        sized = [bool(item.size_by_cost) for item in items]
-        if costs is None or not any(sized):
-            return jobs
-        overheads = [max(float(item.round_overhead_s), 0.0) for item, s in zip(items, sized) if s]
-        overhead = sum(overheads) / len(overheads) / len(jobs)
-        sizes = best_batch_sizes([job[3].path_probs for job in jobs], costs, overhead, whole=[not s for s in sized])
-        return [job[:3] + (job[3].prefix(n),) + job[4:] for job, n in zip(jobs, sizes)]
-
     def _verify_jobs(self, jobs: list) -> list:
         """Verdicts of the jobs: one fused forward; if that fails, each job alone (so one bad item fails only
         itself). A job's entry is an exception where it failed."""
@@ -298,7 +404,6 @@ class TargetWorker:
             except Exception as exc:  # noqa: BLE001 (this item alone is refused)
                 prepared.append(self._refused(item.session_id, exc))
         jobs = [p for p in prepared if not isinstance(p, pb.VerifyResult)]
-        jobs = self._size_by_cost(jobs, [i for i, p in zip(req.items, prepared) if not isinstance(p, pb.VerifyResult)])
         tf = time.perf_counter()
         verdicts = self._verify_jobs(jobs) if jobs else []
         forward_s = time.perf_counter() - tf
@@ -331,7 +436,8 @@ class TargetWorker:
             self.sessions.sweep()
             st = self.prefix_cache.stats
             return pb.InfoResponse(replica_id=self.replica_id, kind="target", model=self.name,
-                                   session_ids=self.sessions.ids(), max_sessions=self.sessions.max_sessions,
+                                   session_ids=self.sessions.ids() + list(self.scheduler.sessions),
+                                   max_sessions=self.sessions.max_sessions,
                                    pid=os.getpid(), rss_bytes=rss_bytes(),
                                    prefix_cache_hits=st.hits, prefix_cache_queries=st.queries,
                                    prefix_tokens_saved=st.tokens_saved, torch_threads=torch.get_num_threads(),

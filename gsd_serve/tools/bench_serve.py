@@ -43,7 +43,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "bench_prompts.
 METHODS: dict[str, dict] = {
     "ar": {"spec": {"method": "ar"}},
     "gsd": {"spec": {"method": "gsd"}},                                       # load-following (the default)
-    "gsd-static": {"spec": {"method": "gsd", "planner": False}, "router": {"load_policy": "off"}},  # full trees
+    "gsd-static": {"spec": {"method": "gsd", "planner": False}},  # every round drafts and verifies its whole budget
 }
 
 

@@ -171,8 +171,8 @@ class AppProbe:
         while True:
             stats = self.router_stats()
             held = self.sessions_held()
-            if (held == 0 and stats["inflight"] == 0 and stats["verify_queued"] == 0) or time.monotonic() > deadline:
-                return {"sessions_held": held, "inflight": stats["inflight"], "verify_queued": stats["verify_queued"]}
+            if (held == 0 and stats["inflight"] == 0 and stats["runs"] == 0) or time.monotonic() > deadline:
+                return {"sessions_held": held, "inflight": stats["inflight"], "runs": stats["runs"]}
             time.sleep(0.25)
 
     def memory(self) -> dict[str, tuple[int, int]]:

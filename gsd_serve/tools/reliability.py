@@ -279,7 +279,7 @@ def run_soak(cfg: SoakConfig, load: LoadGenerator, probe: AppProbe) -> dict:
                 if s.pid == pid:            # a replaced process would be another series
                     s.samples.append((round(t, 1), rss))
             stats = probe.router_stats()
-            structures.append({"t": round(t, 1), "endpoints": stats["endpoints"], "batch_sizes": stats["batch_sizes"]})
+            structures.append({"t": round(t, 1), "endpoints": stats["endpoints"], "runs": stats["runs"]})
             time.sleep(max(0.0, cfg.sample_every_s - (time.monotonic() - t0 - t)))
     finally:
         outcomes = load.stop()
@@ -297,13 +297,13 @@ def run_soak(cfg: SoakConfig, load: LoadGenerator, probe: AppProbe) -> dict:
         "after": idle,
         # the router's endpoint table must track the replicas, not the calls
         "endpoints": [structures[0]["endpoints"], structures[-1]["endpoints"]] if structures else None,
-        # RouterCore.batch_sizes keeps the latest Verify calls only: its size must not grow with the calls
-        "batch_sizes_growth": (structures[-1]["batch_sizes"] - structures[0]["batch_sizes"]) if structures else None,
+        # the router's table of requests in flight holds what is in flight, never what has finished
+        "max_runs": max((x["runs"] for x in structures), default=None),
     })
     report["passed"] = (report["failed"] == 0 and report["mismatches"] == 0 and report["completed"] > 0
                         and report["max_drift"] is not None and report["max_drift"] <= cfg.max_drift
                         and len(drift) == len(series)
-                        and idle == {"sessions_held": 0, "inflight": 0, "verify_queued": 0}
+                        and idle == {"sessions_held": 0, "inflight": 0, "runs": 0}
                         and structures[-1]["endpoints"] <= structures[0]["endpoints"])
     return report
 

@@ -31,7 +31,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SpecConfig(_message.Message):
-    __slots__ = ("method", "k", "merge_context", "sibling_threshold", "confidence_threshold", "max_depth", "max_width", "budget", "lookup")
+    __slots__ = ("method", "k", "merge_context", "sibling_threshold", "confidence_threshold", "max_depth", "max_width", "budget", "lookup", "planner", "shared_lookup")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MERGE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class SpecConfig(_message.Message):
     MAX_WIDTH_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
+    SHARED_LOOKUP_FIELD_NUMBER: _ClassVar[int]
     method: str
     k: int
     merge_context: int
@@ -50,7 +52,9 @@ class SpecConfig(_message.Message):
     max_width: int
     budget: int
     lookup: int
-    def __init__(self, method: _Optional[str] = ..., k: _Optional[int] = ..., merge_context: _Optional[int] = ..., sibling_threshold: _Optional[float] = ..., confidence_threshold: _Optional[float] = ..., max_depth: _Optional[int] = ..., max_width: _Optional[int] = ..., budget: _Optional[int] = ..., lookup: _Optional[int] = ...) -> None: ...
+    planner: bool
+    shared_lookup: bool
+    def __init__(self, method: _Optional[str] = ..., k: _Optional[int] = ..., merge_context: _Optional[int] = ..., sibling_threshold: _Optional[float] = ..., confidence_threshold: _Optional[float] = ..., max_depth: _Optional[int] = ..., max_width: _Optional[int] = ..., budget: _Optional[int] = ..., lookup: _Optional[int] = ..., planner: _Optional[bool] = ..., shared_lookup: _Optional[bool] = ...) -> None: ...
 
 class TokenGraph(_message.Message):
     __slots__ = ("tokens", "parents", "depths", "edge_src", "edge_dst", "edge_prob", "merge_edges", "merge_context")
@@ -85,7 +89,7 @@ class Features(_message.Message):
     def __init__(self, start: _Optional[int] = ..., rows: _Optional[int] = ..., width: _Optional[int] = ..., bf16: _Optional[bytes] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("session_id", "delta_start", "delta", "last_path", "root_index", "spec", "sampling", "max_depth", "features")
+    __slots__ = ("session_id", "delta_start", "delta", "last_path", "root_index", "spec", "sampling", "max_depth", "features", "chain", "chain_probs", "has_chain")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DELTA_START_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +99,9 @@ class ProposeRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_PROBS_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAIN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     delta_start: int
     delta: _containers.RepeatedScalarFieldContainer[int]
@@ -104,7 +111,10 @@ class ProposeRequest(_message.Message):
     sampling: SamplingParams
     max_depth: int
     features: Features
-    def __init__(self, session_id: _Optional[str] = ..., delta_start: _Optional[int] = ..., delta: _Optional[_Iterable[int]] = ..., last_path: _Optional[_Iterable[int]] = ..., root_index: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_depth: _Optional[int] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
+    chain: _containers.RepeatedScalarFieldContainer[int]
+    chain_probs: _containers.RepeatedScalarFieldContainer[float]
+    has_chain: bool
+    def __init__(self, session_id: _Optional[str] = ..., delta_start: _Optional[int] = ..., delta: _Optional[_Iterable[int]] = ..., last_path: _Optional[_Iterable[int]] = ..., root_index: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_depth: _Optional[int] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., chain: _Optional[_Iterable[int]] = ..., chain_probs: _Optional[_Iterable[float]] = ..., has_chain: _Optional[bool] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("status", "graph", "draft_forwards", "draft_tokens", "seconds", "replica_id", "features_missing")
@@ -282,6 +292,38 @@ class VerifyResponse(_message.Message):
     sessions: int
     def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., forward_seconds: _Optional[float] = ..., rows: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
+class DecodeRequest(_message.Message):
+    __slots__ = ("session_id", "tokens", "max_tokens", "sampling", "spec", "stop_token_ids", "feature_layers")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    sampling: SamplingParams
+    spec: SpecConfig
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    feature_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., feature_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DecodeChunk(_message.Message):
+    __slots__ = ("tokens", "finish_reason", "stats", "replica_id", "cached_tokens")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: str
+    stats: GenerateStats
+    replica_id: str
+    cached_tokens: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., replica_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -311,7 +353,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., raw: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("rounds", "accepted_tokens", "verified_tokens", "draft_tokens", "mean_accept_len", "cached_prompt_tokens", "resyncs", "seconds")
+    __slots__ = ("rounds", "accepted_tokens", "verified_tokens", "draft_tokens", "mean_accept_len", "cached_prompt_tokens", "resyncs", "seconds", "plain_rounds", "lookup_rounds", "drafted_rounds", "lookup_accepted", "draft_forwards", "ttft", "failovers", "draft_failovers", "draft_features_missing", "feature_bytes")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +362,16 @@ class GenerateStats(_message.Message):
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESYNCS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FEATURES_MISSING_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_BYTES_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     accepted_tokens: int
     verified_tokens: int
@@ -328,7 +380,17 @@ class GenerateStats(_message.Message):
     cached_prompt_tokens: int
     resyncs: int
     seconds: float
-    def __init__(self, rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., mean_accept_len: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., resyncs: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    plain_rounds: int
+    lookup_rounds: int
+    drafted_rounds: int
+    lookup_accepted: int
+    draft_forwards: int
+    ttft: float
+    failovers: int
+    draft_failovers: int
+    draft_features_missing: int
+    feature_bytes: int
+    def __init__(self, rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., mean_accept_len: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., resyncs: _Optional[int] = ..., seconds: _Optional[float] = ..., plain_rounds: _Optional[int] = ..., lookup_rounds: _Optional[int] = ..., drafted_rounds: _Optional[int] = ..., lookup_accepted: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., ttft: _Optional[float] = ..., failovers: _Optional[int] = ..., draft_failovers: _Optional[int] = ..., draft_features_missing: _Optional[int] = ..., feature_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "stats")

@@ -5,7 +5,7 @@ import warnings
 
 from gsd_serve.serving._generated.gsd.v1 import gsd_pb2 as gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -192,6 +192,11 @@ class TargetStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Decode = channel.unary_stream(
+                '/gsd.v1.Target/Decode',
+                request_serializer=gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.DecodeChunk.FromString,
+                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/gsd.v1.Target/Prefill',
                 request_serializer=gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.PrefillRequest.SerializeToString,
@@ -216,6 +221,12 @@ class TargetStub:
 
 class TargetServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Decode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -244,6 +255,11 @@ class TargetServicer:
 
 def add_TargetServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Decode': grpc.unary_stream_rpc_method_handler(
+                    servicer.Decode,
+                    request_deserializer=gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.DecodeRequest.FromString,
+                    response_serializer=gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.DecodeChunk.SerializeToString,
+            ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.PrefillRequest.FromString,
@@ -274,6 +290,33 @@ def add_TargetServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Target:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Decode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gsd.v1.Target/Decode',
+            gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.DecodeRequest.SerializeToString,
+            gsd__serve_dot_serving_dot___generated_dot_gsd_dot_v1_dot_gsd__pb2.DecodeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Prefill(request,
