@@ -179,14 +179,37 @@ def test_planner_drafts_when_the_draft_pays_and_sizes_the_tree_by_cost():
     assert _planner(per_row=0.0).sequence().tree_size(probs) == len(probs)
 
 
-def test_planner_probes_the_draft_it_has_stopped_using():
-    planner = _planner(step=0.010, per_row=0.010, draft_step=0.008)
+def _measured_draft(seq, tokens: float, rows: float, rounds: int) -> None:
+    """As if the draft had been measured over `rounds` drafted rounds: `tokens` accepted on `rows` rows each."""
+    for _ in range(rounds):
+        seq.draft.tokens.add(tokens)
+        seq.draft.rows.add(rows)
+        seq.draft.extra_seconds.add(0.003)
+
+
+def test_planner_probes_a_draft_that_might_still_pay_and_stops_once_it_is_known_to_lose():
+    planner = _planner(step=0.010, per_row=0.003, draft_step=0.001)
     seq = planner.sequence()
+    _measured_draft(seq, 0.3, 1.0, 2)     # measured to lose, but on two rounds only
     kinds = [seq.plan([5, 6, 7, 8, 9], room=500, method="gsd", lookup=0, max_depth=6).kind for _ in range(40)]
     first = kinds.index(DRAFT)
     assert kinds[:first] == [PLAIN] * first and first == PROBE_MIN
     second = kinds.index(DRAFT, first + 1)
     assert second - first > PROBE_MIN          # each probe that loses waits longer for the next
+    known = planner.sequence()
+    _measured_draft(known, 0.3, 1.0, 400)   # the same, measured on many rounds: no more probes
+    assert all(known.plan([5, 6, 7, 8, 9], room=500, method="gsd", lookup=0, max_depth=6).kind == PLAIN
+               for _ in range(200))
+
+
+def test_planner_leaves_a_long_catch_up_unpaid_near_the_end_of_a_request():
+    planner = _planner(step=0.010, per_row=0.001, draft_step=0.0005)
+    planner.draft_costs = ForwardCosts(([1, 1000], [0.0005, 0.2]))    # the draft reading 1000 tokens: 200 ms
+    seq = planner.sequence()
+    _measured_draft(seq, 1.5, 2.0, 50)     # a draft that pays once caught up
+    assert seq.plan([5, 6, 7, 8, 9], room=400, method="gsd", lookup=0, max_depth=6, draft_lag=1).kind == DRAFT
+    assert seq.plan([5, 6, 7, 8, 9], room=400, method="gsd", lookup=0, max_depth=6, draft_lag=999).kind == DRAFT
+    assert seq.plan([5, 6, 7, 8, 9], room=10, method="gsd", lookup=0, max_depth=6, draft_lag=999).kind == PLAIN
 
 
 def test_planner_without_planning_always_drafts_the_whole_budget():

@@ -952,3 +952,71 @@ def test_feature_draft_failover_to_a_replica_without_the_features_stays_exact(ti
     finally:
         for _, server, _ in servers.values():
             server.stop(0)
+
+
+# ---------------------------------------------------------------- the cross-request index, shared through Redis
+
+def test_a_repeat_on_another_replica_through_another_router_comes_from_the_shared_index(tiny_pair, tokenizer,
+                                                                                        redis_server):
+    """Two routers, two target replicas sharing their cross-request index through Redis: a request answered on
+    one replica is proposed, as long lookup chains, to its repeat on the other; the answer is still exact."""
+    from conftest import router_core, start_workers
+
+    engine = _engine(tiny_pair, tokenizer)
+    ids = tokenizer("Write a limerick about a cat who learns to play the piano at night.")["input_ids"]
+    want = engine.generate(ids, 48, spec=SPEC).token_ids
+    servers = start_workers(tiny_pair, None, names=("d1", "t1", "t2"), shared_redis_url=redis_server.url)
+    t2 = servers["t2"][0]
+    try:
+        async def main():
+            first, _ = router_core({k: servers[k] for k in ("d1", "t1")}, tokenizer, None, spec=SPEC)
+            second, _ = router_core({k: servers[k] for k in ("d1", "t2")}, tokenizer, None, spec=SPEC)
+            out1, run1 = await _generate(first, ids, 48)       # the first router knows t1 only, the second t2
+            deadline = time.monotonic() + 30
+            while t2.shared_log.received < 1:       # t1 published it; t2's reader picks it up
+                assert time.monotonic() < deadline, "the shared index never reached the other replica"
+                await asyncio.sleep(0.05)
+            out2, run2 = await _generate(second, ids, 48)
+            await first.close()
+            await second.close()
+            return out1, out2, run1, run2
+        out1, out2, run1, run2 = asyncio.run(main())
+    finally:
+        for _, server, _ in servers.values():
+            server.stop(0)
+    assert out1 == out2 == want
+    assert run2.stats.lookup_accepted >= len(want) // 2 > run1.stats.lookup_accepted
+    assert servers["t1"][0].shared_log.published >= 1
+
+
+# ---------------------------------------------------------------- chunked prefill
+
+def test_a_prompt_prefilled_in_chunks_beside_other_streams_is_exact(tiny_pair, tokenizer):
+    """A long prompt arriving while another stream decodes is prefilled a few tokens per iteration, fused with the
+    other stream's steps (so it cannot stall them); both answers are exactly the in-process ones."""
+    from conftest import router_core, start_workers
+
+    engine = _engine(tiny_pair, tokenizer)
+    ar = SpecConfig.for_method("ar")
+    short = tokenizer("The sea is")["input_ids"]
+    long = tokenizer(" ".join(f"item {i} is {i * 7 % 13}." for i in range(40)))["input_ids"]
+    assert len(long) > 150
+    servers = start_workers(tiny_pair, None, names=("t1",), prefill_chunk=8)
+    t1 = servers["t1"][0]
+    try:
+        async def main():
+            core, _ = router_core(servers, tokenizer, None, spec=ar)
+
+            async def late():
+                while t1.scheduler.forwards < 5:       # the short stream is decoding by now
+                    await asyncio.sleep(0.005)
+                return await _generate(core, long, 24)
+            got = await asyncio.gather(_generate(core, short, 200), late())
+            await core.close()
+            return got
+        (out_short, _), (out_long, _) = asyncio.run(main())
+    finally:
+        servers["t1"][1].stop(0)
+    assert out_short == engine.generate(short, 200, spec=ar).token_ids
+    assert out_long == engine.generate(long, 24, spec=ar).token_ids
+    assert t1.scheduler.widest >= 2 and t1.scheduler.prefill_chunks >= len(long) // 8

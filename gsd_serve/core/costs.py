@@ -2,10 +2,17 @@
 
 `ForwardCosts.seconds(n)` predicts the wall time of a model forward over n new rows (one decoding step: 1;
 a verification tree: its nodes; several sessions fused: all their rows). It starts from a seed curve (a
-table measured once on this CPU and remembered, or a default shape) and is corrected by every forward
-that is timed: the median of the latest times at each observed size, divided by the seed at that size,
-scales the seed near there. A stale table (measured on a busy machine, another thread count, a CPU that
-has since slowed) is thus corrected by the first few forwards instead of steering every later round.
+table measured once on this CPU and remembered, or a default shape) and every timed forward corrects it:
+
+    seconds(n) = seed(n) x ratio(n)
+
+- At sizes measured at least three times lately, ratio(n) is the median of their measured / seed,
+  interpolated between such sizes: it corrects the seed where the planner actually verifies.
+- Elsewhere it is `scale`, the median of measured / seed over the latest forwards of every size: it follows
+  the machine's speed as it drifts (these VMs move 15-25% within minutes) and corrects a stale seed at once.
+- ratio(n) stays within [scale / 2, 2 x scale], and samples grow stale after `memory` forwards: a size
+  measured during a burst of load (a neighbour stealing the CPU) and not chosen since goes back to the seed's
+  shape, so the planner tries it again instead of avoiding it for good.
 """
 from __future__ import annotations
 
@@ -17,13 +24,15 @@ from collections import deque
 # the shape assumed when no table was measured: every extra row costs this fraction of a one-row forward
 # (on 2-core CPUs measured 0.24 (Zen 3, GGUF blocks) to 0.35 (Zen 4); on GPUs far less)
 DEFAULT_ROW_SLOPE = 0.3
+SHAPE_BOUNDS = (0.5, 2.0)
+MIN_SHAPE_SAMPLES = 3
 
 
 class ForwardCosts:
-    """Seconds of a forward over n rows: a seed curve scaled by what was measured at nearby sizes."""
+    """Seconds of a forward over n rows: a seed curve scaled by what was measured."""
 
     def __init__(self, seed: tuple[list[int], list[float]] | None = None, first: float = 0.01,
-                 window: int = 24):
+                 window: int = 64, size_window: int = 16, memory: int = 2000):
         if seed is not None:
             sizes, seconds = list(seed[0]), list(seed[1])
             if len(sizes) != len(seconds) or not sizes or sorted(sizes) != sizes or min(seconds) <= 0:
@@ -33,10 +42,12 @@ class ForwardCosts:
             self._sizes, self._seconds = sizes, seconds
         else:
             self._sizes, self._seconds = [1, 64], [first, first * (1 + DEFAULT_ROW_SLOPE * 63)]
-        self.window = window
-        self._seen: dict[int, deque[float]] = {}
-        self._ratio: dict[int, float] = {}       # median measured / seed, per observed size
-        self._keys: list[int] = []               # observed sizes, sorted
+        self.memory = memory
+        self._ratios: deque[float] = deque(maxlen=window)     # measured / seed, every size
+        self._scale = 1.0
+        self._by_size: dict[int, deque[tuple[int, float]]] = {}  # size -> (when, measured / seed)
+        self._size_window = size_window
+        self._known: list[tuple[int, float]] | None = None    # (size, ratio) where measured enough: a cache
         self.observed = 0
 
     def seed(self, n: int) -> float:
@@ -57,30 +68,49 @@ class ForwardCosts:
         """A forward over n rows took `seconds`."""
         if n < 1 or not seconds > 0 or not math.isfinite(seconds):
             return
-        seen = self._seen.get(n)
-        if seen is None:
-            seen = self._seen[n] = deque(maxlen=self.window)
-            bisect.insort(self._keys, n)
-        seen.append(seconds)
-        self._ratio[n] = statistics.median(seen) / self.seed(n)
+        ratio = seconds / self.seed(n)
+        self._ratios.append(ratio)
+        self._scale = statistics.median(self._ratios)
         self.observed += 1
+        seen = self._by_size.get(n)
+        if seen is None:
+            seen = self._by_size[n] = deque(maxlen=self._size_window)
+        seen.append((self.observed, ratio))
+        self._known = None
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    def _measured(self) -> list[tuple[int, float]]:
+        """(size, ratio) where measured often enough lately (a cache, refreshed by each observation)."""
+        if self._known is None:
+            fresh = self.observed - self.memory
+            lo, hi = SHAPE_BOUNDS[0] * self._scale, SHAPE_BOUNDS[1] * self._scale
+            known = []
+            for size, samples in self._by_size.items():
+                recent = [r for when, r in samples if when > fresh]
+                if len(recent) >= MIN_SHAPE_SAMPLES:
+                    known.append((size, min(max(statistics.median(recent), lo), hi)))
+            self._known = sorted(known)
+        return self._known
 
     def ratio(self, n: int) -> float:
-        """measured / seed near n: interpolated (in n) between the nearest observed sizes, the nearest one's
-        beyond them, 1 where nothing was observed."""
-        keys = self._keys
-        if not keys:
-            return 1.0
-        i = bisect.bisect_left(keys, n)
-        if i < len(keys) and keys[i] == n:
-            return self._ratio[n]
+        """measured / seed near n."""
+        known = self._measured()
+        if not known:
+            return self._scale
+        sizes = [s for s, _ in known]
+        i = bisect.bisect_left(sizes, n)
+        if i < len(sizes) and sizes[i] == n:
+            return known[i][1]
         if i == 0:
-            return self._ratio[keys[0]]
-        if i == len(keys):
-            return self._ratio[keys[-1]]
-        a, b = keys[i - 1], keys[i]
+            return known[0][1]
+        if i == len(sizes):
+            return known[-1][1]
+        (a, ra), (b, rb) = known[i - 1], known[i]
         w = (n - a) / (b - a)
-        return self._ratio[a] * (1 - w) + self._ratio[b] * w
+        return ra * (1 - w) + rb * w
 
     def seconds(self, n: int) -> float:
         return self.seed(n) * self.ratio(n)

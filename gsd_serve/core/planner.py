@@ -20,7 +20,10 @@ every forward this process times, plus a round overhead measured the same way. A
 draft's own path probabilities for drafted nodes, and from `lookup.AcceptanceStats` for lookup tokens. What
 the draft adds in a round is measured on the rounds that draft: the tokens accepted on its nodes (when the
 lookup chain did not already cover the round) and its seconds. A draft left unused for a while is tried
-again (a probe) so that a change in the text is noticed.
+again (a probe), but only while it could still pay: with the optimism of an upper confidence bound on what
+it adds, which narrows as drafted rounds accumulate, so a draft measured to lose on this machine stops
+being probed. The draft's first forward after a pause reads every token committed meanwhile (its
+catch-up); a round drafts only when its gain over the rounds still to come pays for that.
 
 Whatever the planner decides, the output is the target's own: every emitted token is the target's choice.
 """
@@ -35,6 +38,8 @@ PLAIN, LOOKUP, DRAFT = "plain", "lookup", "draft"
 
 PRIOR_DRAFT_TOKENS = {True: 1.0, False: 0.6}   # accepted draft tokens per round assumed before any is measured
 PROBE_MIN, PROBE_MAX = 8, 128                  # rounds without the draft before it is tried again (doubling)
+PROBE_OPTIMISM = 1.0                           # accepted tokens added to the draft's estimate when probing, / sqrt(rounds)
+SEQUENCE_PRIOR = 6.0                           # expected accepted lookup tokens a sequence's own record is weighed against
 
 
 class Ema:
@@ -134,7 +139,10 @@ class SequencePlanner:
         e = engine.draft[greedy]
         self.draft = _DraftRecord(Ema(0.15, e.tokens.value), Ema(0.15, e.rows.value),
                                   Ema(0.15, e.extra_seconds.value))
-        self.stats = {src: AcceptanceStats() for src in ("context", "shared")}
+        # this sequence's lookup record against what the engine's rates predicted for it: its text may be more
+        # (an edit) or less (a paraphrase) predictable than the engine's average
+        self.lookup_accepted = {src: 0.0 for src in ("context", "shared")}
+        self.lookup_expected = {src: 0.0 for src in ("context", "shared")}
         self.rate_tokens = Ema(0.1, engine.rate_tokens.value)
         self.rate_seconds = Ema(0.1, engine.rate_seconds.value)
         self.since_draft = 0
@@ -174,16 +182,18 @@ class SequencePlanner:
         share its forwards."""
         return self.own_rate() + self.others_rate
 
+    def lookup_factor(self, source: str) -> float:
+        """How much more (or less) often this sequence's lookup tokens are accepted than the engine's rates say."""
+        k = SEQUENCE_PRIOR
+        return min(max((self.lookup_accepted[source] + k) / (self.lookup_expected[source] + k), 0.2), 2.0)
+
     def chain_probs(self, cont: Continuation) -> list[float]:
-        """Each chain token's acceptance probability given the tokens before it were accepted."""
+        """Each chain token's acceptance probability given the tokens before it were accepted: the engine's rate
+        at its match length, times this sequence's factor, times the token's share among the matches."""
         engine_stats = self.engine.lookup_stats[(cont.source, self.greedy)]
-        mine = self.stats[cont.source]
-        out = []
-        for i, share in enumerate(cont.shares):
-            length = min(cont.match_len + i, MAX_MATCH)
-            prior = engine_stats.rate(length)
-            out.append(mine.rate(length, prior=prior, strength=8.0) * share)
-        return out
+        factor = self.lookup_factor(cont.source)
+        return [min(engine_stats.rate(min(cont.match_len + i, MAX_MATCH)) * factor, 0.98) * share
+                for i, share in enumerate(cont.shares)]
 
     def best_chain_length(self, probs: list[float], rate: float, rows_before: int = 1,
                           fixed_s: float = 0.0) -> tuple[int, float]:
@@ -233,36 +243,46 @@ class SequencePlanner:
             best = RoundPlan(LOOKUP, cont.tokens, probs, n_l, cont.match_len, cont.source)
             best_v = v_lookup
         if draft_available and depth > 0:
-            v_draft = self._draft_value(probs, n_l, rate, self.own_rate(), draft_lag, room)
-            probe = self.since_draft >= self.probe_gap and best.kind != LOOKUP
-            if v_draft > best_v or probe:
-                best = RoundPlan(DRAFT, cont.tokens, probs, n_l, cont.match_len, cont.source, depth,
-                                 probe=v_draft <= best_v)
-                if best.probe:
-                    self.probe_gap = min(2 * self.probe_gap, PROBE_MAX)
-                else:
-                    self.probe_gap = PROBE_MIN
+            own = self.own_rate()
+            gain = self.draft.tokens.get(PRIOR_DRAFT_TOKENS[self.greedy])
+            catch_up = self._catch_up_share(draft_lag, room, gain) * own
+            if self._draft_value(probs, n_l, rate, own, gain) - catch_up > best_v:
+                best = RoundPlan(DRAFT, cont.tokens, probs, n_l, cont.match_len, cont.source, depth)
+                self.probe_gap = PROBE_MIN
+            elif self.since_draft >= self.probe_gap and best.kind != LOOKUP:
+                # a probe: only while the draft might still pay, by an upper confidence bound on what it adds
+                rounds = self.draft.tokens.n + self.engine.draft[self.greedy].tokens.n
+                hope = gain + PROBE_OPTIMISM / (1.0 + rounds) ** 0.5
+                if self._draft_value(probs, n_l, rate, own, hope) - \
+                        self._catch_up_share(draft_lag, room, hope) * own > best_v:
+                    best = RoundPlan(DRAFT, cont.tokens, probs, n_l, cont.match_len, cont.source, depth, probe=True)
+                self.probe_gap = min(2 * self.probe_gap, PROBE_MAX)
         return self._decided(best)
 
-    def _draft_value(self, probs: list[float], n_l: int, rate: float, own_rate: float, lag: int, room: int) -> float:
-        """Expected tokens minus rate x seconds of a drafted round: the chain's part, plus what the draft adds
-        when the chain's first token fails (the draft extends only its own nodes), minus the draft's forwards
-        and the rows they add to verification. The draft's first forward also reads the `lag` tokens it has
-        not read yet; that catch-up serves the rounds that follow too, so a round bears its share of it over
-        the tokens still to come."""
+    def _draft_value(self, probs: list[float], n_l: int, rate: float, own_rate: float, gain: float) -> float:
+        """Expected tokens minus rate x seconds of a drafted round with the draft already caught up: the chain's
+        part, plus the `gain` the draft adds when the chain's first token fails (the draft extends only its own
+        nodes), minus the draft's forwards (its latency delays this sequence alone) and the rows they add to
+        verification (which delay every session of the forward)."""
         rec = self.draft
-        gain = rec.tokens.get(PRIOR_DRAFT_TOKENS[self.greedy])
         rows = rec.rows.get(2.0)
         chain_part, survive = 0.0, 1.0
         for p in probs[:n_l]:
             survive *= p
             chain_part += survive
         miss = 1.0 - (probs[0] if n_l else 0.0)
-        dc = self.engine.draft_costs
-        first = dc.seconds(1)
-        catch_up = (dc.seconds(lag + 1) - first) * min(1.0, (1.0 + gain) / max(room, 1))
-        draft_s = first + catch_up + rec.extra_seconds.get(3 * first)
+        first = self.engine.draft_costs.seconds(1)
+        draft_s = first + rec.extra_seconds.get(3 * first)
         return 1.0 + chain_part + miss * gain - own_rate * draft_s - rate * (self.t(1 + n_l + rows) + self.overhead(DRAFT))
+
+    def _catch_up_share(self, lag: int, room: int, gain: float) -> float:
+        """The seconds of the draft's catch-up (reading the `lag` tokens it missed) one round must bear: the
+        catch-up serves every drafted round still to come, about room / (1 + gain) of them."""
+        if lag <= 0:
+            return 0.0
+        dc = self.engine.draft_costs
+        extra = max(dc.seconds(lag + 1) - dc.seconds(1), 0.0)
+        return extra * (1.0 + gain) / max(room, 1)
 
     def _decided(self, plan: RoundPlan) -> RoundPlan:
         self.decisions[plan.kind] += 1
@@ -323,8 +343,14 @@ class SequencePlanner:
                 if a != b:
                     break
                 chain_accepted += 1
-            for stats in (self.stats[plan.source], engine.lookup_stats[(plan.source, self.greedy)]):
-                stats.record(plan.match_len, verified_chain, chain_accepted)
+            stats = engine.lookup_stats[(plan.source, self.greedy)]
+            # what the engine's rates expected of the tokens verified, up to the first rejected one
+            expected = 0.0
+            for i in range(min(chain_accepted + 1, verified_chain)):
+                expected += stats.rate(min(plan.match_len + i, MAX_MATCH))
+            self.lookup_expected[plan.source] += expected
+            self.lookup_accepted[plan.source] += chain_accepted
+            stats.record(plan.match_len, verified_chain, chain_accepted)
         if plan.kind == DRAFT:
             extra = max(self._round_draft_s - (self._round_draft_first_s or 0.0), 0.0)
             for rec in (self.draft, engine.draft[self.greedy]):

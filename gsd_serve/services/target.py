@@ -61,7 +61,8 @@ class TargetReplica(GrpcReplica):
                                     block_size=int(args.get("prefix_block_size", 32)),
                                     ttl_s=int(args.get("prefix_ttl_s", 3600)),
                                     max_entry_bytes=int(args.get("prefix_max_entry_bytes", 16 * 1024 * 1024)))
-                return TargetWorker(model, prefix_cache=cache, device=args.get("target_device"), **common)
+                return TargetWorker(model, prefix_cache=cache, device=args.get("target_device"),
+                                    shared_redis_url=redis_url, **common)
 
             worker = MODEL_THREAD.run(build)
         self._serve(worker, args, "target_grpc_port")

@@ -98,6 +98,7 @@ class Scheduler:
         self.forwards = 0
         self.widest = 0          # the most sessions one forward has carried
         self.dropped = 0         # sessions stopped before their end: the client left or the deadline passed
+        self.prefill_chunks = 0  # pieces of prompts fed
         self.rows_ema = 0.0
 
     # ------------------------------------------------------------ sessions in and out
@@ -257,6 +258,7 @@ class Scheduler:
             budget -= len(take)
             last = len(take) == len(todo)
             chunks.append(PrefillChunk(s.target, take, last, s.chooser, len(s.seq.tokens)))
+            self.prefill_chunks += 1
             chunk_of.append(s)
             s.rows = len(take)
         jobs = [(s.target, s.tree, s.seq.root_index, s.chooser) for s in trees]

@@ -38,6 +38,7 @@ from .errors import BadRequest, ServingError, TooLarge, Unavailable
 from .procinfo import rss_bytes
 from .prefix_cache import KVLayout, PrefixCache, export_kv, import_kv, model_fingerprint
 from .draft_client import DraftLink, DraftPool
+from .shared_index import SharedLog
 from .scheduler import END, Scheduler, new_session
 from .threads import MODEL_THREAD
 from .sessions import (LoadMeter, SessionTable, cache_bytes, check_tokens, chooser_from_proto, committed_tokens,
@@ -63,12 +64,13 @@ class TargetWorker:
                  ttl_s: float = 300.0, prefix_cache: PrefixCache | None = None, redis_url: str | None = None,
                  block_size: int = 32, replica_id: str | None = None, max_seq_len: int | None = None,
                  device: str | None = None, max_session_bytes: int | None = None, drafts=None, secret=None,
-                 shared_lookup_tokens: int = 100_000, shared_log=None, prefill_chunk: int = 64,
+                 shared_lookup_tokens: int = 100_000, shared_redis_url: str | None = None, prefill_chunk: int = 64,
                  max_decoding: int = 256):
         """drafts: discover() -> [(replica_id, address)] of the draft replicas its Decode sessions call (None:
         none); secret: the SharedSecret their calls carry; shared_lookup_tokens: the cross-request index's
-        bound (0: none); shared_log: a SharedLog (shared_index.py) that shares that index with the
-        application's other replicas; prefill_chunk: prompt tokens fused per iteration while others decode."""
+        bound (0: none); shared_redis_url: the Redis through which the application's target replicas share
+        that index (shared_index.py; None: this replica's own); prefill_chunk: prompt tokens fused per
+        iteration while others decode."""
         if runner is None:
             runner = make_runner(target_model, None, device)
         self.runner = runner
@@ -91,13 +93,16 @@ class TargetWorker:
         if self.prefix_cache.url and self.prefix_cache.layout is None:
             self.prefix_cache.layout = self._kv_layout()
         self.max_decoding = max_decoding
-        self.shared_log = shared_log
         costs = getattr(runner, "forward_seconds", None)
         seed = (list(COST_SEED_SIZES), [costs(n) for n in COST_SEED_SIZES]) if costs is not None else None
         shared = SharedSuffixIndex(shared_lookup_tokens) if shared_lookup_tokens > 0 else None
         self.planner = Planner(ForwardCosts(seed), shared=shared)
-        if shared_log is not None and shared is not None:
-            shared_log.attach(shared)
+        self.shared_log = None
+        if shared_redis_url and shared is not None:
+            fingerprint = self.prefix_cache.fingerprint if self.prefix_cache.fingerprint != "none" else \
+                model_fingerprint(target_model, name) if target_model is not None else name
+            self.shared_log = SharedLog(shared_redis_url, fingerprint, self.replica_id)
+            self.shared_log.attach(shared)
         self.drafts = DraftPool(drafts, secret) if drafts is not None else None
         self.scheduler = Scheduler(runner, self.planner, self.drafts, prefill_chunk=prefill_chunk,
                                    restore=self._restore_prompt, store=self._store_prompt, execute=MODEL_THREAD.run,
