@@ -189,6 +189,9 @@ def run_bench(args, build_engine, spec_from_args) -> dict:
     for e in engines.values():
         e.forget_requests()
 
+    from .results import LoadMeter, write_manifest
+
+    load = LoadMeter().start()
     rows = []
     start = time.time()
     total = len(records) * len(temps)
@@ -248,6 +251,7 @@ def run_bench(args, build_engine, spec_from_args) -> dict:
         "command": "gsd-serve " + " ".join(sys.argv[1:]),
     }
     (out_dir / "results.json").write_text(json.dumps({"summary": results, "rows": rows}, indent=1))
+    write_manifest(out_dir, load.stop(), experiment="bench", methods=methods, prompts=str(args.prompts or BENCH_PROMPTS))
     md = to_markdown(results)
     (out_dir / "results.md").write_text(md)
     plot(results, rows, out_dir)

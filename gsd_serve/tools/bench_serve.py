@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..models.hardware import cpu_description
+from .results import git_commit, write_manifest
 from ..serving.serve_config import free_port
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "bench_prompts.jsonl"
@@ -408,14 +409,6 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
 
 # ---------------------------------------------------------------- the sweep
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _sweep(cfg: BenchServeConfig, work: Workload, url: str, label: str, ar_texts: dict | None, log) -> list:
     """The warm-up and every concurrency level of one method through one entry (`url`)."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -516,6 +509,7 @@ def write_report(report: dict, out: str | Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(report), encoding="utf-8")
+    write_manifest(out, report.get("load"), experiment="bench-serve", methods=list(report["results"]))
     try:
         plot(report, out / "tokens_per_s.png")
     except Exception as exc:  # noqa: BLE001 (a missing matplotlib costs the plot, not the results)
