@@ -65,6 +65,8 @@ class DecodeSession:
     cached_tokens: int = 0                # of those, restored from the prefix cache
     tree: VerifyTree | None = None
     draft_graph: object = None            # the graph the draft replica sent for this round
+    draft_started: float = 0.0            # when this round's Propose was sent
+    draft_rows: int = 0                   # committed tokens it carried for the replica to read
     rows: int = 0                         # rows this session put into the last forward
     cancelled: bool = False
     error: BaseException | None = None
@@ -100,6 +102,7 @@ class Scheduler:
         self.dropped = 0         # sessions stopped before their end: the client left or the deadline passed
         self.prefill_chunks = 0  # pieces of prompts fed
         self.rows_ema = 0.0
+        self._rows, self._rates, self._rate = 0, {}, 0.0
 
     # ------------------------------------------------------------ sessions in and out
     def submit(self, session: DecodeSession) -> None:
@@ -175,7 +178,14 @@ class Scheduler:
         """Advance every session that can move, then run one fused forward. True when there is more to do at once."""
         self.iterations += 1
         now = time.monotonic()
-        for s in list(self.sessions.values()):
+        sessions = list(self.sessions.values())
+        # what every session adds to a forward and how fast it goes: each plans knowing the others' (once per
+        # iteration: a session's planner asks for its own rate and the rest is the sum less its own)
+        self._rows = sum(s.rows for s in sessions if s.state in (FORWARD, READY, PREFILL))
+        self._rates = {s.id: s.planner.own_rate() for s in sessions if s.planner is not None
+                       and hasattr(s.planner, "own_rate")}
+        self._rate = sum(self._rates.values())
+        for s in sessions:
             if s.cancelled or now > s.deadline:
                 self.dropped += 1
                 self._drop(s, None if s.cancelled else DeadlineExceeded("the request's deadline passed"))
@@ -193,10 +203,9 @@ class Scheduler:
         if s.loop is None:
             s.loop = decode(s.seq, s.spec, s.planner if s.spec.method != "ar" else None, s.stats)
             s.answer = None
-        others = [o for o in self.sessions.values() if o is not s and o.state != DONE]
         if s.planner is not None and hasattr(s.planner, "set_load"):
-            base = sum(o.rows for o in others if o.state in (FORWARD, READY, PREFILL))
-            s.planner.set_load(base, sum(o.planner.own_rate() for o in others if hasattr(o.planner, "own_rate")))
+            mine = s.rows if s.state in (FORWARD, READY, PREFILL) else 0
+            s.planner.set_load(self._rows - mine, self._rate - self._rates.get(s.id, 0.0))
         while True:
             try:
                 request = s.loop.send(s.answer)
@@ -220,6 +229,8 @@ class Scheduler:
             if isinstance(request, Propose):
                 if s.draft is not None:
                     s.state = DRAFTING       # before the call: its answer may come at once, on this thread
+                    s.draft_started = time.perf_counter()
+                    s.draft_rows = len(s.seq.tokens) - s.draft.synced
                     if s.draft.propose(s.seq.tokens, request.max_depth, request.chain, request.chain_probs,
                                        lambda g, s=s: self._drafted(s, g)):
                         return
@@ -238,6 +249,9 @@ class Scheduler:
             if s.state == DRAFTING:
                 s.answer = s.draft_graph = graph
                 s.state = READY
+                if graph is not None and hasattr(s.planner, "observe_draft"):
+                    # the call as a whole (the replica's forwards, its queue, the RPC): what drafting costs here
+                    s.planner.observe_draft(max(s.draft_rows, 1), time.perf_counter() - s.draft_started)
                 self._wake = True
                 self._cond.notify_all()
 
