@@ -37,7 +37,7 @@ def run_one(engine, prompt: list[int], max_new: int, k: int, answer: list[int] |
     chooser = TokenChooser(SamplingParams(), engine.target.vocab_size)
     target = TargetSession(engine.target)
     seq = Sequence(prompt, max_new, engine.stop_token_ids)
-    spec = SpecConfig.for_method("ar" if k == 0 else "gsd", budget=max(k + 1, 2), size_by_cost=False)
+    spec = SpecConfig.for_method("ar" if k == 0 else "gsd", budget=max(k + 1, 2), planner=False)
     loop = decode(seq, spec)
     reply = None
     with torch.inference_mode():

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 GSD=${GSD:-.venv/bin/gsd-serve}
 LIMIT=${LIMIT:-24}
 "$GSD" bench --limit "$LIMIT" --max-new-tokens 128 --methods ar,chain,tree,gsd,hf-assisted --out bench/results/greedy
-"$GSD" bench --limit 6 --max-new-tokens 64 --temperatures 0,0.7,1.0 --methods ar,chain,tree,gsd,gsd-adaptive \
+"$GSD" bench --limit 6 --max-new-tokens 64 --temperatures 0,0.7,1.0 --methods ar,chain,tree,gsd,gsd-full \
   --out bench/results/sampled
 # Against llama.cpp's plain decoding of the same GGUF (needs llama-cpp-python: see README "Against llama.cpp"),
 # in the CPU's auto dtype and in fp32, each twice (the spread is part of the result).
