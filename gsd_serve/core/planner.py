@@ -17,7 +17,8 @@ slower than plain decoding by more than what it takes to learn the costs.
 
 The costs come from one model of forward time against rows (`costs.ForwardCosts`), corrected online by
 every forward this process times, plus a round overhead measured the same way. Acceptance comes from the
-draft's own path probabilities for drafted nodes, and from `lookup.AcceptanceStats` for lookup tokens. What
+draft's own path probabilities for drafted nodes, and for lookup tokens from the engine's measured rate at
+their match length (`lookup.AcceptanceStats`) scaled by how the sequence's own lookups have fared. What
 the draft adds in a round is measured on the rounds that draft: the tokens accepted on its nodes (when the
 lookup chain did not already cover the round) and its seconds. A draft left unused for a while is tried
 again (a probe), but only while it could still pay: with the optimism of an upper confidence bound on what
