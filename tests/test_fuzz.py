@@ -167,6 +167,10 @@ def _call(address: str, method: str, raw: bytes, metadata=WORKER_MD):
     of a Verify succeeds or fails on its own: a refused item has SESSION_STATUS_ERROR and its own code)."""
     with grpc.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as ch:
         try:
+            if method.endswith("/Decode"):          # a stream: read it to its end
+                for _ in ch.unary_stream(method)(raw, metadata=metadata, timeout=60):
+                    pass
+                return grpc.StatusCode.OK
             out = ch.unary_unary(method)(raw, metadata=metadata, timeout=60)
         except grpc.RpcError as exc:
             return exc.code()
@@ -183,7 +187,7 @@ def _methods(served):
     d = f"127.0.0.1:{served['workers']['d1'][2]}"
     t = f"127.0.0.1:{served['workers']['t1'][2]}"
     return [(d, "/gsd.v1.Draft/" + m) for m in ("Propose", "Release", "Info")] + \
-        [(t, "/gsd.v1.Target/" + m) for m in ("Prefill", "Verify", "Release", "Info")]
+        [(t, "/gsd.v1.Target/" + m) for m in ("Decode", "Prefill", "Verify", "Release", "Info")]
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -191,7 +195,7 @@ def _methods(served):
                      st.lists(st.sampled_from([b"\x08", b"\x0a", b"\x12", b"\x1a", b"\xff", b"\x80", b"\x01",
                                                b"\x7f", b"\x22\x05", b"\x0a\xff\xff\xff\x0f"]), max_size=64)
                      .map(b"".join)),
-       which=st.integers(0, 6))
+       which=st.integers(0, 7))
 def test_worker_services_take_any_bytes(served, raw, which):
     address, method = _methods(served)[which]
     code = _call(address, method, raw)
@@ -228,7 +232,10 @@ messages = st.one_of(
                                                                                  sampling=s)),
               sids, st.lists(tokens, max_size=40), samplings),
     st.builds(lambda items: ("/gsd.v1.Target/Verify", pb.VerifyRequest(items=items)),
-              st.lists(verify_items, max_size=4)))
+              st.lists(verify_items, max_size=4)),
+    st.builds(lambda sid, toks, n, s, spec, stops: ("/gsd.v1.Target/Decode", pb.DecodeRequest(
+        session_id=sid, tokens=toks, max_tokens=n, sampling=s, spec=spec, stop_token_ids=stops)),
+        sids, st.lists(tokens, max_size=40), st.integers(-5, 12), samplings, specs, st.lists(tokens, max_size=4)))
 
 
 @settings(max_examples=3 * EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
