@@ -2,7 +2,7 @@
 run's --target-weights, default auto), in one process, interleaved prompt by prompt: outputs (must be identical),
 tokens per target forward, draft seconds, tokens/s. Prints one JSON line.
 
-    python bench/draft_weights_check.py [N_PROMPTS] [MAX_NEW_TOKENS] >> bench/results/draft-q8.jsonl
+    python bench/draft_weights_check.py [N_PROMPTS] [MAX_NEW_TOKENS] >> bench/results/DATE-CPU-draft-q8/draft-q8.jsonl
 """
 import json
 import sys

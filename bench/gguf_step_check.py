@@ -2,7 +2,7 @@
 block weights, on this CPU: median ms of a forward of T tokens after a 200-token context (logits included), the
 block kernel's arithmetic rate at 1 and 8 rows, and the machine's streaming read rate. Prints one JSON line.
 
-    python bench/gguf_step_check.py >> bench/results/gguf-steps.jsonl
+    python bench/gguf_step_check.py >> bench/results/DATE-CPU-gguf-steps/gguf-steps.jsonl
 """
 import json
 import time

@@ -4,7 +4,7 @@ An aio client (as the router) calls a sync thread-pool server in another process
 workers) with a 300-byte message, 2,000 round trips per way, three repeats: a unary call each time, or one
 message each way on a stream opened once. Echo handlers, no model: only the call's own cost.
 
-    python bench/grpc_roundtrip.py > bench/results/grpc-roundtrip-zen4/result.txt
+    python bench/grpc_roundtrip.py > bench/results/DATE-CPU-grpc-roundtrip/result.txt
 """
 import asyncio
 import multiprocessing as mp

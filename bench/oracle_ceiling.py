@@ -8,7 +8,7 @@ decoding and the oracle at every k run in the same process, interleaved, on the 
 times, so the ratio is paired. No real draft can beat the oracle at the same k: it pays for its own forwards
 and is sometimes wrong. This is the ceiling of "gsd / ar in process" on this CPU for fp32-exact verification.
 
-    python bench/oracle_ceiling.py --limit 12 --max-new-tokens 128 --ks 1,2,3,4,6,8 --out bench/results/oracle-ceiling
+    python bench/oracle_ceiling.py --limit 12 --max-new-tokens 128 --ks 1,2,3,4,6,8 --out bench/results/DATE-CPU-oracle-ceiling
 """
 import argparse
 import json

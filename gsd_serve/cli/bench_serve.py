@@ -57,7 +57,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench-serve", help="serving benchmark: concurrent OpenAI streams, throughput/TTFT/ITL per "
                                            "method and concurrency", description=__doc__)
     p.add_argument("--methods", default="ar,gsd",
-                   help="served configurations, comma-separated: ar, gsd (load-following speculation, the default), "
+                   help="served configurations, comma-separated: ar, gsd (the planner decides each round, the default), "
                         "gsd-static (always the full tree) (default ar,gsd)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="concurrent streams per level (default 1,2,4,8,16,32)")
     p.add_argument("--prompts", help="a prompts file (default: the held-out gsd_serve/data/bench_prompts.jsonl)")
@@ -82,5 +82,5 @@ def register(sub) -> None:
     p.add_argument("--no-reference", action="store_true",
                    help="skip the in-process reference run (answers and speed); identity to served ar remains")
     p.add_argument("--warmup", type=int, default=2, help="requests per method before the sweep, not counted (2)")
-    p.add_argument("--out", help="write results.json, results.md and tokens_per_s.png here (e.g. bench/results/serve)")
+    p.add_argument("--out", help="write results.json, results.md and tokens_per_s.png here (e.g. bench/results/DATE-CPU-bench-serve)")
     p.set_defaults(func=cmd_bench_serve)

@@ -41,5 +41,5 @@ def register(sub) -> None:
     p.add_argument("--streams", type=positive_int("--streams"), default=8, help="concurrent client streams (8)")
     p.add_argument("--max-tokens", type=positive_int("--max-tokens"), default=32, help="tokens per answer (32)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds between a recovery and the next fault (10)")
-    p.add_argument("--out", help="also write the JSON report here (e.g. bench/results/reliability/chaos.json)")
+    p.add_argument("--out", help="also write the JSON report here (e.g. bench/results/DATE-CPU-chaos/chaos.json)")
     p.set_defaults(func=cmd_chaos)

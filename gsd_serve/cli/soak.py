@@ -31,5 +31,5 @@ def register(sub) -> None:
                    help="minutes of warm-up before memory is compared (default: a quarter, at most 2)")
     p.add_argument("--streams", type=positive_int("--streams"), default=16, help="concurrent client streams (16)")
     p.add_argument("--max-tokens", type=positive_int("--max-tokens"), default=32, help="tokens per answer (32)")
-    p.add_argument("--out", help="also write the JSON report here (e.g. bench/results/reliability/soak.json)")
+    p.add_argument("--out", help="also write the JSON report here (e.g. bench/results/DATE-CPU-soak/soak.json)")
     p.set_defaults(func=cmd_soak)

@@ -44,7 +44,7 @@ class SpecConfig:
     k: int = 4
     # n=0 (merge equal tokens): in paired runs (12 bench prompts) it drafted 0.28 tokens per output token
     # against n=1's 0.30 at the same acceptance, ~3% faster; 55% fewer than tree in wide drafting
-    # (bench/results/wide-merge0)
+    # (bench/results/2026-11-25-epyc-avx2-bench-wide-merge)
     merge_context: int = 0
     sibling_threshold: float = 0.2
     # `gsd-serve tune` on the 2-core dev CPU with the shipped draft: 0.5 beat 0.3 by ~7% (paired runs);

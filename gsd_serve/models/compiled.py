@@ -16,7 +16,7 @@ compilation fails falls back to eager for good (`fallbacks`). Whether to compile
 Numerics: compiled kernels reduce in other orders than eager ones, and different buckets compile to
 different kernels, so a one-token step and a tree can differ in the last bits: near-ties can flip, as in
 bf16 (bench reports the divergences and their top-2 gaps). On this project's 2-core CPUs compiling made the
-forward slower (../shared/research/cpu-forward.md; bench/results/compile), so `auto` compiles on CUDA only.
+forward slower (../shared/research/cpu-forward.md), so `auto` compiles on CUDA only.
 """
 from __future__ import annotations
 

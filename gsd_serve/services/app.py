@@ -6,13 +6,17 @@
     dtype                  auto | float32 | bfloat16 | float16 for both models (default auto: bf16 on GPUs and
                            on CPUs with fast bf16 units, else fp32)
     model_name             the name clients pass as `model` (default gsd-smollm2-135m)
-    redis_url              the prefix cache (default: $REDIS_URL; none = no prefix cache)
+    redis_url              the prefix cache, and the cross-request lookup index the target replicas share
+                           (default: $REDIS_URL; none = neither: each target replica keeps its own index)
     grpc_host              where replicas bind their gRPC port: 127.0.0.1 (one machine) or auto (cluster)
     direct_http_port, direct_http_host   each router replica also serves the HTTP API on this port itself (no hop
                            through Serve's proxy; one replica per machine holds it); default none
     spec                   {method, k, merge_context, ..., budget} (default: gsd)
-    router                 RouterConfig fields (max_inflight, max_prompt_tokens, max_batch, ...)
+    router                 RouterConfig fields (max_inflight, max_prompt_tokens, request_timeout_s, ...)
     max_sessions, session_ttl_s, prefix_block_size, prefix_ttl_s, prefix_max_entry_bytes
+    prefill_chunk          prompt tokens a target replica feeds per forward while others decode (default 64)
+    shared_lookup_tokens   the bound of each target replica's cross-request index (default 100000; 0: none)
+    draft_max_batch        Propose calls a draft replica drafts together (default 64)
     tensor_parallel_size, gpus_per_rank, cpus_per_rank   the target's ranks (Ray actors in the replica's
                            placement group: one bundle per rank); draft_device / target_device (cuda) for
                            single-device replicas

@@ -18,7 +18,7 @@ streams, a 1-thread draft 52.8 / 48.2 / 71.7 (served ar: about 41 / 41 / 60).
 
 OpenMP's wait policy is left as the environment sets it. PASSIVE (idle threads sleep at once) makes each
 of a forward's parallel regions wake its threads with a futex: a bf16 step took 31-32 ms instead of 16.5
-(bench/results/serve-experiments/model_thread.jsonl); a short spin (GOMP_SPINCOUNT=10000) gave no clear
+(bench/results/2026-12-01-epyc-avx512-serve-threads/model_thread.jsonl); a short spin (GOMP_SPINCOUNT=10000) gave no clear
 difference (one sweep each, within this machine's noise), so replicas keep OpenMP's default.
 """
 from __future__ import annotations

@@ -43,7 +43,7 @@ DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "bench_prompts.
 # what each method name serves: application args merged over the defaults (deploy/local-cpu.yaml's app)
 METHODS: dict[str, dict] = {
     "ar": {"spec": {"method": "ar"}},
-    "gsd": {"spec": {"method": "gsd"}},                                       # load-following (the default)
+    "gsd": {"spec": {"method": "gsd"}},                                       # the planner decides each round (the default)
     "gsd-static": {"spec": {"method": "gsd", "planner": False}},  # every round drafts and verifies its whole budget
 }
 
