@@ -146,7 +146,8 @@ def test_max_new_tokens_is_exact(engine, reference):
 
 
 def test_gsd_merges_and_feeds_the_draft_fewer_tokens_than_tree(engine, reference):
-    common = dict(k=4, max_depth=4, max_width=64, budget=16, sibling_threshold=0.1, confidence_threshold=0.1)
+    common = dict(k=4, max_depth=4, max_width=64, budget=16, sibling_threshold=0.1, confidence_threshold=0.1,
+                  planner=False)
     tree_tokens = gsd_tokens = merges = 0
     for i in (1, 2, 3):
         ids, ref = reference[i]
@@ -196,7 +197,9 @@ def test_the_draft_does_not_extend_what_the_context_lookup_proposed(engine, toke
     for v in range(len(graph)):                   # no parent has two edges to one token
         tokens = [graph.tokens[c] for c, _ in graph.edges[v]]
         assert len(tokens) == len(set(tokens))
-    assert dict(graph.edges[0])[lookup_nodes[0]] == max(q, 0.7)
+    # the lookup node's edge keeps the higher of the draft's probability and the lookup's prior score
+    _, chain_probs = ds.own_chain([ids[-2], ids[-1], x, 11, 12, ids[-2], ids[-1]], 3)
+    assert dict(graph.edges[0])[lookup_nodes[0]] == pytest.approx(max(q, chain_probs[0]))
     assert {graph.tokens[c] for c, _ in graph.edges[0]} == {g0.tokens[c] for c, _ in g0.edges[0]}
     assert not any(graph.parent[v] in lookup_nodes for v in range(1, len(graph)) if slots[v] >= 0)
     assert ds.proposal_fed < alone.proposal_fed   # x's subtree was drafted alone, not with the lookup

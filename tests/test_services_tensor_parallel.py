@@ -54,7 +54,7 @@ def tp_app(ray_serve):
     args = {"model_name": MODEL, "spec": SPEC.to_dict(), "dtype": "float32", "replicas": {"draft": 1}, "max_sessions": 16,
             "tensor_parallel_size": 3, "cpus_per_rank": 0.25,
             # a replacement replica loads 3 ranks: on a starved machine that takes minutes, not seconds
-            "router": {"default_max_tokens": 16, "failover_timeout_s": 600, "dead_s": 2}}
+            "router": {"default_max_tokens": 16, "failover_timeout_s": 600, "dead_s": 2, "stall_timeout_s": 30}}
     serve.run(build_app(args), name=APP, route_prefix="/")
     _wait_health(ray_serve["http"])
     yield ray_serve

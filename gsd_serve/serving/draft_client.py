@@ -128,6 +128,11 @@ class DraftLink:
         self.draft_tokens = 0
         self.features_missing = 0
         self.feature_bytes = 0
+        # a Release sent while a Propose is in flight would arrive first and the Propose would hold the session
+        # again on the replica: the release waits for the Propose to end
+        self._lock = threading.Lock()
+        self._inflight = False
+        self._ended = False
 
     def add_features(self, start: int, feats: torch.Tensor | None) -> None:
         """The target's features of positions start, start + 1, ... (replacing any from `start` on)."""
@@ -156,9 +161,18 @@ class DraftLink:
             req.features.CopyFrom(rpc.features_to_proto(self._feats, self._feat_start))
             self.feature_bytes += len(req.features.bf16)
         n = len(committed)
+        with self._lock:
+            self._inflight = True
         future = stub.Propose.future(req, timeout=self.pool.rpc_timeout_s, metadata=self.pool.metadata())
 
         def done(fut) -> None:
+            with self._lock:
+                self._inflight = False
+                ended = self._ended
+            if ended:               # the session ended while this Propose was in flight
+                self._send_release()
+                on_done(None)
+                return
             try:
                 resp = fut.result()
             except Exception as exc:  # noqa: BLE001 (the replica failed: the round goes on without a draft)
@@ -186,7 +200,15 @@ class DraftLink:
         return True
 
     def release(self) -> None:
-        """Tell the replica the session is over (best effort: its TTL frees it anyway)."""
+        """Tell the replica the session is over (best effort: its TTL frees it anyway); with a Propose in flight,
+        once it has ended."""
+        with self._lock:
+            self._ended = True
+            if self._inflight:
+                return
+        self._send_release()
+
+    def _send_release(self) -> None:
         if self.replica is None:
             return
         self.pool.leave(self.replica)

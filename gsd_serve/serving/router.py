@@ -61,6 +61,9 @@ class RouterConfig:
     affinity_slack: float = 0.25               # bounded-load routing: a replica takes at most (1 + slack) x its share
     feature_layers: tuple = ()                 # a feature-conditioned draft: the target layers it reads
     admit_timeout_s: float = 60.0              # an admitted request whose stream never starts is released after it
+    # a target replica's Decode stream silent this long counts as failed (a tensor-parallel replica whose rank died
+    # hangs in a collective instead of failing): the request goes on elsewhere
+    stall_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.feature_layers, (list, tuple)) or \
@@ -83,7 +86,7 @@ class RouterConfig:
                 raise ValueError(f"router config {name} must be a number, got {value!r}")
             if f.type in ("int", "float") and value < 0:
                 raise ValueError(f"router config {name} must be >= 0, got {value}")
-        for name in ("max_inflight", "request_timeout_s", "max_body_bytes"):
+        for name in ("max_inflight", "request_timeout_s", "max_body_bytes", "stall_timeout_s"):
             if getattr(cfg, name) <= 0:
                 raise ValueError(f"router config {name} must be > 0, got {getattr(cfg, name)}")
         if isinstance(spec, dict):
@@ -300,8 +303,17 @@ class Run:
                                    max_tokens=self.seq.room, sampling=self.sampling_pb, spec=core.spec_pb,
                                    stop_token_ids=sorted(core.stop_ids), feature_layers=core.feature_layers)
             call = ep.stub.Decode(req, timeout=left, metadata=core.worker_secret.metadata())
+            chunks = call.__aiter__()
             try:
-                async for chunk in call:
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(chunks.__anext__(), core.config.stall_timeout_s)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        if self.deadline - time.monotonic() <= 0:
+                            raise DeadlineExceeded("the request's deadline passed before it finished") from None
+                        raise Unavailable(f"the target replica sent nothing for {core.config.stall_timeout_s:.0f} s")
                     if chunk.replica_id:
                         core.metrics.inc("pc_queries")
                         if chunk.cached_tokens:
@@ -322,6 +334,8 @@ class Run:
                 if exc.code() in CLIENT_STATUS:
                     cls = TooLarge if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else BadRequest
                     raise cls(exc.details() or "the target replica refused the request") from None
+                failure = exc
+            except Unavailable as exc:
                 failure = exc
             finally:
                 call.cancel()

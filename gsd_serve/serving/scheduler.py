@@ -98,6 +98,7 @@ class Scheduler:
         self._stop = False
         self.iterations = 0
         self.forwards = 0
+        self.forward_sessions = 0   # sessions the forwards carried, summed
         self.widest = 0          # the most sessions one forward has carried
         self.dropped = 0         # sessions stopped before their end: the client left or the deadline passed
         self.prefill_chunks = 0  # pieces of prompts fed
@@ -289,6 +290,7 @@ class Scheduler:
             results = self._one_by_one(jobs, chunks, trees, chunk_of)
         seconds = time.perf_counter() - t0
         self.forwards += 1
+        self.forward_sessions += len(trees) + len(chunk_of)
         self.widest = max(self.widest, len(trees) + len(chunk_of))
         self.rows_ema = rows if self.forwards == 1 else 0.9 * self.rows_ema + 0.1 * rows
         if self.on_forward is not None:

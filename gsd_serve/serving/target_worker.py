@@ -447,4 +447,6 @@ class TargetWorker:
                                    prefix_cache_hits=st.hits, prefix_cache_queries=st.queries,
                                    prefix_tokens_saved=st.tokens_saved, torch_threads=torch.get_num_threads(),
                                    session_bytes=self.sessions.bytes, max_session_bytes=self.sessions.max_bytes,
-                                   load=self.load.to_proto())
+                                   load=self.load.to_proto(), forwards=self.scheduler.forwards,
+                                   forward_sessions=self.scheduler.forward_sessions,
+                                   widest_forward=self.scheduler.widest)

@@ -151,7 +151,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("replica_id", "kind", "model", "session_ids", "max_sessions", "prefix_cache_hits", "prefix_cache_queries", "prefix_tokens_saved", "pid", "rss_bytes", "torch_threads", "session_bytes", "max_session_bytes", "feature_layers", "load")
+    __slots__ = ("replica_id", "kind", "model", "session_ids", "max_sessions", "prefix_cache_hits", "prefix_cache_queries", "prefix_tokens_saved", "pid", "rss_bytes", "torch_threads", "session_bytes", "max_session_bytes", "feature_layers", "load", "forwards", "forward_sessions", "widest_forward")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,9 @@ class InfoResponse(_message.Message):
     MAX_SESSION_BYTES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    WIDEST_FORWARD_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     kind: str
     model: str
@@ -182,7 +185,10 @@ class InfoResponse(_message.Message):
     max_session_bytes: int
     feature_layers: _containers.RepeatedScalarFieldContainer[int]
     load: ReplicaLoad
-    def __init__(self, replica_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., max_sessions: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_tokens_saved: _Optional[int] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., torch_threads: _Optional[int] = ..., session_bytes: _Optional[int] = ..., max_session_bytes: _Optional[int] = ..., feature_layers: _Optional[_Iterable[int]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ...) -> None: ...
+    forwards: int
+    forward_sessions: int
+    widest_forward: int
+    def __init__(self, replica_id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., max_sessions: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_tokens_saved: _Optional[int] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., torch_threads: _Optional[int] = ..., session_bytes: _Optional[int] = ..., max_session_bytes: _Optional[int] = ..., feature_layers: _Optional[_Iterable[int]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., forwards: _Optional[int] = ..., forward_sessions: _Optional[int] = ..., widest_forward: _Optional[int] = ...) -> None: ...
 
 class ReplicaLoad(_message.Message):
     __slots__ = ("active_sessions", "queued", "busy", "batch_fill")
