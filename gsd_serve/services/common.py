@@ -63,8 +63,43 @@ def registry_name(app: str) -> str:
 
 
 def get_registry(app: str):
+    """The application's registry actor (made by whichever replica asks first). It is scheduled outside any
+    placement group: made from a tensor-parallel target replica it would otherwise be captured by that
+    replica's group and die with it when Serve replaces the replica."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     return ray.remote(Registry).options(name=registry_name(app), namespace=REGISTRY_NAMESPACE,
-                                        lifetime="detached", get_if_exists=True, num_cpus=0).remote()
+                                        lifetime="detached", get_if_exists=True, num_cpus=0,
+                                        scheduling_strategy=PlacementGroupSchedulingStrategy(None)).remote()
+
+
+class RegistryView:
+    """Calls on the application's registry that survive its loss: after a failed call the next one looks the
+    actor up again (or makes it anew), and the replicas' heartbeats fill it within a second."""
+
+    def __init__(self, app: str):
+        self.app = app
+        self.actor = get_registry(app)
+
+    def _again(self) -> None:
+        try:
+            self.actor = get_registry(self.app)
+        except Exception as exc:  # noqa: BLE001 (Ray is restarting: the next call tries again)
+            log.warning("registry lookup failed: %s", exc)
+
+    async def view(self) -> dict:
+        try:
+            return await self.actor.view.remote()
+        except Exception:
+            self._again()
+            raise
+
+    def list(self, kind: str, timeout_s: float = 10) -> list[dict]:
+        try:
+            return ray.get(self.actor.list.remote(kind), timeout=timeout_s)
+        except Exception:
+            self._again()
+            raise
 
 
 def app_name() -> str:

@@ -15,7 +15,7 @@ import os
 
 from ray import serve
 
-from .common import app_name, env_setup, get_registry
+from .common import RegistryView, app_name, env_setup
 
 
 def draft_feature_layers(draft) -> list[int]:
@@ -60,11 +60,10 @@ class RouterReplica:
         if layers:   # a feature-conditioned draft: the router asks the target for these layers' features
             conf.setdefault("feature_layers", layers)
         self.config = RouterConfig.from_dict(conf)
-        self.registry = get_registry(app_name())
-        registry = self.registry
+        registry = RegistryView(app_name())
 
         async def discover():
-            view = await registry.view.remote()
+            view = await registry.view()
             self.core.worker_secret.value = view["token"]
             return [(e["kind"], e["replica_id"], e["address"]) for e in view["entries"]]
 

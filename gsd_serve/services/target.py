@@ -10,7 +10,7 @@ import os
 
 from ray import serve
 
-from .common import GrpcReplica, app_name, env_setup, get_registry, load_models, session_bytes
+from .common import GrpcReplica, RegistryView, app_name, env_setup, load_models, session_bytes
 
 
 class TargetReplica(GrpcReplica):
@@ -22,13 +22,11 @@ class TargetReplica(GrpcReplica):
         from ..serving.prefix_cache import PrefixCache, model_fingerprint
         from ..serving.target_worker import TargetWorker
         name = str(args.get("target", "smollm2-135m-instruct"))
-        registry = get_registry(app_name())
+        registry = RegistryView(app_name())
 
         def drafts() -> list[tuple[str, str]]:
             """The application's live draft replicas, for the rounds this replica's sessions draft."""
-            import ray
-
-            return [(e["replica_id"], e["address"]) for e in ray.get(registry.list.remote("draft"), timeout=10)]
+            return [(e["replica_id"], e["address"]) for e in registry.list("draft")]
 
         common = dict(name=name, max_sessions=int(args.get("max_sessions", 64)),
                       ttl_s=float(args.get("session_ttl_s", 300)), max_session_bytes=session_bytes(args),

@@ -152,6 +152,10 @@ class DraftLink:
             return False
         rid, stub = picked
         if rid != self.replica:
+            if self.replica is not None:
+                # the session moves (its replica failed a call, or left): if the old one still lives, it frees
+                # the session now rather than at its TTL
+                self._release_on(self.replica)
             self.replica, self.synced, self.last_path = rid, 0, []
         req = pb.ProposeRequest(session_id=self.session_id, delta_start=self.synced, delta=committed[self.synced:],
                                 last_path=self.last_path if self.synced else [], root_index=len(committed) - 1,
@@ -212,7 +216,10 @@ class DraftLink:
         if self.replica is None:
             return
         self.pool.leave(self.replica)
-        picked = self.pool._stubs.get(self.replica)
+        self._release_on(self.replica)
+
+    def _release_on(self, replica: str) -> None:
+        picked = self.pool._stubs.get(replica)
         if picked is not None:
             try:
                 picked[2].Release.future(pb.ReleaseRequest(session_ids=[self.session_id]), timeout=5,
