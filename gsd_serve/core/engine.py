@@ -24,8 +24,9 @@ GenerationStats = DecodeStats   # the name the engine's results have always used
 @dataclass
 class GenerationResult:
     token_ids: list[int]
-    finish_reason: str           # "stop" (a stop token) or "length"
+    finish_reason: str           # "stop" (a stop token or string) or "length"
     stats: DecodeStats
+    text_end: int | None = None  # a stop string ended the output: characters of its decoded text before it
 
 
 class Generation:
@@ -93,16 +94,19 @@ class Engine:
         return str(getattr(self.target, "dtype", "float32")).removeprefix("torch.")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
-                 sampling: SamplingParams | None = None) -> GenerationResult:
-        gen = self.stream(prompt_ids, max_new_tokens, spec, sampling)
+                 sampling: SamplingParams | None = None, stop=None) -> GenerationResult:
+        gen = self.stream(prompt_ids, max_new_tokens, spec, sampling, stop)
         for _ in gen:
             pass
         return gen.result
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
-               sampling: SamplingParams | None = None) -> Generation:
+               sampling: SamplingParams | None = None, stop=None) -> Generation:
+        """`stop`: a core.stops.StopStrings (it holds the tokenizer that decodes the text it searches); the
+        output ends at the token that completes the first stop string, and the result's `text_end` says where
+        the text ends."""
         spec = spec or self.spec
-        seq = Sequence(prompt_ids, max_new_tokens, self.stop_token_ids)   # validates both
+        seq = Sequence(prompt_ids, max_new_tokens, self.stop_token_ids, stop)   # validates both
         if spec.method != "ar" and self.draft is None:
             raise ValueError(f"method '{spec.method}' needs a draft model")
         box: list = []
@@ -169,4 +173,4 @@ class Engine:
             stats.draft_proposal_tokens = draft.proposal_fed
             stats.draft_features_missing = draft.features_missing
             stats.finish(stats.seconds)
-        box.append(GenerationResult(seq.output, seq.finish_reason, stats))
+        box.append(GenerationResult(seq.output, seq.finish_reason, stats, seq.text_end))

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..core.stops import MAX_STOPS
 from .auth import matches
 from .errors import BadRequest, TooLarge, Unauthenticated
 from .openai_api import ROLES, UNSUPPORTED, OpenAIFrontend
@@ -118,6 +119,8 @@ def request_schemas(front: OpenAIFrontend) -> dict[str, dict]:
     }
     # as in OpenAI's API, an optional field may be null (its default)
     common = {name: _nullable(sch) if name != "model" else sch for name, sch in common.items()}
+    common["stop"] = {"oneOf": [{"type": "null"}, {"type": "string"},
+                                {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "minLength": 1}}]}
     common.update({name: {"enum": [None, False, [], {}], "description": "not supported (only its no-op values)"}
                    for name in UNSUPPORTED})
     completion = {"type": "object", "required": ["model", "prompt"], "properties": dict(common, prompt={

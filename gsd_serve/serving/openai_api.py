@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 from ..core.prompts import PromptError, encode
 from ..core.sampling import SamplingParams
+from ..core.stops import check_stops, held_back
 from . import rpc
 from .errors import BadRequest, ServingError
 from .router import GenerateParams, RouterCore
@@ -123,7 +124,7 @@ class OpenAIFrontend:
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    def _common(self, body: dict, chat: bool) -> tuple[int, SamplingParams, bool, bool]:
+    def _common(self, body: dict, chat: bool) -> tuple[int, SamplingParams, bool, bool, tuple[str, ...]]:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required", "model")
@@ -133,8 +134,10 @@ class OpenAIFrontend:
         for name in UNSUPPORTED:
             if not _unset(body.get(name)):
                 raise BadRequest(f"'{name}' is not supported", name)
-        if body.get("stop") not in (None, [], ""):
-            raise BadRequest("'stop' sequences are not supported; generation stops at the model's end token", "stop")
+        try:
+            stops = check_stops(body.get("stop"))
+        except ValueError as exc:
+            raise BadRequest(str(exc), "stop") from None
         n = _int(body, "n", 1, 1, 1)
         del n
         if body.get("best_of") not in (None, 1):
@@ -167,7 +170,7 @@ class OpenAIFrontend:
         if not isinstance(include_usage, bool):
             raise BadRequest("'stream_options.include_usage' must be a boolean", "stream_options")
         sampling = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
-        return max_tokens, sampling, stream, include_usage
+        return max_tokens, sampling, stream, include_usage, stops
 
     def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
         tok = self.core.tokenizer
@@ -214,10 +217,10 @@ class OpenAIFrontend:
         """Returns ("json", status, dict) or ("sse", 200, async iterator of str)."""
         try:
             body = self._parse_json(raw)
-            max_tokens, sampling, stream, include_usage = self._common(body, chat)
+            max_tokens, sampling, stream, include_usage, stops = self._common(body, chat)
             ids = self._prompt_ids(body, chat)
             prefix = "chatcmpl-" if chat else "cmpl-"
-            params = GenerateParams(ids, max_tokens, sampling, prefix + uuid.uuid4().hex)
+            params = GenerateParams(ids, max_tokens, sampling, prefix + uuid.uuid4().hex, stop=stops)
             run = self.core.start(params)
         except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
@@ -231,7 +234,7 @@ class OpenAIFrontend:
             return "json", exc.http_status, exc.to_openai()
         finally:
             run.release()
-        text = detok.text()
+        text = detok.text()[: run.text_end]
         created = int(time.time())
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish,
@@ -263,16 +266,16 @@ class OpenAIFrontend:
                 return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
 
-        detok = Detokenizer(self.core.tokenizer)
+        detok = Detokenizer(self.core.tokenizer, run.params.stop)
         gen = run.chunks()
         try:
             if chat:
                 yield event(choice("", role=True))
             async for chunk in gen:
-                delta = detok.push(chunk, final=run.finish is not None)
+                delta = detok.push(chunk, final=run.finish is not None, end=run.text_end)
                 if delta:
                     yield event(choice(delta))
-            tail = detok.push([], final=True)
+            tail = detok.push([], final=True, end=run.text_end)
             if tail:
                 yield event(choice(tail))
             yield event(choice(None if chat else "", finish=run.finish), gsd_stats=run.stats.to_dict())
@@ -324,7 +327,11 @@ class OpenAIFrontend:
             raise BadRequest(str(exc)) from None
         if req.timeout_s < 0:
             raise BadRequest(f"timeout_s must be >= 0, got {req.timeout_s}")
-        return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex, req.timeout_s or None)
+        try:
+            stops = check_stops(list(req.stop))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex, req.timeout_s or None, stops)
 
     async def grpc_generate(self, req: "pb.GenerateRequest") -> "pb.GenerateResponse":
         run = self.core.start(self._grpc_params(req))
@@ -334,22 +341,23 @@ class OpenAIFrontend:
                 out.extend(chunk)
         finally:
             run.release()
-        return pb.GenerateResponse(id=run.id, text=self.core.tokenizer.decode(out, skip_special_tokens=True),
+        text = self.core.tokenizer.decode(out, skip_special_tokens=True)[: run.text_end]
+        return pb.GenerateResponse(id=run.id, text=text,
                                    token_ids=out, finish_reason=run.finish, prompt_tokens=len(run.prompt),
                                    completion_tokens=len(out), stats=rpc.stats_to_proto(run.stats))
 
     async def grpc_generate_stream(self, req: "pb.GenerateRequest") -> AsyncIterator["pb.GenerateChunk"]:
         run = self.core.start(self._grpc_params(req))
-        detok = Detokenizer(self.core.tokenizer)
+        detok = Detokenizer(self.core.tokenizer, run.params.stop)
         gen = run.chunks()
         try:
             async for chunk in gen:
-                text = detok.push(chunk, final=run.finish is not None)
+                text = detok.push(chunk, final=run.finish is not None, end=run.text_end)
                 yield pb.GenerateChunk(id=run.id, text=text, token_ids=chunk)
         finally:
             await gen.aclose()
             run.release()
-        yield pb.GenerateChunk(id=run.id, text=detok.push([], final=True), finish_reason=run.finish,
+        yield pb.GenerateChunk(id=run.id, text=detok.push([], final=True, end=run.text_end), finish_reason=run.finish,
                                stats=rpc.stats_to_proto(run.stats), prompt_tokens=len(run.prompt),
                                completion_tokens=len(run.out))
 
@@ -378,21 +386,28 @@ class SSEStream:
 
 
 class Detokenizer:
-    """Incremental text of a growing token list; holds back an incomplete UTF-8 character."""
+    """Incremental text of a growing token list; holds back an incomplete UTF-8 character and, while the output
+    goes on, any end of the text that could still become one of the `stops` strings."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stops=()):
         self.tokenizer = tokenizer
+        self.stops = tuple(stops)
         self.ids: list[int] = []
         self.sent = ""
 
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
-    def push(self, ids: list[int], final: bool = False) -> str:
+    def push(self, ids: list[int], final: bool = False, end: int | None = None) -> str:
+        """The text not yet returned; `end`: a stop string ended the output, its text has this many characters."""
         self.ids.extend(ids)
         text = self.text()
-        if not final and text.endswith("\ufffd"):
-            return ""
+        if end is not None:
+            text = text[:end]
+        elif not final:
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[: len(text) - held_back(text, self.stops)]
         if not text.startswith(self.sent):
             return ""
         delta = text[len(self.sent):]

@@ -339,7 +339,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "prompt_token_ids", "max_tokens", "sampling", "raw", "timeout_s")
+    __slots__ = ("model", "prompt", "messages", "prompt_token_ids", "max_tokens", "sampling", "raw", "timeout_s", "stop")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +348,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -356,7 +357,8 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     raw: bool
     timeout_s: float
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., raw: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., raw: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("rounds", "accepted_tokens", "verified_tokens", "draft_tokens", "mean_accept_len", "cached_prompt_tokens", "resyncs", "seconds", "plain_rounds", "lookup_rounds", "drafted_rounds", "lookup_accepted", "draft_forwards", "ttft", "failovers", "draft_failovers", "draft_features_missing", "feature_bytes")
