@@ -1,8 +1,9 @@
-"""What OpenAI clients send beyond the prompt: stop sequences, in process (Engine, `gsd-serve generate`) and through
+"""What OpenAI clients send beyond the prompt: stop sequences, logprobs and n choices, in process (Engine, `gsd-serve generate`) and through
 the router and the OpenAI frontend over real gRPC workers (a tiny random Llama with the real tokenizer).
 
 Each check runs plain decoding (`ar`) and speculation (`gsd`) side by side: a stop string ends the output exactly
-where `ar`'s text would end, streamed or not, greedy or sampled. The served application's checks (the official
+where `ar`'s text would end, streamed or not, greedy or sampled; gsd's logprobs are ar's (to 1e-4, the same
+tokens and alternatives); `n` seeded choices are the seeds' own samples. The served application's checks (the official
 `openai` client through Ray Serve) are in test_services_serving.py.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from gsd_serve.core.prompts import encode
 from gsd_serve.core.sampling import SamplingParams
 from gsd_serve.core.stops import StopStrings, check_stops, held_back
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)   # the first gsd generation measures the forward costs (slow on a busy machine)
 
 SAMPLINGS = (SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=7))
 SECRET = "openai-params-worker-secret"
@@ -116,6 +117,30 @@ def test_generate_cli_stop(engine, tokenizer, monkeypatch, capsys):
     assert "Paris" in full
     assert main(["generate", "--method", "gsd", *prompt, "--stop", "Paris", "--stop", "\u2603"]) == 0
     assert capsys.readouterr().out == full[: full.index("Paris")] + "\n"
+
+
+def same_logprobs(a, b, tol=1e-4) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.token == y.token and x.top_tokens == y.top_tokens
+        assert abs(x.logprob - y.logprob) <= tol
+        assert all(abs(u - v) <= tol for u, v in zip(x.top_logprobs, y.top_logprobs))
+
+
+def test_logprobs_in_process_gsd_equal_ar(engine, tokenizer):
+    """The target's own log-probabilities of each output token (and its top alternatives), whatever round
+    committed the token: gsd's equal ar's, greedy and sampled."""
+    ids = encode(tokenizer, {"messages": [{"role": "user", "content": "Name three fruits."}]})
+    ar, gsd = SpecConfig.for_method("ar"), SpecConfig.for_method("gsd", max_depth=4, budget=12)
+    for sampling in SAMPLINGS:
+        want = engine.generate(ids, 12, ar, sampling, logprobs=5)
+        got = engine.generate(ids, 12, gsd, sampling, logprobs=5)
+        assert got.token_ids == want.token_ids and len(want.logprobs) == len(want.token_ids)
+        same_logprobs(got.logprobs, want.logprobs)
+        assert all(len(lp.top_tokens) == 5 and lp.logprob <= 0 for lp in got.logprobs)
+        if sampling.greedy:    # the greedy choice is the most probable token
+            assert all(lp.token == lp.top_tokens[0] for lp in got.logprobs)
+    assert engine.generate(ids, 4, gsd).logprobs is None     # not asked: not computed
 
 
 # ---------------------------------------------------------------- served: router and frontend over gRPC workers
@@ -241,8 +266,125 @@ def test_bad_values_get_400_naming_the_parameter(stack, tok):
         front = OpenAIFrontend(core)
         base = {"model": core.config.model_name, "prompt": "Hi", "max_tokens": 2}
         for name, value in (("stop", ["a", ""]), ("stop", ["a", "b", "c", "d", "e"]), ("stop", 7),
-                            ("stop", [None])):
+                            ("stop", [None]), ("logprobs", 21), ("logprobs", -1), ("logprobs", "yes"),
+                            ("top_logprobs", 2), ("response_format", {"type": "json_object"}), ("n", 17),
+                            ("n", 0), ("best_of", 3)):
             status, r = await _body(front, dict(base, **{name: value}), False)
             assert status == 400 and r["error"]["param"] == name, (name, value, r)
+        chat = {"model": core.config.model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        status, r = await _body(front, dict(chat, response_format={"type": "text"}, stop=[], logprobs=False), True)
+        assert status == 200 and r["choices"][0]["logprobs"] is None
+        for extra, param in (({"logprobs": 3}, "logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                             ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": -1},
+                                                                     "top_logprobs")):
+            status, r = await _body(front, dict(chat, **extra), True)
+            assert status == 400 and r["error"]["param"] == param, (extra, r)
+        await core.close()
+    asyncio.run(main())
+
+
+def test_logprobs_served_in_openai_format(stack, tiny_engine, tok):
+    """Chat (`logprobs`, `top_logprobs`) and completions (`logprobs`: n): the served gsd values are the in-process
+    ar ones, streamed and not; gRPC's top_logprobs too."""
+    from conftest import router_core
+
+    from gsd_serve.serving.openai_api import OpenAIFrontend, TokenWords
+    from gsd_serve.serving.rpc import pb
+
+    ar = SpecConfig.for_method("ar")
+    words = TokenWords(tok)
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+
+    def check_chat(content, want):
+        assert [c["token"] for c in content] == [words.text(lp.token) for lp in want]
+        assert [bytes(c["bytes"]) for c in content] == [words.bytes(lp.token) for lp in want]
+        for c, lp in zip(content, want):
+            assert abs(c["logprob"] - lp.logprob) <= 1e-4
+            assert [t["token"] for t in c["top_logprobs"]] == [words.text(t) for t in lp.top_tokens]
+            assert all(abs(t["logprob"] - v) <= 1e-4 for t, v in zip(c["top_logprobs"], lp.top_logprobs))
+
+    async def main():
+        core, _ = router_core(stack, tok, SECRET)
+        front = OpenAIFrontend(core)
+        model = core.config.model_name
+        for sampling in SAMPLINGS:
+            knobs = dict(model=model, max_tokens=16, temperature=sampling.temperature, top_p=sampling.top_p,
+                         seed=sampling.seed)
+            ids = encode(tok, {"messages": msgs})
+            want = tiny_engine.generate(ids, 16, ar, sampling, logprobs=3)
+            status, r = await _body(front, dict(knobs, messages=msgs, logprobs=True, top_logprobs=3), True)
+            assert status == 200, r
+            check_chat(r["choices"][0]["logprobs"]["content"], want.logprobs)
+            status, events = await _body(front, dict(knobs, messages=msgs, logprobs=True, top_logprobs=3,
+                                                     stream=True), True)
+            check_chat([c for e in events for ch in e["choices"] if ch["logprobs"]
+                        for c in ch["logprobs"]["content"]], want.logprobs)
+
+            ids = encode(tok, "Once upon a time", raw=True)
+            want = tiny_engine.generate(ids, 16, ar, sampling, logprobs=2)
+            status, r = await _body(front, dict(knobs, prompt="Once upon a time", logprobs=2), False)
+            assert status == 200, r
+            lp = r["choices"][0]["logprobs"]
+            assert lp["tokens"] == [words.text(x.token) for x in want.logprobs]
+            assert all(abs(a - b.logprob) <= 1e-4 for a, b in zip(lp["token_logprobs"], want.logprobs))
+            assert [list(d) for d in lp["top_logprobs"]] == [[words.text(t) for t in x.top_tokens]
+                                                            for x in want.logprobs]
+            text = r["choices"][0]["text"]
+            assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+            assert all(text[o:].startswith(t.rstrip("\ufffd")) for o, t in zip(lp["text_offset"], lp["tokens"])
+                       if "\ufffd" not in t and t in text)
+            status, events = await _body(front, dict(knobs, prompt="Once upon a time", logprobs=2, stream=True),
+                                         False)
+            streamed = [ch["logprobs"] for e in events for ch in e["choices"] if ch["logprobs"]]
+            assert [t for x in streamed for t in x["tokens"]] == lp["tokens"]
+            assert [o for x in streamed for o in x["text_offset"]] == lp["text_offset"]
+
+            req = pb.GenerateRequest(model=model, prompt="Once upon a time", raw=True, max_tokens=16, top_logprobs=2,
+                                     sampling=pb.SamplingParams(temperature=sampling.temperature,
+                                                                top_p=sampling.top_p, seed=sampling.seed or 0))
+            g = await front.grpc_generate(req)
+            assert [m.token for m in g.logprobs] == list(g.token_ids) == want.token_ids
+            assert all(abs(m.logprob - x.logprob) <= 1e-4 for m, x in zip(g.logprobs, want.logprobs))
+        status, r = await _body(front, dict(model=model, max_tokens=4, prompt="Hi"), False)
+        assert r["choices"][0]["logprobs"] is None
+        await core.close()
+    asyncio.run(main())
+
+
+def test_n_choices_are_seeded_streams(stack, tiny_engine, tok):
+    """n = 4 with a seed: choice i is the sample of seed + i (so it reproduces), streamed and not; without a
+    seed each choice draws its own; greedy choices are all the greedy answer."""
+    from conftest import router_core
+
+    from gsd_serve.serving.openai_api import OpenAIFrontend
+
+    ar = SpecConfig.for_method("ar")
+    ids = encode(tok, "Once upon a time", raw=True)
+
+    async def main():
+        core, _ = router_core(stack, tok, SECRET)
+        front = OpenAIFrontend(core)
+        body = {"model": core.config.model_name, "prompt": "Once upon a time", "max_tokens": 12, "n": 4,
+                "temperature": 1.0, "seed": 40}
+        want = [tok.decode(tiny_engine.generate(ids, 12, ar, SamplingParams(1.0, seed=40 + i)).token_ids,
+                           skip_special_tokens=True) for i in range(4)]
+        status, r = await _body(front, body, False)
+        assert status == 200, r
+        assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+        assert [c["text"] for c in r["choices"]] == want and len(set(want)) > 1
+        assert r["usage"]["completion_tokens"] == sum(len(t) for t in r["token_ids"])
+        status, again = await _body(front, body, False)
+        assert [c["text"] for c in again["choices"]] == want
+        status, events = await _body(front, dict(body, stream=True, stream_options={"include_usage": True}), False)
+        texts = ["".join(c["text"] for e in events for c in e["choices"] if c["index"] == i) for i in range(4)]
+        assert texts == want
+        assert sorted(c["index"] for e in events for c in e["choices"] if c["finish_reason"]) == [0, 1, 2, 3]
+        assert events[-1]["usage"]["completion_tokens"] == r["usage"]["completion_tokens"]
+        status, r = await _body(front, dict(body, seed=None, n=3), False)
+        assert status == 200 and len(r["choices"]) == 3
+        status, r = await _body(front, dict(body, seed=None, n=2, temperature=0, stream=False,
+                                            messages=[{"role": "user", "content": "Hi"}]), True)
+        assert status == 200 and r["choices"][0]["message"] == r["choices"][1]["message"]
+        assert core.inflight == 0
         await core.close()
     asyncio.run(main())

@@ -145,6 +145,7 @@ class GenerateParams:
     request_id: str = ""
     timeout_s: float | None = None     # the client's deadline (capped by RouterConfig.request_timeout_s)
     stop: tuple[str, ...] = ()         # stop strings (core.stops): the output ends before the first one
+    top_logprobs: int | None = None    # set: each output token's TokenLogprob, with this many alternatives
 
 
 class Run:
@@ -156,6 +157,7 @@ class Run:
         self.id = params.request_id or uuid.uuid4().hex
         stops = StopStrings(core.tokenizer, params.stop) if params.stop else None
         self.seq = Sequence(params.prompt_ids, params.max_tokens, core.stop_ids, stops)
+        self.logprobs: list | None = [] if params.top_logprobs is not None else None   # one per output token
         self.stats = DecodeStats(method=core.config.spec.method)
         self.key = bytes(str(self.prompt[: core.config.affinity_block]), "ascii")
         self.target: Endpoint | None = None
@@ -309,7 +311,8 @@ class Run:
             self.assign(ep)
             req = pb.DecodeRequest(session_id=f"{self.id}.{attempt}", tokens=self.committed,
                                    max_tokens=self.seq.room, sampling=self.sampling_pb, spec=core.spec_pb,
-                                   stop_token_ids=sorted(core.stop_ids), feature_layers=core.feature_layers)
+                                   stop_token_ids=sorted(core.stop_ids), feature_layers=core.feature_layers,
+                                   top_logprobs=self.params.top_logprobs)
             call = ep.stub.Decode(req, timeout=left, metadata=core.worker_secret.metadata())
             chunks = call.__aiter__()
             try:
@@ -330,6 +333,10 @@ class Run:
                             self.stats.cached_prompt_tokens += chunk.cached_tokens
                     if chunk.tokens:
                         got = self.seq.commit(list(chunk.tokens))
+                        if self.logprobs is not None:
+                            if len(chunk.logprobs) != len(chunk.tokens):
+                                raise Unavailable("the replica sent tokens without their logprobs")
+                            self.logprobs.extend(rpc.logprob_from_proto(m) for m in chunk.logprobs[: len(got)])
                         if got:
                             yield got
                     if chunk.finish_reason:
