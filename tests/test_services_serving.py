@@ -160,13 +160,13 @@ def test_openai_client_matches_engine(app, engine, tokenizer):
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == text
 
 
-def test_openai_client_stop_and_logprobs_are_ar_s(app, engine, tokenizer):
-    """The official client's `stop` and `logprobs` through the served gsd application: the text ends where the
-    in-process ar text has the stop string (streamed and not), and the logprobs are ar's (to 1e-4)."""
+def test_openai_client_stop_logprobs_and_n(app, engine, tokenizer):
+    """The official client's `stop`, `logprobs` and `n` through the served gsd application: the text ends where
+    the in-process ar text has the stop string (streamed and not), the logprobs are ar's (to 1e-4), and n seeded
+    choices reproduce."""
     import openai
 
     from gsd_serve.core.config import SpecConfig
-    from gsd_serve.core.stops import StopStrings
 
     c = client(app)
     msgs, ids = chat_ids(tokenizer, "Name three colors.")
@@ -174,8 +174,6 @@ def test_openai_client_stop_and_logprobs_are_ar_s(app, engine, tokenizer):
     text = tokenizer.decode(ar.token_ids, skip_special_tokens=True)
     stop = [text[len(text) // 2: len(text) // 2 + 2], "\u2603"]
     want = text[: min(p for s in stop if (p := text.find(s)) >= 0)]
-    assert len(engine.generate(ids, MAX, SpecConfig.for_method("ar"), stop=StopStrings(tokenizer, stop)).token_ids) \
-        < len(ar.token_ids)
     r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0, stop=stop)
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop")
     chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0, stop=stop,
@@ -191,6 +189,12 @@ def test_openai_client_stop_and_logprobs_are_ar_s(app, engine, tokenizer):
         assert abs(got.logprob - lp.logprob) <= 1e-4 and len(got.top_logprobs) == 2
         assert all(abs(t.logprob - v) <= 1e-4 for t, v in zip(got.top_logprobs, lp.top_logprobs))
     assert "".join(bytes(x.bytes).decode("utf-8", "replace") for x in content).startswith(r.choices[0].message.content)
+
+    # n seeded choices: choice i samples with seed + i, so the request reproduces
+    runs = [c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=3, n=4)
+            for _ in range(2)]
+    assert [ch.index for ch in runs[0].choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in runs[0].choices] == [ch.text for ch in runs[1].choices]
 
     for kw, param in (({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"logprobs": True, "top_logprobs": 21},
                                                                       "top_logprobs")):

@@ -76,7 +76,8 @@ class TokenChooser:
         lsm = torch.log_softmax(logits.float(), dim=-1)
         tokens = [int(t) for t in (tokens.tolist() if torch.is_tensor(tokens) else tokens)]
         indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
-        chosen = lsm[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()
+        rows = torch.arange(len(tokens), device=lsm.device)
+        chosen = lsm[rows, torch.tensor(tokens, dtype=torch.long, device=lsm.device)].tolist()
         if self.top_logprobs > 0:
             top = torch.topk(lsm, min(self.top_logprobs, lsm.shape[-1]), dim=-1)
             top_ids, top_lps = top.indices.tolist(), top.values.tolist()
