@@ -332,10 +332,10 @@ class Run:
                             core.metrics.inc("pc_saved", chunk.cached_tokens)
                             self.stats.cached_prompt_tokens += chunk.cached_tokens
                     if chunk.tokens:
+                        if self.logprobs is not None and len(chunk.logprobs) != len(chunk.tokens):
+                            raise Unavailable("the replica sent tokens without their logprobs")
                         got = self.seq.commit(list(chunk.tokens))
                         if self.logprobs is not None:
-                            if len(chunk.logprobs) != len(chunk.tokens):
-                                raise Unavailable("the replica sent tokens without their logprobs")
                             self.logprobs.extend(rpc.logprob_from_proto(m) for m in chunk.logprobs[: len(got)])
                         if got:
                             yield got
