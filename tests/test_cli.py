@@ -44,6 +44,7 @@ def test_help_lists_commands():
     (["generate", "--prompt", "hi", "--sibling-threshold", "2"], "sibling_threshold"),
     (["generate", "--method", "chain", "--prompt", "hi", "--k", "3"], "chain"),
     (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "hi", "--stop", ""], "--stop"),
     (["generate", "--prompts", "/nonexistent/prompts.jsonl"], "no such file"),
     (["generate", "--prompt", "hi", "--target", "/nonexistent/model"], "nonexistent"),
     (["generate", "--prompt", "hi", "--draft", "/tmp"], "not a model directory"),

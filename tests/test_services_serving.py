@@ -160,6 +160,49 @@ def test_openai_client_matches_engine(app, engine, tokenizer):
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == text
 
 
+def test_openai_client_stop_logprobs_and_n(app, engine, tokenizer):
+    """The official client's `stop`, `logprobs` and `n` through the served gsd application: the text ends where
+    the in-process ar text has the stop string (streamed and not), the logprobs are ar's (to 1e-4), and n seeded
+    choices reproduce."""
+    import openai
+
+    from gsd_serve.core.config import SpecConfig
+
+    c = client(app)
+    msgs, ids = chat_ids(tokenizer, "Name three colors.")
+    ar = engine.generate(ids, MAX, SpecConfig.for_method("ar"), logprobs=2)
+    text = tokenizer.decode(ar.token_ids, skip_special_tokens=True)
+    stop = [text[len(text) // 2: len(text) // 2 + 2], "\u2603"]
+    want = text[: min(p for s in stop if (p := text.find(s)) >= 0)]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0, stop=stop)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop")
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["stop"]
+
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=MAX, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(ar.logprobs)
+    for got, lp in zip(content, ar.logprobs):
+        assert abs(got.logprob - lp.logprob) <= 1e-4 and len(got.top_logprobs) == 2
+        assert all(abs(t.logprob - v) <= 1e-4 for t, v in zip(got.top_logprobs, lp.top_logprobs))
+    assert "".join(bytes(x.bytes).decode("utf-8", "replace") for x in content).startswith(r.choices[0].message.content)
+
+    # n seeded choices: choice i samples with seed + i, so the request reproduces
+    runs = [c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=3, n=4)
+            for _ in range(2)]
+    assert [ch.index for ch in runs[0].choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in runs[0].choices] == [ch.text for ch in runs[1].choices]
+
+    for kw, param in (({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"logprobs": True, "top_logprobs": 21},
+                                                                      "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, **kw)
+        assert err.value.body.get("error", err.value.body)["param"] == param
+
+
 def test_direct_port_serves_the_same_answers_without_the_proxy(app, engine, tokenizer):
     """The Router replica's own HTTP port (app arg direct_http_port): the same API, answers identical to the
     engine's and to the proxied route's, streamed and not."""
@@ -372,7 +415,7 @@ def test_bad_requests_get_400_and_service_keeps_serving(app, engine, tokenizer):
         ("/v1/chat/completions", dict(ok_chat, max_tokens="ten")),
         ("/v1/chat/completions", dict(ok_chat, model="no-such-model")),
         ("/v1/chat/completions", dict(ok_chat, temperature=-0.5)),
-        ("/v1/chat/completions", dict(ok_chat, n=3)),
+        ("/v1/chat/completions", dict(ok_chat, n=17)),
         ("/v1/chat/completions", dict(ok_chat, messages=[{"role": "user", "content": "word " * 800}])),
         ("/v1/completions", {"model": MODEL, "prompt": [10 ** 9], "max_tokens": 2}),
     ]

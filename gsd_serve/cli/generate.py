@@ -11,6 +11,7 @@ from .args import (CliError, add_model_args, add_sampling_args, add_spec_args, b
 
 def cmd_generate(args) -> int:
     from ..core.prompts import encode, load_prompts
+    from ..core.stops import StopStrings, check_stops, held_back
 
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -20,6 +21,10 @@ def cmd_generate(args) -> int:
         records = [{"prompt": args.prompt}]
     else:
         records = load_prompts(args.prompts)
+    try:
+        stops = check_stops(args.stop)
+    except ValueError as exc:
+        raise CliError(str(exc).replace("'stop'", "--stop")) from None
     spec = spec_from_args(args, args.method)
     sampling = sampling_from_args(args)
     engine, tokenizer = build_engine(args, args.method)
@@ -27,21 +32,27 @@ def cmd_generate(args) -> int:
     start = time.time()
     for i, rec in enumerate(records):
         ids = encode(tokenizer, rec, raw=args.raw)
+        stop = StopStrings(tokenizer, stops)
         if args.json or multi:
-            result = engine.generate(ids, args.max_new_tokens, spec, sampling)
+            result = engine.generate(ids, args.max_new_tokens, spec, sampling, stop)
         else:
-            gen = engine.stream(ids, args.max_new_tokens, spec, sampling)
+            gen = engine.stream(ids, args.max_new_tokens, spec, sampling, stop)
             text_so_far = ""
             all_ids: list[int] = []
             for chunk in gen:
                 all_ids.extend(chunk)
                 text = tokenizer.decode(all_ids, skip_special_tokens=True)
+                if stop.end is not None:
+                    text = text[: stop.end]
+                else:    # what could still become a stop string waits for the next tokens
+                    text = text[: len(text) - held_back(text, stops)]
                 sys.stdout.write(text[len(text_so_far):])
                 sys.stdout.flush()
                 text_so_far = text
-            sys.stdout.write("\n")
             result = gen.result
-        text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            text = tokenizer.decode(result.token_ids, skip_special_tokens=True)[: result.text_end]
+            sys.stdout.write(text[len(text_so_far):] + "\n")
+        text = tokenizer.decode(result.token_ids, skip_special_tokens=True)[: result.text_end]
         if args.json:
             row = {k: v for k, v in rec.items() if k not in ("prompt",)}
             row.update(prompt=rec.get("prompt", rec.get("messages")), text=text, token_ids=result.token_ids,
@@ -75,6 +86,8 @@ def register(sub) -> None:
     src.add_argument("--prompts", help="JSONL file: one object per line with a 'prompt' (or 'messages') field")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the output before the first occurrence of TEXT (repeatable, at most 4)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.add_argument("--tensor-parallel-size", type=positive_int("--tensor-parallel-size"), default=1,
                    help="run the target as N tensor-parallel ranks (processes; gloo on CPU, NCCL on GPUs); "

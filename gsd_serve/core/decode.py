@@ -90,9 +90,11 @@ class Sequence:
     """The committed tokens of one request (prompt, then output) and when it is finished.
 
     `tokens` is the authoritative list: drivers read it while answering a request and never change it.
+    `stop_strings` (a stops.StopStrings, or anything with its `push` and `end`) ends the output at the first
+    stop string in its text; `text_end` is then the length of the output's text before it.
     """
 
-    def __init__(self, prompt: list[int], max_new_tokens: int, stop_token_ids=()):
+    def __init__(self, prompt: list[int], max_new_tokens: int, stop_token_ids=(), stop_strings=None):
         if not prompt:
             raise ValueError("the prompt is empty")
         if max_new_tokens < 1:
@@ -101,7 +103,8 @@ class Sequence:
         self.prompt_len = len(prompt)
         self.max_new_tokens = max_new_tokens
         self.stop_token_ids = frozenset(stop_token_ids)
-        self.finish_reason: str | None = None    # "stop" (a stop token) or "length"
+        self.stop_strings = stop_strings if stop_strings else None
+        self.finish_reason: str | None = None    # "stop" (a stop token or string) or "length"
 
     @property
     def prompt(self) -> list[int]:
@@ -128,15 +131,27 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text_end(self) -> int | None:
+        """Characters of the output's decoded text before the stop string that ended it (None: none did)."""
+        return self.stop_strings.end if self.stop_strings is not None else None
+
     def commit(self, tokens: list[int]) -> list[int]:
-        """Append what a round produced, cut at the length limit and after a stop token; returns the
-        tokens actually committed."""
+        """Append what a round produced, cut at the length limit, after a stop token and after the token that
+        completes a stop string; returns the tokens actually committed."""
+        if self.finished:
+            return []
         tokens = list(tokens[: self.room])
         for i, t in enumerate(tokens):
             if t in self.stop_token_ids:
                 tokens = tokens[: i + 1]
                 self.finish_reason = "stop"
                 break
+        if self.stop_strings is not None:
+            keep = self.stop_strings.push(tokens)
+            if keep is not None:
+                tokens = tokens[:keep]
+                self.finish_reason = "stop"
         self.tokens.extend(tokens)
         if self.finish_reason is None and self.room <= 0:
             self.finish_reason = "length"

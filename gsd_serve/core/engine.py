@@ -13,7 +13,7 @@ from .decode import Chunk, DecodeStats, Prefill, Propose, Sequence, Step, Verify
 from .drafting import DraftSession
 from .lookup import SharedSuffixIndex
 from .planner import Planner
-from .sampling import SamplingParams, TokenChooser
+from .sampling import SamplingParams, TokenChooser, TokenLogprob
 from .verification import TargetSession
 
 COST_SEED_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -24,8 +24,10 @@ GenerationStats = DecodeStats   # the name the engine's results have always used
 @dataclass
 class GenerationResult:
     token_ids: list[int]
-    finish_reason: str           # "stop" (a stop token) or "length"
+    finish_reason: str           # "stop" (a stop token or string) or "length"
     stats: DecodeStats
+    text_end: int | None = None  # a stop string ended the output: characters of its decoded text before it
+    logprobs: list[TokenLogprob] | None = None   # one per output token, when asked for
 
 
 class Generation:
@@ -93,23 +95,29 @@ class Engine:
         return str(getattr(self.target, "dtype", "float32")).removeprefix("torch.")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
-                 sampling: SamplingParams | None = None) -> GenerationResult:
-        gen = self.stream(prompt_ids, max_new_tokens, spec, sampling)
+                 sampling: SamplingParams | None = None, stop=None, logprobs: int | None = None
+                 ) -> GenerationResult:
+        gen = self.stream(prompt_ids, max_new_tokens, spec, sampling, stop, logprobs)
         for _ in gen:
             pass
         return gen.result
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
-               sampling: SamplingParams | None = None) -> Generation:
+               sampling: SamplingParams | None = None, stop=None, logprobs: int | None = None) -> Generation:
+        """`stop`: a core.stops.StopStrings (it holds the tokenizer that decodes the text it searches); the
+        output ends at the token that completes the first stop string, and the result's `text_end` says where
+        the text ends. `logprobs` (None: off): the result carries each output token's TokenLogprob with this
+        many most probable alternatives."""
         spec = spec or self.spec
-        seq = Sequence(prompt_ids, max_new_tokens, self.stop_token_ids)   # validates both
+        seq = Sequence(prompt_ids, max_new_tokens, self.stop_token_ids, stop)   # validates both
         if spec.method != "ar" and self.draft is None:
             raise ValueError(f"method '{spec.method}' needs a draft model")
         box: list = []
-        return Generation(self._run(seq, spec, sampling or SamplingParams(), box), box)
+        return Generation(self._run(seq, spec, sampling or SamplingParams(), box, logprobs), box)
 
-    def _run(self, seq: Sequence, spec: SpecConfig, sampling: SamplingParams, box: list) -> Iterator[list[int]]:
-        chooser = TokenChooser(sampling, self.target.vocab_size)
+    def _run(self, seq: Sequence, spec: SpecConfig, sampling: SamplingParams, box: list,
+             logprobs: int | None = None) -> Iterator[list[int]]:
+        chooser = TokenChooser(sampling, self.target.vocab_size, logprobs)
         planner = self.planner.sequence(sampling.greedy, spec.planner, spec.shared_lookup) \
             if spec.method != "ar" else None
         draft = DraftSession(self.draft, on_forward=planner.observe_draft) if planner is not None else None
@@ -169,4 +177,5 @@ class Engine:
             stats.draft_proposal_tokens = draft.proposal_fed
             stats.draft_features_missing = draft.features_missing
             stats.finish(stats.seconds)
-        box.append(GenerationResult(seq.output, seq.finish_reason, stats))
+        lps = [chooser.logprobs[i] for i in range(seq.prompt_len, len(seq.tokens))] if logprobs is not None else None
+        box.append(GenerationResult(seq.output, seq.finish_reason, stats, seq.text_end, lps))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 _MIX = 0x9E3779B97F4A7C15
+MAX_TOP_LOGPROBS = 20      # alternatives a request may ask for with each token's logprob (as OpenAI)
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,48 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-class TokenChooser:
-    """Chooses tokens for rows of logits, each row predicting a known absolute token index."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the target's own distribution (the log-softmax of its raw logits:
+    no temperature, top-k or top-p, as OpenAI reports them) and the `top` most probable tokens there."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int):
+    token: int
+    logprob: float
+    top_tokens: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+class TokenChooser:
+    """Chooses tokens for rows of logits, each row predicting a known absolute token index.
+
+    With `top_logprobs` (None: off) the verifier notes each committed choice's TokenLogprob with that many
+    alternatives in `logprobs` (absolute token index -> TokenLogprob); drivers read them from there."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, top_logprobs: int | None = None):
         self.params = params
         self.vocab_size = vocab_size
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._noise: dict[int, torch.Tensor] = {}
+        self.top_logprobs = top_logprobs
+        self.logprobs: dict[int, TokenLogprob] = {}
+
+    def note(self, logits: torch.Tensor, tokens, indices) -> None:
+        """Record the log-probabilities of `tokens` (chosen from the rows of `logits`, at absolute indices
+        `indices`) when they are asked for; nothing otherwise."""
+        if self.top_logprobs is None:
+            return
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        tokens = [int(t) for t in (tokens.tolist() if torch.is_tensor(tokens) else tokens)]
+        indices = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
+        rows = torch.arange(len(tokens), device=lsm.device)
+        chosen = lsm[rows, torch.tensor(tokens, dtype=torch.long, device=lsm.device)].tolist()
+        if self.top_logprobs > 0:
+            top = torch.topk(lsm, min(self.top_logprobs, lsm.shape[-1]), dim=-1)
+            top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+        else:
+            top_ids = top_lps = [[] for _ in tokens]
+        for r, (t, i) in enumerate(zip(tokens, indices)):
+            self.logprobs[i] = TokenLogprob(t, chosen[r], tuple(top_ids[r]), tuple(top_lps[r]))
 
     def noise(self, index: int) -> torch.Tensor:
         """Gumbel noise for the token at absolute index `index` (cached until `forget_before`)."""

@@ -52,7 +52,9 @@ class TargetSession:
     def prefill(self, tokens: list[int], chooser: TokenChooser) -> int:
         """Feed the prompt; returns the first generated token."""
         logits = self._forward(torch.tensor(tokens, dtype=torch.long), last_only=True)
-        return int(chooser.choose(logits, torch.tensor([len(tokens)]))[0])
+        first = chooser.choose(logits, torch.tensor([len(tokens)]))
+        chooser.note(logits[-1:], first, [len(tokens)])
+        return int(first[0])
 
     def extend(self, tokens: list[int]) -> None:
         """Feed committed tokens whose K/V is missing (after a rebuild elsewhere); no output."""
@@ -69,7 +71,9 @@ class TargetSession:
     def step(self, root: int, root_index: int, chooser: TokenChooser) -> int:
         """Plain decoding: one forward on the root, one token out."""
         logits = self._forward(torch.tensor([root], dtype=torch.long))
-        return int(chooser.choose(logits, torch.tensor([root_index + 1]))[0])
+        token = chooser.choose(logits, torch.tensor([root_index + 1]))
+        chooser.note(logits[-1:], token, [root_index + 1])
+        return int(token[0])
 
 
 def _tree_inputs(session: TargetSession, tree: VerifyTree, root_index: int):
@@ -155,13 +159,18 @@ def verify_batch(jobs: list[tuple[TargetSession, VerifyTree, int, TokenChooser]]
             lg, feats = o if layers else (o, None)
             if kind == "prefill":
                 item.session.forwards += 1
-                first = int(item.chooser.choose(lg[-1:], torch.tensor([item.index]))[0]) if item.last else None
+                first = None
+                if item.last:
+                    chosen = item.chooser.choose(lg[-1:], torch.tensor([item.index]))
+                    item.chooser.note(lg[-1:], chosen, [item.index])
+                    first = int(chosen[0])
                 out[j] = PrefillResult(first, feats)
                 continue
             session, tree, root_index, chooser = item
             session.forwards += 1
             choices = chooser.choose(lg, root_index + 1 + tree.depths)
             path = accept_path(tree.tokens, tree.parents, choices, anc)
+            chooser.note(lg[path], choices[path], root_index + 1 + tree.depths[path])
             session.cache.keep(root_index, [root_index + i for i in path])
             out[j] = Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree),
                              None if feats is None else feats[path])

@@ -43,6 +43,8 @@ class DraftPool:
         self._refreshed = 0.0
         self._lock = threading.Lock()
         self.failovers = 0
+        # Release calls in flight: a gRPC future dropped before it completes cancels its call
+        self.releasing: set = set()
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -222,7 +224,10 @@ class DraftLink:
         picked = self.pool._stubs.get(replica)
         if picked is not None:
             try:
-                picked[2].Release.future(pb.ReleaseRequest(session_ids=[self.session_id]), timeout=5,
-                                         metadata=self.pool.metadata())
+                fut = picked[2].Release.future(pb.ReleaseRequest(session_ids=[self.session_id]), timeout=5,
+                                               metadata=self.pool.metadata())
             except Exception:  # noqa: BLE001
-                pass
+                return
+            pending = self.pool.releasing
+            pending.add(fut)
+            fut.add_done_callback(pending.discard)

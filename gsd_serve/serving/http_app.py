@@ -14,9 +14,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..core.sampling import MAX_TOP_LOGPROBS
+from ..core.stops import MAX_STOPS
 from .auth import matches
 from .errors import BadRequest, TooLarge, Unauthenticated
-from .openai_api import ROLES, UNSUPPORTED, OpenAIFrontend
+from .openai_api import MAX_CHOICES, ROLES, UNSUPPORTED, OpenAIFrontend
 
 
 class HttpApi:
@@ -112,15 +114,22 @@ def request_schemas(front: OpenAIFrontend) -> dict[str, dict]:
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": -1, "maximum": 100000},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2 ** 63 - 1},
-        "n": {"type": "integer", "enum": [1]},
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES},
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     }
     # as in OpenAI's API, an optional field may be null (its default)
     common = {name: _nullable(sch) if name != "model" else sch for name, sch in common.items()}
+    common["stop"] = {"oneOf": [{"type": "null"}, {"type": "string"},
+                                {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "minLength": 1}}]}
     common.update({name: {"enum": [None, False, [], {}], "description": "not supported (only its no-op values)"}
                    for name in UNSUPPORTED})
-    completion = {"type": "object", "required": ["model", "prompt"], "properties": dict(common, prompt={
+    common["response_format"] = {"enum": [None, False, [], {}, {"type": "text"}],
+                                 "description": "text only (no JSON mode)"}
+    top = {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}
+    completion = {"type": "object", "required": ["model", "prompt"], "properties": dict(
+        common, logprobs={"oneOf": [{"type": "null"}, {"type": "boolean", "enum": [False]}, top]},
+        top_logprobs={"enum": [None, False, [], {}], "description": "chat only (completions: logprobs)"}, prompt={
         "oneOf": [{"type": "string", "minLength": 1, "pattern": "\\S"},
                   {"type": "array", "minItems": 1, "maxItems": 1,
                    "items": {"type": "string", "minLength": 1, "pattern": "\\S"}},
@@ -130,6 +139,7 @@ def request_schemas(front: OpenAIFrontend) -> dict[str, dict]:
         "role": {"type": "string", "enum": list(ROLES)}, "content": {"type": "string"}}}
     chat = {"type": "object", "required": ["model", "messages"], "properties": dict(
         common, messages={"type": "array", "minItems": 1, "items": message},
+        logprobs=_nullable({"type": "boolean"}), top_logprobs=_nullable(top),
         max_completion_tokens=_nullable({"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}))}
     return {"CompletionRequest": completion, "ChatCompletionRequest": chat}
 

@@ -5,6 +5,8 @@ so the Ray Serve deployment (services/router.py) is a thin FastAPI adapter aroun
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -12,14 +14,16 @@ import uuid
 from typing import AsyncIterator
 
 from ..core.prompts import PromptError, encode
-from ..core.sampling import SamplingParams
+from ..core.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from ..core.stops import check_stops, held_back
 from . import rpc
 from .errors import BadRequest, ServingError
 from .router import GenerateParams, RouterCore
 
 pb = rpc.pb
 
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias")
+MAX_CHOICES = 16            # `n`: choices one request may ask for
+UNSUPPORTED = ("echo", "suffix", "tools", "functions", "logit_bias")
 ROLES = ("system", "user", "assistant", "developer")
 
 
@@ -112,6 +116,7 @@ class OpenAIFrontend:
         self.core = core
         self.cfg = core.config
         self.text = PromptText(core.tokenizer)
+        self.words = TokenWords(core.tokenizer)
 
     # parsing --------------------------------------------------------------------
     def _parse_json(self, raw: bytes) -> dict:
@@ -123,7 +128,25 @@ class OpenAIFrontend:
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    def _common(self, body: dict, chat: bool) -> tuple[int, SamplingParams, bool, bool]:
+    def _logprobs(self, body: dict, chat: bool) -> int | None:
+        """How many alternatives to return with each token's logprob; None: no logprobs. Chat: `logprobs` (a
+        boolean) and `top_logprobs`; completions: `logprobs` (an integer, OpenAI's legacy form)."""
+        if chat:
+            on = body.get("logprobs")
+            if on is not None and not isinstance(on, bool):
+                raise BadRequest("'logprobs' must be a boolean", "logprobs")
+            top = _int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+            if top is not None and top > 0 and not on:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            return (top or 0) if on else None
+        if not _unset(body.get("top_logprobs")):
+            raise BadRequest("'top_logprobs' is a chat parameter; completions take 'logprobs': an integer",
+                             "top_logprobs")
+        if body.get("logprobs") is False:
+            return None
+        return _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+
+    def _common(self, body: dict, chat: bool) -> tuple[int, SamplingParams, bool, bool, tuple[str, ...], int]:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required", "model")
@@ -133,12 +156,17 @@ class OpenAIFrontend:
         for name in UNSUPPORTED:
             if not _unset(body.get(name)):
                 raise BadRequest(f"'{name}' is not supported", name)
-        if body.get("stop") not in (None, [], ""):
-            raise BadRequest("'stop' sequences are not supported; generation stops at the model's end token", "stop")
-        n = _int(body, "n", 1, 1, 1)
-        del n
-        if body.get("best_of") not in (None, 1):
-            raise BadRequest("'best_of' must be 1", "best_of")
+        fmt = body.get("response_format")
+        if not (_unset(fmt) or fmt == {"type": "text"}):
+            raise BadRequest("'response_format' other than {\"type\": \"text\"} is not supported (no JSON mode)",
+                             "response_format")
+        try:
+            stops = check_stops(body.get("stop"))
+        except ValueError as exc:
+            raise BadRequest(str(exc), "stop") from None
+        n = _int(body, "n", 1, 1, MAX_CHOICES)
+        if body.get("best_of") not in (None, 1, n):
+            raise BadRequest("'best_of' must be 1 or equal to 'n'", "best_of")
         max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
             else body.get("max_tokens")
         if max_tokens is None:   # the default, never above the limit
@@ -167,7 +195,7 @@ class OpenAIFrontend:
         if not isinstance(include_usage, bool):
             raise BadRequest("'stream_options.include_usage' must be a boolean", "stream_options")
         sampling = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
-        return max_tokens, sampling, stream, include_usage
+        return max_tokens, sampling, stream, include_usage, stops, n
 
     def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
         tok = self.core.tokenizer
@@ -205,85 +233,178 @@ class OpenAIFrontend:
             raise BadRequest(str(exc), "prompt") from None
 
     # responses ------------------------------------------------------------------
-    def _usage(self, run, n_prompt: int) -> dict:
-        return {"prompt_tokens": n_prompt, "completion_tokens": len(run.out),
-                "total_tokens": n_prompt + len(run.out),
-                "prompt_tokens_details": {"cached_tokens": run.stats.cached_prompt_tokens}}
+    def _usage(self, runs: list, n_prompt: int) -> dict:
+        """Usage of a request's choices: the prompt counted once (as OpenAI), the completions summed."""
+        out = sum(len(run.out) for run in runs)
+        return {"prompt_tokens": n_prompt, "completion_tokens": out, "total_tokens": n_prompt + out,
+                "prompt_tokens_details": {"cached_tokens": runs[0].stats.cached_prompt_tokens}}
+
+    def _start(self, params: GenerateParams, n: int) -> list:
+        """Admit the request's n choices (each its own run; a seeded request's choice i samples with seed + i, an
+        unseeded one's each with its own random seed); all or none."""
+        if n == 1:
+            return [self.core.start(params)]
+        runs = []
+        try:
+            for i in range(n):
+                seed = params.sampling.seed + i if params.sampling.seed is not None else None
+                sampling = SamplingParams(params.sampling.temperature, params.sampling.top_k, params.sampling.top_p,
+                                          seed % 2**63 if seed is not None else None)
+                runs.append(self.core.start(dataclasses.replace(params, sampling=sampling,
+                                                                request_id=f"{params.request_id}-{i}")))
+        except BaseException:
+            for run in runs:
+                run.release()
+            raise
+        return runs
 
     async def handle(self, raw: bytes, chat: bool):
         """Returns ("json", status, dict) or ("sse", 200, async iterator of str)."""
         try:
             body = self._parse_json(raw)
-            max_tokens, sampling, stream, include_usage = self._common(body, chat)
+            max_tokens, sampling, stream, include_usage, stops, n = self._common(body, chat)
+            top_logprobs = self._logprobs(body, chat)
             ids = self._prompt_ids(body, chat)
             prefix = "chatcmpl-" if chat else "cmpl-"
-            params = GenerateParams(ids, max_tokens, sampling, prefix + uuid.uuid4().hex)
-            run = self.core.start(params)
+            params = GenerateParams(ids, max_tokens, sampling, prefix + uuid.uuid4().hex, stop=stops,
+                                    top_logprobs=top_logprobs)
+            runs = self._start(params, n)
         except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
+        group = RunGroup(runs)
         if stream:
-            return "sse", 200, SSEStream(run, self._sse(run, chat, include_usage))
+            return "sse", 200, SSEStream(group, self._sse(params.request_id, runs, chat, include_usage))
+
+        async def drain(run) -> None:
+            async for _ in run.chunks():
+                pass
+
         try:
-            detok = Detokenizer(self.core.tokenizer)
-            async for chunk in run.chunks():
-                detok.ids.extend(chunk)
+            for outcome in await asyncio.gather(*[drain(run) for run in runs], return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
         except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
         finally:
-            run.release()
-        text = detok.text()
+            group.release()
         created = int(time.time())
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": run.finish,
-                      "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": run.finish, "logprobs": None}
-            obj = "text_completion"
-        return "json", 200, {"id": run.id, "object": obj, "created": created, "model": self.cfg.model_name,
-                             "choices": [choice], "usage": self._usage(run, len(ids)),
-                             "gsd_stats": run.stats.to_dict(), "token_ids": run.out}
+        choices = []
+        for i, run in enumerate(runs):
+            text = self.core.tokenizer.decode(run.out, skip_special_tokens=True)[: run.text_end]
+            logprobs = self._logprobs_json(run, 0, chat)
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": run.finish, "logprobs": logprobs})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": run.finish, "logprobs": logprobs})
+        one = len(runs) == 1
+        return "json", 200, {"id": params.request_id, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": self.cfg.model_name, "choices": choices,
+                             "usage": self._usage(runs, len(ids)),
+                             "gsd_stats": runs[0].stats.to_dict() if one else [r.stats.to_dict() for r in runs],
+                             "token_ids": runs[0].out if one else [r.out for r in runs]}
 
-    async def _sse(self, run, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, request_id: str, runs: list, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": run.id, "object": obj, "created": created, "model": self.cfg.model_name}
+        base = {"id": request_id, "object": obj, "created": created, "model": self.cfg.model_name}
 
         def event(choice: dict | None, **extra) -> str:
             d = dict(base, choices=[choice] if choice is not None else [], **extra)
             return f"data: {json.dumps(d)}\n\n"
 
-        def choice(text: str | None, finish=None, role=False) -> dict:
+        def choice(index: int, text: str | None, finish=None, role=False, logprobs=None) -> dict:
             if chat:
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+                return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
-        detok = Detokenizer(self.core.tokenizer)
-        gen = run.chunks()
+        # each choice's relay feeds one queue: (index, tokens, final) per chunk, (index, None, None) at its end,
+        # (index, exception, None) when it failed
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def relay(index: int, run) -> None:
+            gen = run.chunks()
+            try:
+                async for chunk in gen:
+                    # whether this chunk is the run's last, as it arrives (a later look could be told "finished"
+                    # about an earlier chunk)
+                    events.put_nowait((index, chunk, run.finish is not None))
+                events.put_nowait((index, None, None))
+            except Exception as exc:  # noqa: BLE001 (handed to the reader, who reports it)
+                events.put_nowait((index, exc, None))
+            finally:
+                await gen.aclose()
+
+        detoks = [Detokenizer(self.core.tokenizer, run.params.stop) for run in runs]
+        sent = [0] * len(runs)          # each choice's output tokens whose logprobs went out
+        tasks = []
         try:
             if chat:
-                yield event(choice("", role=True))
-            async for chunk in gen:
-                delta = detok.push(chunk, final=run.finish is not None)
-                if delta:
-                    yield event(choice(delta))
-            tail = detok.push([], final=True)
-            if tail:
-                yield event(choice(tail))
-            yield event(choice(None if chat else "", finish=run.finish), gsd_stats=run.stats.to_dict())
+                for i in range(len(runs)):
+                    yield event(choice(i, "", role=True))
+            tasks = [asyncio.get_running_loop().create_task(relay(i, run)) for i, run in enumerate(runs)]
+            open_ = len(runs)
+            while open_:
+                i, item, final = await events.get()
+                run, detok = runs[i], detoks[i]
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    open_ -= 1
+                    tail = detok.push([], final=True, end=run.text_end)
+                    if tail:
+                        yield event(choice(i, tail))
+                    yield event(choice(i, None if chat else "", finish=run.finish), gsd_stats=run.stats.to_dict())
+                    continue
+                delta = detok.push(item, final=final, end=run.text_end)
+                logprobs = self._logprobs_json(run, sent[i], chat, sent[i] + len(item))
+                sent[i] += len(item)
+                if delta or logprobs is not None:
+                    yield event(choice(i, delta, logprobs=logprobs))
             if include_usage:
-                yield event(None, usage=self._usage(run, len(run.prompt)))
+                yield event(None, usage=self._usage(runs, len(runs[0].prompt)))
         except ServingError as exc:
             yield f"data: {json.dumps(exc.to_openai())}\n\n"
         finally:
-            await gen.aclose()
-            run.release()      # also when the stream ended before run.chunks() started (nothing else would)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            for task in tasks:
+                try:
+                    await task
+                except BaseException:  # noqa: BLE001 (cancelled, or its outcome was reported above)
+                    pass
+            for run in runs:
+                run.release()  # also when the stream ended before run.chunks() started (nothing else would)
         yield "data: [DONE]\n\n"
+
+    def _logprobs_json(self, run, start: int, chat: bool, end: int | None = None) -> dict | None:
+        """The OpenAI `logprobs` object of output tokens start..end (None when the request asked for none).
+        Completions' text_offset counts characters of the whole completion's text."""
+        if run.logprobs is None:
+            return None
+        lps = run.logprobs[start:end]
+        words = self.words
+        if chat:
+            def entry(token: int, logprob: float) -> dict:
+                b = words.bytes(token)
+                return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+            return {"content": [dict(entry(lp.token, lp.logprob), top_logprobs=[
+                entry(t, v) for t, v in zip(lp.top_tokens, lp.top_logprobs)]) for lp in lps]}
+        out = run.out
+        offsets, text = [], ""
+        tok = self.core.tokenizer
+        for i in range(start, start + len(lps)):
+            text = tok.decode(out[:i], skip_special_tokens=True) if i else ""
+            offsets.append(len(text.rstrip("\ufffd")))
+        return {"tokens": [words.text(lp.token) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{words.text(t): v for t, v in zip(lp.top_tokens, lp.top_logprobs)} for lp in lps],
+                "text_offset": offsets}
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
@@ -324,7 +445,15 @@ class OpenAIFrontend:
             raise BadRequest(str(exc)) from None
         if req.timeout_s < 0:
             raise BadRequest(f"timeout_s must be >= 0, got {req.timeout_s}")
-        return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex, req.timeout_s or None)
+        try:
+            stops = check_stops(list(req.stop))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        top_logprobs = req.top_logprobs if req.HasField("top_logprobs") else None
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
+        return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex, req.timeout_s or None, stops,
+                              top_logprobs)
 
     async def grpc_generate(self, req: "pb.GenerateRequest") -> "pb.GenerateResponse":
         run = self.core.start(self._grpc_params(req))
@@ -334,24 +463,41 @@ class OpenAIFrontend:
                 out.extend(chunk)
         finally:
             run.release()
-        return pb.GenerateResponse(id=run.id, text=self.core.tokenizer.decode(out, skip_special_tokens=True),
+        text = self.core.tokenizer.decode(out, skip_special_tokens=True)[: run.text_end]
+        return pb.GenerateResponse(id=run.id, text=text,
                                    token_ids=out, finish_reason=run.finish, prompt_tokens=len(run.prompt),
-                                   completion_tokens=len(out), stats=rpc.stats_to_proto(run.stats))
+                                   completion_tokens=len(out), stats=rpc.stats_to_proto(run.stats),
+                                   logprobs=[rpc.logprob_to_proto(lp) for lp in run.logprobs or ()])
 
     async def grpc_generate_stream(self, req: "pb.GenerateRequest") -> AsyncIterator["pb.GenerateChunk"]:
         run = self.core.start(self._grpc_params(req))
-        detok = Detokenizer(self.core.tokenizer)
+        detok = Detokenizer(self.core.tokenizer, run.params.stop)
         gen = run.chunks()
         try:
+            sent = 0
             async for chunk in gen:
-                text = detok.push(chunk, final=run.finish is not None)
-                yield pb.GenerateChunk(id=run.id, text=text, token_ids=chunk)
+                text = detok.push(chunk, final=run.finish is not None, end=run.text_end)
+                lps = run.logprobs[sent: sent + len(chunk)] if run.logprobs is not None else ()
+                sent += len(chunk)
+                yield pb.GenerateChunk(id=run.id, text=text, token_ids=chunk,
+                                       logprobs=[rpc.logprob_to_proto(lp) for lp in lps])
         finally:
             await gen.aclose()
             run.release()
-        yield pb.GenerateChunk(id=run.id, text=detok.push([], final=True), finish_reason=run.finish,
+        yield pb.GenerateChunk(id=run.id, text=detok.push([], final=True, end=run.text_end), finish_reason=run.finish,
                                stats=rpc.stats_to_proto(run.stats), prompt_tokens=len(run.prompt),
                                completion_tokens=len(run.out))
+
+
+class RunGroup:
+    """The runs of one request's choices, released together."""
+
+    def __init__(self, runs: list):
+        self.runs = runs
+
+    def release(self) -> None:
+        for run in self.runs:
+            run.release()
 
 
 class SSEStream:
@@ -377,22 +523,56 @@ class SSEStream:
             self.run.release()
 
 
-class Detokenizer:
-    """Incremental text of a growing token list; holds back an incomplete UTF-8 character."""
+class TokenWords:
+    """Each token's own bytes and text (byte-level BPE pieces mapped back to their bytes), as logprobs show them."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        # byte-level BPE (GPT-2's scheme) spells byte b as chr(b) for printable bytes, else as chr(256 + n)
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        others = [b for b in range(256) if b not in printable]
+        self.byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+        self.special = set(getattr(tokenizer, "all_special_ids", ()))
+        self._bytes: dict[int, bytes] = {}
+
+    def bytes(self, token: int) -> bytes:
+        b = self._bytes.get(token)
+        if b is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token) or ""
+            if token not in self.special and piece and all(c in self.byte_of for c in piece):
+                b = bytes(self.byte_of[c] for c in piece)
+            else:
+                b = (piece if token in self.special else self.tokenizer.decode([token])).encode("utf-8")
+            self._bytes[token] = b
+        return b
+
+    def text(self, token: int) -> str:
+        return self.bytes(token).decode("utf-8", "replace")
+
+
+class Detokenizer:
+    """Incremental text of a growing token list; holds back an incomplete UTF-8 character and, while the output
+    goes on, any end of the text that could still become one of the `stops` strings."""
+
+    def __init__(self, tokenizer, stops=()):
+        self.tokenizer = tokenizer
+        self.stops = tuple(stops)
         self.ids: list[int] = []
         self.sent = ""
 
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
-    def push(self, ids: list[int], final: bool = False) -> str:
+    def push(self, ids: list[int], final: bool = False, end: int | None = None) -> str:
+        """The text not yet returned; `end`: a stop string ended the output, its text has this many characters."""
         self.ids.extend(ids)
         text = self.text()
-        if not final and text.endswith("\ufffd"):
-            return ""
+        if end is not None:
+            text = text[:end]
+        elif not final:
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[: len(text) - held_back(text, self.stops)]
         if not text.startswith(self.sent):
             return ""
         delta = text[len(self.sent):]

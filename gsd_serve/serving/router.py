@@ -29,6 +29,7 @@ import grpc
 from ..core.config import SpecConfig
 from ..core.decode import DecodeStats, Sequence
 from ..core.sampling import SamplingParams
+from ..core.stops import StopStrings
 from . import rpc
 from .auth import SharedSecret
 from .errors import BadRequest, DeadlineExceeded, Overloaded, ServingError, TooLarge, Unavailable
@@ -143,6 +144,8 @@ class GenerateParams:
     sampling: SamplingParams
     request_id: str = ""
     timeout_s: float | None = None     # the client's deadline (capped by RouterConfig.request_timeout_s)
+    stop: tuple[str, ...] = ()         # stop strings (core.stops): the output ends before the first one
+    top_logprobs: int | None = None    # set: each output token's TokenLogprob, with this many alternatives
 
 
 class Run:
@@ -152,7 +155,9 @@ class Run:
         self.core = core
         self.params = params
         self.id = params.request_id or uuid.uuid4().hex
-        self.seq = Sequence(params.prompt_ids, params.max_tokens, core.stop_ids)
+        stops = StopStrings(core.tokenizer, params.stop) if params.stop else None
+        self.seq = Sequence(params.prompt_ids, params.max_tokens, core.stop_ids, stops)
+        self.logprobs: list | None = [] if params.top_logprobs is not None else None   # one per output token
         self.stats = DecodeStats(method=core.config.spec.method)
         self.key = bytes(str(self.prompt[: core.config.affinity_block]), "ascii")
         self.target: Endpoint | None = None
@@ -180,6 +185,11 @@ class Run:
     @property
     def finish(self) -> str | None:
         return self.seq.finish_reason
+
+    @property
+    def text_end(self) -> int | None:
+        """A stop string ended the output: the characters of its decoded text before it."""
+        return self.seq.text_end
 
     def assign(self, ep: Endpoint | None) -> None:
         """Move this request to `ep` (bounded-load accounting follows)."""
@@ -301,7 +311,8 @@ class Run:
             self.assign(ep)
             req = pb.DecodeRequest(session_id=f"{self.id}.{attempt}", tokens=self.committed,
                                    max_tokens=self.seq.room, sampling=self.sampling_pb, spec=core.spec_pb,
-                                   stop_token_ids=sorted(core.stop_ids), feature_layers=core.feature_layers)
+                                   stop_token_ids=sorted(core.stop_ids), feature_layers=core.feature_layers,
+                                   top_logprobs=self.params.top_logprobs)
             call = ep.stub.Decode(req, timeout=left, metadata=core.worker_secret.metadata())
             chunks = call.__aiter__()
             try:
@@ -321,13 +332,21 @@ class Run:
                             core.metrics.inc("pc_saved", chunk.cached_tokens)
                             self.stats.cached_prompt_tokens += chunk.cached_tokens
                     if chunk.tokens:
+                        if self.logprobs is not None and len(chunk.logprobs) != len(chunk.tokens):
+                            raise Unavailable("the replica sent tokens without their logprobs")
                         got = self.seq.commit(list(chunk.tokens))
+                        if self.logprobs is not None:
+                            self.logprobs.extend(rpc.logprob_from_proto(m) for m in chunk.logprobs[: len(got)])
                         if got:
                             yield got
                     if chunk.finish_reason:
                         self._merge_stats(chunk.stats)
                         if not self.seq.finished:     # the replica stopped where this router would not: trust it
                             self.seq.finish_reason = chunk.finish_reason
+                        return
+                    if self.seq.text_end is not None:
+                        # a stop string ended the output: cancelling the stream (below) ends the replica's session,
+                        # which releases its draft sessions
                         return
                 failure: Exception = Unavailable("the replica's stream ended before the request finished")
             except grpc.aio.AioRpcError as exc:

@@ -277,3 +277,13 @@ def stats_to_proto(stats) -> "pb.GenerateStats":
                             lookup_accepted=stats.lookup_accepted, draft_forwards=stats.draft_forwards,
                             ttft=stats.ttft, failovers=stats.failovers, draft_failovers=stats.draft_failovers,
                             draft_features_missing=stats.draft_features_missing, feature_bytes=stats.feature_bytes)
+
+
+def logprob_to_proto(lp) -> "pb.TokenLogprob":
+    return pb.TokenLogprob(token=lp.token, logprob=lp.logprob, top_tokens=lp.top_tokens, top_logprobs=lp.top_logprobs)
+
+
+def logprob_from_proto(m: "pb.TokenLogprob"):
+    from ..core.sampling import TokenLogprob
+
+    return TokenLogprob(m.token, m.logprob, tuple(m.top_tokens), tuple(m.top_logprobs))

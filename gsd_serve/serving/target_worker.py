@@ -30,6 +30,7 @@ from ..core.engine import COST_SEED_SIZES
 from ..core.graph import flatten_to_tree
 from ..core.lookup import SharedSuffixIndex
 from ..core.planner import Planner
+from ..core.sampling import MAX_TOP_LOGPROBS
 from ..core.verification import TargetSession, verify_batch
 from ..models.factory import make_runner
 from ..models.runner import ModelRunner
@@ -160,6 +161,9 @@ class TargetWorker:
         if not sampling.greedy and sampling.seed is None:
             raise BadRequest("sampling needs a seed (the router sets one)")
         layers = self._feature_layers(req.feature_layers)
+        top_logprobs = req.top_logprobs if req.HasField("top_logprobs") else None
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
         if self.scheduler.active >= self.max_decoding:
             raise Unavailable(f"this replica decodes {self.max_decoding} requests at most; retry elsewhere")
         draft = None
@@ -169,7 +173,7 @@ class TargetWorker:
         deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
         session = new_session(req.session_id, self.runner, self.planner, list(req.tokens), req.max_tokens, spec,
                               sampling, set(req.stop_token_ids), self.vocab_size, draft=draft,
-                              feature_layers=layers, deadline=deadline)
+                              feature_layers=layers, deadline=deadline, top_logprobs=top_logprobs)
         self.scheduler.submit(session)
         return session
 
@@ -180,6 +184,7 @@ class TargetWorker:
         if cancelled is not None:
             cancelled(lambda: self.scheduler.cancel(session.id))
         first = True
+        sent = len(req.tokens)     # the absolute index of the next token to send
         try:
             while True:
                 items = [session.out.get()]
@@ -194,6 +199,10 @@ class TargetWorker:
                     else:
                         tokens.extend(item)
                 chunk = pb.DecodeChunk(tokens=tokens)
+                if session.chooser.top_logprobs is not None:    # noted before the tokens were queued
+                    lps = session.chooser.logprobs
+                    chunk.logprobs.extend(rpc.logprob_to_proto(lps[i]) for i in range(sent, sent + len(tokens)))
+                sent += len(tokens)
                 if first:
                     chunk.replica_id = self.replica_id
                     chunk.cached_tokens = session.cached_tokens
