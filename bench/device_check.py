@@ -114,8 +114,13 @@ def run_pass(name: str, opts, out: Path, log) -> dict:
     t0 = time.time()
     print(f"device_check: pass {name}: gsd-serve bench {' '.join(argv)}", file=log, flush=True)
     result = {"pass": name, "argv": argv}
+    env = dict(os.environ)
+    if opts.smoke and not opts.device.startswith("cuda"):
+        # a smoke run checks code paths, not speed: one thread, since on a shared 2-core machine two OpenMP
+        # threads wait on each other at every barrier (a 1-token forward measured 8x slower that way, loaded)
+        env.setdefault("OMP_NUM_THREADS", "1")
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=log, timeout=opts.pass_timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=log, timeout=opts.pass_timeout, env=env)
         result["returncode"] = proc.returncode
     except subprocess.TimeoutExpired:
         result["returncode"] = None
