@@ -99,3 +99,39 @@ def test_cpu_smoke_check_reports_identity(tmp_path):
     assert all("CUDA" in c["message"] for c in tests["cases"])
     assert (out / "device_check.md").read_text().startswith("# Device check: cpu")
     print(f"smoke check: {seconds:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_distill_run_returns_a_working_feature_draft(tmp_path):
+    """bench/device_distill.sh --device cpu --tiny: the GPU run's phases (answers, features, training from the
+    shipped draft) on 4 prompts and 2 steps; what it returns through $OUT fits a file's 16 MiB and drafts for the
+    target with ar's output."""
+    import torch
+    from safetensors import safe_open
+
+    from gsd_serve.core.config import SpecConfig
+    from gsd_serve.core.prompts import encode
+    from gsd_serve.models import load_engine
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), DISTILL_WORK=str(tmp_path / "work"),
+               GSD_DEVICE_STAGE=str(tmp_path / "no-stage"), GSD_DEVICE_PACK=str(tmp_path / "no-pack"))
+    run = subprocess.run(["bash", "bench/device_distill.sh", "--device", "cpu", "--tiny"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "distill.json").read_text())
+    assert report["steps"] == 2 and report["target_tokens"] > 0 and report["heldout_top1_last"] is not None
+    assert "--device cpu" in report["command"] and "--kind features" in report["command"]
+    assert set(report["files"]) == {"config.json", "model.safetensors", "draft_vocab.json", "history.json"}
+    assert all(size <= 16 * 2**20 for size in report["files"].values())
+    with safe_open(str(out / "feature_draft" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+    engine, tokenizer = load_engine(draft_spec=str(out / "feature_draft"), dtype="float32", target_weights="dense",
+                                    draft_weights="dense", draft_kind="features", compile="off")
+    ids = encode(tokenizer, "Name three colours.")
+    ref = engine.generate(ids, 12, SpecConfig.for_method("ar")).token_ids
+    got = engine.generate(ids, 12, SpecConfig.for_method("gsd", planner=False))
+    assert got.token_ids == ref and got.stats.draft_forwards > 0
+    assert torch.is_tensor(engine.draft.model.output_ids)

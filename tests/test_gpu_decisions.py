@@ -198,3 +198,21 @@ def test_local_cpu_manifest_asks_for_no_gpu():
     bundles = target_bundles(args)
     assert bundles is None or all("GPU" not in b for b in bundles)
     assert all(not d.get("ray_actor_options", {}).get("num_gpus") for d in deps.values())
+
+
+# ---------------------------------------------------------------- distillation on a device
+
+def test_distill_device_choices():
+    from gsd_serve.training.config import DistillConfig
+
+    cfg = DistillConfig(kind="features", device="cuda")
+    assert cfg.torch_device() == torch.device("cuda")
+    assert DistillConfig().torch_device() == torch.device("cpu")          # the default stays on the CPU
+    # only a feature draft trains on the device; an independent draft's answers may still be written there
+    with pytest.raises(ValueError, match="kind features"):
+        DistillConfig(kind="independent", device="cuda")
+    assert DistillConfig(kind="independent", device="cuda", phase="data").torch_device().type == "cuda"
+    with pytest.raises(ValueError, match="not a torch device"):
+        DistillConfig(kind="features", device="gpu0")
+    # the teacher's dtype on a GPU: auto is bf16, whatever this CPU would choose
+    assert resolve_dtype(cfg.dtype, cfg.torch_device()) is torch.bfloat16
