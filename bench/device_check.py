@@ -42,7 +42,13 @@ def parse(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="default 128; smoke 16")
     p.add_argument("--dtype", help="default bfloat16 on a GPU; float32 on a CPU (the exact reference)")
     p.add_argument("--passes", help="comma-separated from eager,compiled (default both on a GPU, eager on a CPU)")
-    p.add_argument("--pass-timeout", type=float, default=200.0, help="seconds one pass may take (default 200)")
+    p.add_argument("--compiled-limit", type=int, default=8,
+                   help="the compiled pass's prompts: the shortest shipped ones (default 8; one cache capacity, so "
+                        "one compile per row bucket)")
+    p.add_argument("--compiled-max-new-tokens", type=int, default=64)
+    p.add_argument("--timeouts", default="150,180,120",
+                   help="seconds the eager pass, the compiled pass and pytest may take (default 150,180,120: with "
+                        "the model's conversion, under 8 minutes)")
     p.add_argument("--no-pytest", action="store_true", help="leave out the `gpu`-marked tests")
     return p.parse_args(argv)
 
@@ -57,18 +63,28 @@ def bench_child(argv: list[str], imported_file: str) -> int:
     return rc
 
 
-def shortest_prompts(path: Path, n: int) -> str:
-    """The n shortest shipped bench prompts of different categories (repeated requests left out: they run
-    their earlier occurrence first), written to `path`: a smoke run's prompts."""
-    from gsd_serve.core.prompts import BENCH_PROMPTS, load_prompts
+# bench's warm-up compiles every row bucket at each cache capacity from 256 slots up to the longest prompt + new
+# tokens + 64: prompts this short, with 64 new tokens, need the one capacity
+SHORT_PROMPT_TOKENS = 120
 
-    records = sorted((r for r in load_prompts(BENCH_PROMPTS) if r.get("prime") is None),
-                     key=lambda r: len(json.dumps(r)))
+
+def shortest_prompts(path: Path, n: int) -> str:
+    """n short shipped bench prompts (at most SHORT_PROMPT_TOKENS), of different categories as far as there
+    are short ones (repeated requests left out: they run their earlier occurrence first), written to `path`:
+    the smoke run's and the compiled pass's prompts."""
+    from gsd_serve.core.prompts import BENCH_PROMPTS, encode, load_prompts
+    from gsd_serve.models.checkpoints import DEFAULT_TARGET, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_TARGET)
+    sized = sorted(((len(encode(tokenizer, r)), i, r) for i, r in enumerate(load_prompts(BENCH_PROMPTS))
+                    if r.get("prime") is None), key=lambda x: x[:2])
+    short = [r for size, _, r in sized if size <= SHORT_PROMPT_TOKENS] or [r for _, _, r in sized[:n]]
     chosen, cats = [], set()
-    for r in records:
+    for r in short:
         if r.get("category") not in cats and len(chosen) < n:
             chosen.append(r)
             cats.add(r.get("category"))
+    chosen += [r for r in short if r not in chosen][: n - len(chosen)]
     path.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     return str(path)
 
@@ -101,8 +117,15 @@ def run_pass(name: str, opts, out: Path, log) -> dict:
     pass_dir = out / name
     pass_dir.mkdir(parents=True, exist_ok=True)
     imported_file = pass_dir / "imported.json"
-    argv = ["--methods", METHODS] + (["--prompts", opts.prompts] if opts.prompts else ["--limit", str(opts.limit)])
-    argv += ["--max-new-tokens", str(opts.max_new_tokens), "--out", str(pass_dir), "--device", opts.device,
+    if name == "compiled":
+        # short prompts: every compiled shape (row bucket x cache capacity) costs a compile, and one capacity
+        # (256 slots) holds them all
+        prompts = shortest_prompts(out / "compiled_prompts.jsonl", opts.compiled_limit)
+        argv = ["--methods", METHODS, "--prompts", prompts, "--max-new-tokens", str(opts.compiled_max_new_tokens)]
+    else:
+        argv = ["--methods", METHODS] + (["--prompts", opts.prompts] if opts.prompts else ["--limit", str(opts.limit)])
+        argv += ["--max-new-tokens", str(opts.max_new_tokens)]
+    argv += ["--out", str(pass_dir), "--device", opts.device,
              "--dtype", opts.dtype, "--compile", "on" if name == "compiled" else "off",
              # the GPU path's weights: dense in --dtype (GGUF blocks are a CPU kernel), the independent draft
              # (a feature draft reads target features, which DeviceModelRunner does not hand out)
@@ -120,11 +143,11 @@ def run_pass(name: str, opts, out: Path, log) -> dict:
         # threads wait on each other at every barrier (a 1-token forward measured 8x slower that way, loaded)
         env.setdefault("OMP_NUM_THREADS", "1")
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=log, timeout=opts.pass_timeout, env=env)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=log, timeout=opts.timeout[name], env=env)
         result["returncode"] = proc.returncode
     except subprocess.TimeoutExpired:
         result["returncode"] = None
-        result["error"] = f"timed out after {opts.pass_timeout:.0f} s"
+        result["error"] = f"timed out after {opts.timeout[name]:.0f} s"
     result["seconds"] = round(time.time() - t0, 1)
     for f in list(pass_dir.glob("*.png")) + [pass_dir / "results.md"]:
         f.unlink(missing_ok=True)        # $OUT brings back 8 files at most: the JSON holds what they show
@@ -178,7 +201,7 @@ def run_pytest(opts, out: Path, log) -> dict:
     t0 = time.time()
     print(f"device_check: {' '.join(cmd)}", file=log, flush=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=log, env=env, timeout=opts.pass_timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=log, env=env, timeout=opts.timeout["pytest"])
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         rc = None
@@ -234,6 +257,7 @@ def main(argv=None) -> int:
     opts.limit = opts.limit or (2 if opts.smoke else 24)
     opts.max_new_tokens = opts.max_new_tokens or (16 if opts.smoke else 128)
     opts.dtype = opts.dtype or ("bfloat16" if on_gpu else "float32")
+    opts.timeout = dict(zip(("eager", "compiled", "pytest"), (float(x) for x in opts.timeouts.split(","))))
     passes = opts.passes.split(",") if opts.passes else (["eager", "compiled"] if on_gpu and not opts.smoke else ["eager"])
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +272,14 @@ def main(argv=None) -> int:
         report["error"] = "no CUDA device"
     with open(out / "device_check.log", "a") as log:
         if "error" not in report:
+            # the default target's conversion from GGUF and the shipped draft's assembly, once, before any
+            # pass's clock starts
+            from gsd_serve.models.checkpoints import default_draft_dir, default_target_dir
+
+            t = time.time()
+            default_target_dir()
+            default_draft_dir()
+            report["model_prepare_seconds"] = round(time.time() - t, 1)
             for name in passes:
                 r = run_pass(name, opts, out, log)
                 report["passes"].append(r)
