@@ -223,6 +223,28 @@ def run_pytest(opts, out: Path, log) -> dict:
     return result
 
 
+DETAILS = "device_check_details.tar.gz"
+
+
+def bundle_details(out: Path) -> str | None:
+    """The passes' folders, the log, the junit report and the prompt files, moved into one archive in `out`:
+    a run brings back 8 files at most, and the distill run adds its own beside these."""
+    import shutil
+    import tarfile
+
+    names = [p for p in ("eager", "compiled", "device_check.log", "pytest-gpu.xml", "smoke_prompts.jsonl",
+                         "compiled_prompts.jsonl") if (out / p).exists()]
+    if not names:
+        return None
+    with tarfile.open(out / DETAILS, "w:gz") as tar:
+        for name in names:
+            tar.add(out / name, arcname=name)
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return DETAILS
+
+
 def to_markdown(report: dict) -> str:
     env = report["environment"]
     where = env.get("gpu") or env.get("cpu")
@@ -298,6 +320,7 @@ def main(argv=None) -> int:
                     and report["identity_or_near_tie"] and not report["imported_forbidden"]
                     and (report["pytest"] is None or report["pytest"]["ok"]))
     report["seconds"] = round(time.time() - t0, 1)
+    report["details"] = bundle_details(out)
     (out / "device_check.json").write_text(json.dumps(report, indent=1))
     md = to_markdown(report)
     (out / "device_check.md").write_text(md)

@@ -8,9 +8,10 @@
 # Brings the model as device_check.sh does (the staged pack; see bench/device_pack.sh). Works in
 # $DISTILL_WORK (default /tmp/gsd-distill; every phase resumes there, so a rerun on the still-warm machine
 # continues) and returns through $OUT (default ./device-out), each file under 16 MiB:
-#   $OUT/feature_draft/{config.json,model.safetensors,draft_vocab.json}   the draft (gsd-serve ... --draft DIR)
-#   $OUT/feature_draft/history.json                                       its learning curve (held-out top-1)
-#   $OUT/distill.json                                                     the command, phases' seconds, result
+#   $OUT/feature_draft.tar    feature_draft/{config.json,model.safetensors,draft_vocab.json} (the draft, bf16:
+#                             gsd-serve ... --draft DIR --draft-kind features) and history.json (held-out top-1)
+#   $OUT/distill.json         the command, its seconds, target tokens, steps, held-out top-1 first and last
+#   $OUT/distill.log          its output
 # --cold starts from the target's last layer instead of the shipped feature draft.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,4 +90,6 @@ report = {"returncode": rc, "seconds": seconds, "command": command, "target_toke
 (out / "distill.json").write_text(json.dumps(report, indent=1))
 print(json.dumps(report, indent=1))
 PYEOF
+# one file for the draft: a run brings back 8 files at most, beside device_check's
+tar -C "$OUT" -cf "$OUT/feature_draft.tar" feature_draft && rm -rf "$OUT/feature_draft"
 exit "$rc"

@@ -79,6 +79,8 @@ def test_pack_travels_in_parts_and_joins_back(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cpu_smoke_check_reports_identity(tmp_path):
+    import tarfile
+
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), GSD_DEVICE_PACK=str(tmp_path / "no-pack"),
                GSD_DEVICE_STAGE=str(tmp_path / "no-stage"))
@@ -98,6 +100,12 @@ def test_cpu_smoke_check_reports_identity(tmp_path):
     assert tests["ok"] and tests["tests"] >= 4 and tests["skipped"] == tests["tests"]
     assert all("CUDA" in c["message"] for c in tests["cases"])
     assert (out / "device_check.md").read_text().startswith("# Device check: cpu")
+    # what comes back from a GPU machine: 8 files at most, the details in one archive
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.md",
+                                                     "device_check_details.tar.gz"]
+    with tarfile.open(out / "device_check_details.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"eager/results.json", "eager/manifest.json", "device_check.log", "pytest-gpu.xml"} <= set(names)
     print(f"smoke check: {seconds:.0f} s")
 
 
@@ -114,6 +122,8 @@ def test_tiny_distill_run_returns_a_working_feature_draft(tmp_path):
     from gsd_serve.core.prompts import encode
     from gsd_serve.models import load_engine
 
+    import tarfile
+
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), DISTILL_WORK=str(tmp_path / "work"),
                GSD_DEVICE_STAGE=str(tmp_path / "no-stage"), GSD_DEVICE_PACK=str(tmp_path / "no-pack"))
@@ -125,6 +135,10 @@ def test_tiny_distill_run_returns_a_working_feature_draft(tmp_path):
     assert "--device cpu" in report["command"] and "--kind features" in report["command"]
     assert set(report["files"]) == {"config.json", "model.safetensors", "draft_vocab.json", "history.json"}
     assert all(size <= 16 * 2**20 for size in report["files"].values())
+    assert sorted(p.name for p in out.iterdir()) == ["distill.json", "distill.log", "feature_draft.tar"]
+    assert (out / "feature_draft.tar").stat().st_size <= 16 * 2**20
+    with tarfile.open(out / "feature_draft.tar") as tar:
+        tar.extractall(out, filter="data")
     with safe_open(str(out / "feature_draft" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
