@@ -12,7 +12,8 @@
 #                             gsd-serve ... --draft DIR --draft-kind features) and history.json (held-out top-1)
 #   $OUT/distill.json         the command, its seconds, target tokens, steps, held-out top-1 first and last
 #   $OUT/distill.log          its output
-# --cold starts from the target's last layer instead of the shipped feature draft.
+# --cold starts from the target's last layer instead of the shipped feature draft. DATA_TOKENS (default 450000)
+# and TRAIN_SECONDS (default 180) shrink the run to the device time that is left.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -48,8 +49,8 @@ else
     # on an H100: ~2 x 1922 answers of up to 128 tokens (batches of 128; capped at 450k tokens, ~2 min), the
     # bf16 target's features (~20 s), then training on batches of 32 until 180 s have passed (checked every
     # 100 steps, each with a held-out measurement)
-    sizes=(--gen-batch 128 --max-new-tokens 128 --sampled-passes 1 --tokens 450000 --steps 4000 --batch 32
-           --ckpt-every 100 --time-limit 180 --dtype auto)
+    sizes=(--gen-batch 128 --max-new-tokens 128 --sampled-passes 1 --tokens "${DATA_TOKENS:-450000}" --steps 4000
+           --batch 32 --ckpt-every 100 --time-limit "${TRAIN_SECONDS:-180}" --dtype auto)
 fi
 init=()
 [ "$cold" = 1 ] || init=(--init gsd_serve/data/feature_draft)
