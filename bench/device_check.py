@@ -46,8 +46,8 @@ def parse(argv=None):
                    help="the compiled pass's prompts: the shortest shipped ones (default 8; one cache capacity, so "
                         "one compile per row bucket)")
     p.add_argument("--compiled-max-new-tokens", type=int, default=64)
-    p.add_argument("--timeouts", default="150,180,120",
-                   help="seconds the eager pass, the compiled pass and pytest may take (default 150,180,120: with "
+    p.add_argument("--timeouts", default="140,180,150",
+                   help="seconds the eager pass, the compiled pass and pytest may take (default 140,180,150: with "
                         "the model's conversion, under 8 minutes)")
     p.add_argument("--no-pytest", action="store_true", help="leave out the `gpu`-marked tests")
     return p.parse_args(argv)
