@@ -49,6 +49,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(measured once per CPU, remembered), else dense. gguf: run the default target's projections and output layer on its own GGUF blocks "
                         "(Q4_1 / Q8_0, this project's C kernels, fp32 activations; the same model with sums in "
                         "another order, ~6x fewer weight bytes per step than fp32; the target runs in fp32)")
+    g.add_argument("--device", default=None,
+                   help="where the target runs: cpu (default), cuda, cuda:N, or auto (CUDA when torch sees a GPU); "
+                        "--dtype auto is bfloat16 there and --compile auto compiles its steps (docs/gpu.md)")
+    g.add_argument("--draft-device", default=None,
+                   help="where the draft runs (default: the target's --device)")
     g.add_argument("--draft-weights", default="auto", choices=("auto", "dense", "q8"),
                    help="q8: quantize the draft's projections and output layer to Q8_0 blocks run by the same C "
                         "kernels (lossy for the draft, exact output: verification decides); auto: q8 where the "
@@ -110,4 +115,5 @@ def build_engine(args, method: str | None = None):
                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1,
                        target_weights=getattr(args, "target_weights", "auto"),
                        draft_weights=getattr(args, "draft_weights", "auto"),
-                       compile=getattr(args, "compile", "auto"), draft_kind=getattr(args, "draft_kind", "auto"))
+                       compile=getattr(args, "compile", "auto"), draft_kind=getattr(args, "draft_kind", "auto"),
+                       device=getattr(args, "device", None), draft_device=getattr(args, "draft_device", None))

@@ -27,7 +27,7 @@ def cmd_distill(args) -> int:
                             init=args.init or "", phase=args.phase, follow_data=args.follow_data,
                             dtype=args.dtype, target_weights=args.target_weights, kind=args.kind, feature_layers=args.feature_layers,
                             ttt_steps=args.ttt_steps, ckpt_every=args.ckpt_every, magpie=args.magpie,
-                            extra_data=args.extra_data or "")
+                            extra_data=args.extra_data or "", device=args.device)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     seed_everything(args.seed)
@@ -87,5 +87,9 @@ def register(sub) -> None:
                    help="the target's weights while it writes answers: its own GGUF blocks in this project's C "
                         "kernels, decoding the batch's sequences in one fused forward per token (gguf; auto: the "
                         "default target on a CPU where that measures faster), or dense in --dtype")
+    d.add_argument("--device", default="cpu",
+                   help="where the target writes answers and features and a --kind features draft trains: cpu "
+                        "(default), cuda, cuda:N or auto (CUDA when present); --dtype auto is bf16 on a GPU, "
+                        "training runs under bf16 autocast there (docs/gpu.md)")
     d.add_argument("--pack", help="also write the repository form of the draft (without the shared embedding) here")
     d.set_defaults(func=cmd_distill)

@@ -150,12 +150,12 @@ class CompiledRunner(ModelRunner):
         if not isinstance(cache, StaticKVCache):
             raise TypeError("pass a cache made by this runner's new_cache()")
         if n > MAX_COMPILED_ROWS or cache.length == 0:
-            return super().hidden(cache, tokens, positions, mask)     # prefill: eager, same cache
+            return self._eager(cache, tokens, positions, mask)     # prefill: eager, same cache
         start = cache.length
         cache.reserve(start + n)
         cap, b = cache.capacity, _bucket(n)
         if (b, cap) in self.fallbacks:
-            return super().hidden(cache, tokens, positions, mask)
+            return self._eager(cache, tokens, positions, mask)
         dev = self._device
         if positions is None:
             positions = torch.arange(start, start + n)
@@ -178,7 +178,7 @@ class CompiledRunner(ModelRunner):
             import warnings
             warnings.warn(f"compiled step failed for {b} rows x {cap} slots ({type(exc).__name__}); eager from now on")
             self.fallbacks.add((b, cap))
-            return super().hidden(cache, tokens, positions, mask)
+            return self._eager(cache, tokens, positions, mask)
         if fresh:
             self.compiled_shapes.add((b, cap))
             self.compile_seconds += time.perf_counter() - t0
@@ -186,6 +186,17 @@ class CompiledRunner(ModelRunner):
         self.forwards += 1
         self.tokens_fed += n
         return hidden[:n]
+
+    def _eager(self, cache, tokens, positions, mask):
+        """The lean forward on the same cache, its inputs moved to the model's device (the core builds them
+        on the CPU)."""
+        dev = self._device
+        return super().hidden(cache, tokens.to(dev), None if positions is None else positions.to(dev),
+                              None if mask is None else mask.to(dev))
+
+    def forward(self, cache, tokens, positions=None, mask=None, last_only=False):
+        """ModelRunner.forward with the logits on the CPU, where the core reads them."""
+        return super().forward(cache, tokens, positions, mask, last_only=last_only).cpu()
 
     def forward_many(self, caches, tokens, positions, masks, features=(), last_only=False):
         if features:

@@ -170,31 +170,44 @@ def load_pair(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAUL
     return target, draft, tokenizer, draft_output_ids(draft_spec)
 
 
-def make_runner(model, output_ids=None, device: str | None = None):
-    """A runner for `model` on `device` (None or "cpu": here; "auto": CUDA when there is one): a
-    FeatureDraftRunner for a feature draft, else a ModelRunner."""
-    if isinstance(model, FeatureDraft):
-        if device not in (None, "", "cpu", "auto"):
-            model = model.to(device)
-        return FeatureDraftRunner(model)
-    if device in (None, "", "cpu"):
-        return ModelRunner(model, output_ids)
+def runner_device(device: str | torch.device | None) -> torch.device:
+    """The device a runner for `device` runs on: None or "" is the CPU, "auto" is CUDA when torch sees a GPU
+    (torch.cuda.is_available()), else the CPU; anything else is that torch device."""
+    if device in (None, ""):
+        return torch.device("cpu")
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return DeviceModelRunner(model, output_ids, device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def make_runner(model, output_ids=None, device: str | torch.device | None = None):
+    """A runner for `model` on `device` (runner_device: None or "cpu" here, "auto" CUDA when there is one): a
+    FeatureDraftRunner for a feature draft, a ModelRunner on the CPU, else a DeviceModelRunner (inputs moved
+    to the device, logits back to the CPU)."""
+    dev = runner_device(device)
+    if isinstance(model, FeatureDraft):
+        if dev.type != "cpu":
+            model = model.to(dev)
+        return FeatureDraftRunner(model)
+    if dev.type == "cpu":
+        # a plain ModelRunner: it fuses sessions' forwards and packs linears, which DeviceModelRunner does not
+        return ModelRunner(model, output_ids)
+    return DeviceModelRunner(model, output_ids, dev)
 
 
 def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFAULT_DRAFT, *,
                 dtype: torch.dtype | str = "auto", tensor_parallel_size: int = 1, spec=None,
                 target_weights: str = "auto", compile: str = "auto", draft_kind: str = "auto",
-                draft_weights: str = "auto"):
+                draft_weights: str = "auto", device: str | None = None, draft_device: str | None = None):
     """An in-process Engine over the named target and draft (draft_spec None: plain decoding only), and
     the tokenizer, both models in `dtype` ("auto": see dtypes.py). With tensor_parallel_size > 1 the
     target runs as that many ranks (processes). target_weights "gguf": the default target's projections and
     output layer run on its own GGUF blocks (gguf_blocks.py; fp32 activations, batch-invariant); "auto":
     that for the default target on a CPU where it measures faster than dense weights, else dense; draft_weights
     (apply_draft_weights) "q8" runs the draft on Q8_0 blocks, "auto" where the target runs GGUF blocks. compile: on, off or
-    auto (CUDA only) runs the target's small forwards as compiled static-shape steps (compiled.py)."""
+    auto (CUDA only) runs the target's small forwards as compiled static-shape steps (compiled.py). device:
+    where the target runs (runner_device: None the CPU, "auto" CUDA when present, "cuda", "cuda:1"...);
+    draft_device: where the draft runs (None: the target's device)."""
     if target_weights not in ("auto", "dense", "gguf"):
         raise ValueError(f"target weights must be 'auto', 'dense' or 'gguf', got '{target_weights}'")
     if target_weights == "gguf" and (target_spec != DEFAULT_TARGET or tensor_parallel_size != 1):
@@ -202,9 +215,14 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
     from ..core.engine import Engine
     from ..core.prompts import stop_token_ids
 
-    dtype = resolve_dtype(dtype)
+    dev = runner_device(device)
+    draft_dev = runner_device(draft_device) if draft_device not in (None, "") else dev
+    dtype = resolve_dtype(dtype, dev)
 
     if tensor_parallel_size != 1:
+        if dev.type != "cpu":
+            raise ValueError("in process, tensor parallelism runs its ranks on the CPU (gloo) or NCCL on "
+                             "the GPUs it finds itself: leave --device out with --tensor-parallel-size")
         from .tensor_parallel import check_spec_tp_size
         check_spec_tp_size(target_spec, tensor_parallel_size)  # refuse a size that does not divide the heads first
     target, draft, tokenizer, output_ids = load_pair(target_spec, draft_spec, dtype, draft_kind)
@@ -214,16 +232,16 @@ def load_engine(target_spec: str = DEFAULT_TARGET, draft_spec: str | None = DEFA
         target_runner = make_target_runner(target_spec, tensor_parallel_size, model=target,  # rank 0 shards it
                                            dtype=dtype)
     else:
-        target_weights = resolve_target_weights(target, target_spec, target_weights)
-        target = apply_target_weights(target, target_spec, target_weights)
+        target_weights = resolve_target_weights(target, target_spec, target_weights, dev.type)
+        target = apply_target_weights(target, target_spec, target_weights, dev.type)
         draft = apply_draft_weights(draft, draft_weights, target_weights)
         from .compiled import CompiledRunner
 
         wants_features = draft is not None and is_feature_draft_model(draft)
-        if compile_wanted(compile, next(target.parameters()).device) and not wants_features \
+        if compile_wanted(compile, dev) and not wants_features \
                 and not uses_gguf_blocks(target):    # block weights run their own kernels, uncompiled
-            target_runner = CompiledRunner(target)
+            target_runner = CompiledRunner(target.to(dev))
         else:
-            target_runner = ModelRunner(target)
-    draft_runner = make_runner(draft, output_ids) if draft is not None else None
+            target_runner = make_runner(target, None, dev)
+    draft_runner = make_runner(draft, output_ids, draft_dev) if draft is not None else None
     return Engine(target_runner, draft_runner, stop_token_ids=stops, spec=spec), tokenizer

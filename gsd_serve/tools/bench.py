@@ -247,7 +247,7 @@ def run_bench(args, build_engine, spec_from_args) -> dict:
         "dtype": engine.dtype_name, "target_weights": getattr(engine.target, "weights", "dense"),
         "compile_seconds": round(getattr(engine.target, "compile_seconds", 0.0), 1),   # spent in warm-up, not timed
         "machine": {"platform": platform.platform(), "cpu": cpu_description(),
-                    "threads": torch.get_num_threads()},
+                    "threads": torch.get_num_threads(), "device": _device_name(engine.target)},
         "command": "gsd-serve " + " ".join(sys.argv[1:]),
     }
     (out_dir / "results.json").write_text(json.dumps({"summary": results, "rows": rows}, indent=1))
@@ -261,6 +261,19 @@ def run_bench(args, build_engine, spec_from_args) -> dict:
         if close is not None:
             close()
     return results
+
+
+def _device_name(runner) -> str:
+    """The device the target's weights are on, with the GPU's name (e.g. "cuda:0 (NVIDIA H100 80GB HBM3)")."""
+    import torch
+
+    model = getattr(runner, "model", None)
+    if model is None:
+        return "cpu"
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
 
 
 def _aggregate(rows: list[dict]) -> dict:
@@ -402,7 +415,11 @@ def to_markdown(results: dict) -> str:
 
 
 def plot(results: dict, rows: list[dict], out_dir: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:       # the [bench] extra is not installed (a bare GPU machine): results without plots
+        print("bench: no matplotlib, no plots", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -37,6 +37,7 @@ class DistillConfig:
     ttt_steps: int = 3              # --kind features: drafting steps unrolled in training-time test
     magpie: int = 0                 # the target writes this many user prompts itself (instead of --prompts)
     extra_data: str = ""            # train also on the data shards of these earlier --out folders (comma-separated)
+    device: str = "cpu"             # where the target writes data and features and a feature draft trains
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.gen_batch < 1:
@@ -59,6 +60,19 @@ class DistillConfig:
         if self.init and not (Path(self.init) / "model.safetensors").exists():
             raise ValueError(f"--init: no model.safetensors in '{self.init}'")
         self.layer_list()
+        try:
+            dev = self.torch_device()
+        except RuntimeError:
+            raise ValueError(f"--device: not a torch device: '{self.device}'") from None
+        if dev.type != "cpu" and self.kind == "independent" and self.phase in ("all", "train"):
+            raise ValueError("--device runs a feature draft's distillation (--kind features); the independent "
+                             "draft trains on the CPU (--phase data runs on the device)")
+
+    def torch_device(self):
+        """The torch device `device` names (models.factory.runner_device: "auto" is CUDA when present)."""
+        from ..models.factory import runner_device
+
+        return runner_device(self.device)
 
     def layer_list(self) -> list[int]:
         try:

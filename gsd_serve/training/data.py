@@ -138,13 +138,15 @@ def hf_answers(target, tokenizer, prompts: list[list[int]], max_new: int, topk: 
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
     torch.manual_seed(seed)
+    dev = next(target.parameters()).device
+    ids, attn = ids.to(dev), attn.to(dev)
     with torch.inference_mode():
         gen = target.generate(
             input_ids=ids, attention_mask=attn, max_new_tokens=max_new,
             do_sample=sampled, temperature=0.8 if sampled else None, top_k=0 if sampled else None,
             top_p=None, output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
-    logits = torch.stack(gen.logits, dim=1)  # [B, steps, V]
-    seqs = gen.sequences[:, width:]
+    logits = torch.stack(gen.logits, dim=1)  # [B, steps, V], on the target's device
+    seqs = gen.sequences[:, width:].cpu()
     items = []
     for i, p in enumerate(prompts):
         cont = seqs[i].tolist()
@@ -154,8 +156,8 @@ def hf_answers(target, tokenizer, prompts: list[list[int]], max_new: int, topk: 
                 n = j + 1
                 break
         top = torch.topk(logits[i, :n].float(), topk, dim=-1)
-        items.append({"prompt": p, "cont": cont[:n], "top_ids": top.indices.to(torch.int32),
-                      "top_logits": top.values.to(torch.float16)})
+        items.append({"prompt": p, "cont": cont[:n], "top_ids": top.indices.to(torch.int32).cpu(),
+                      "top_logits": top.values.to(torch.float16).cpu()})
     return items
 
 
@@ -205,9 +207,12 @@ def data_teacher(cfg: DistillConfig):
     resolves to them (the default target on a CPU where they measure faster: several times the dense
     fp32 speed on 2-core CPUs)."""
     from ..models.checkpoints import load_model
+    from ..models.dtypes import resolve_dtype
     from ..models.factory import apply_target_weights
 
-    return apply_target_weights(load_model(cfg.target, cfg.dtype), cfg.target, cfg.target_weights)
+    dev = cfg.torch_device()
+    target = load_model(cfg.target, resolve_dtype(cfg.dtype, dev))
+    return apply_target_weights(target, cfg.target, cfg.target_weights, dev.type).to(dev)
 
 
 def load_data(shards: list[Path]) -> list[dict]:

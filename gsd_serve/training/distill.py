@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoints import load_model, load_tokenizer
+from ..models.dtypes import resolve_dtype
 from . import features
 from .config import DistillConfig
 from .data import data_teacher, generate_data, load_data
@@ -23,7 +24,10 @@ def run(cfg: DistillConfig) -> Path:
     if cfg.kind == "features" and cfg.phase != "data":
         if cfg.phase == "all":
             generate_data(cfg, data_teacher(cfg), tokenizer)
-        return features.run(cfg, lambda dtype: load_model(cfg.target, dtype), tokenizer)
+        dev = cfg.torch_device()
+        # the target on cfg.device, in `dtype` (auto: bf16 on a GPU)
+        return features.run(cfg, lambda dtype: load_model(cfg.target, resolve_dtype(dtype, dev)).to(dev),
+                            tokenizer)
     # the teacher writes data in cfg.dtype (bf16 on a CPU with fast bf16 units: 1.7x faster on AMX) or on
     # the target's GGUF blocks; training reads the target's layers and output layer in fp32
     if cfg.phase == "data":
@@ -37,8 +41,8 @@ def run(cfg: DistillConfig) -> Path:
     target = load_model(cfg.target, torch.float32)
     check_layers(cfg.layer_list(), target)
     if cfg.phase != "train":
-        shards = generate_data(cfg, target if cfg.target_weights == "dense" and cfg.dtype in ("auto", "float32")
-                               else data_teacher(cfg), tokenizer)
+        plain = cfg.target_weights == "dense" and cfg.dtype in ("auto", "float32") and cfg.torch_device().type == "cpu"
+        shards = generate_data(cfg, target if plain else data_teacher(cfg), tokenizer)
     items = load_data(shards)
     for p in target.parameters():
         p.requires_grad_(False)

@@ -51,6 +51,7 @@ def extract_features(out: Path, shards: list[Path], target, layers: tuple[int, .
     from ..models.runner import ModelRunner
 
     runner = ModelRunner(target)
+    dev = next(target.parameters()).device
     (out / "features").mkdir(parents=True, exist_ok=True)
     todo = [s for s in shards if not feature_file(out, s).exists()]
     print(f"distill: target features (layers {list(layers)}) of {len(todo)} of {len(shards)} shards -> "
@@ -65,11 +66,11 @@ def extract_features(out: Path, shards: list[Path], target, layers: tuple[int, .
 
         def flush() -> None:
             caches = [runner.new_cache() for _ in group]
-            toks = [torch.tensor(seqs[i], dtype=torch.long) for i in group]
-            pos = [torch.arange(len(seqs[i])) for i in group]
+            toks = [torch.tensor(seqs[i], dtype=torch.long, device=dev) for i in group]
+            pos = [torch.arange(len(seqs[i]), device=dev) for i in group]
             outs = runner._lean.forward_many(caches, toks, pos, [None] * len(group), collect=layers)
             for i, (_, f) in zip(group, outs):
-                feats[i] = f.to(torch.bfloat16).clone()
+                feats[i] = f.to(torch.bfloat16).cpu().clone()
 
         for i in order:
             if group and sum(len(seqs[j]) for j in group) + len(seqs[i]) > batch_tokens:
@@ -131,7 +132,7 @@ def ttt_mask(width: int, step: int) -> torch.Tensor:
 def ttt_forward(draft: FeatureDraft, ids: torch.Tensor, prev: torch.Tensor, steps: int, rows, cols):
     """Per step, the draft's logits at the distilled rows (step k: the rows as nodes k-1 levels deep)."""
     b, width = ids.shape
-    pos = torch.arange(width).expand(b, width)
+    pos = torch.arange(width, device=ids.device).expand(b, width)
     feat = draft.fused(prev)
     keys, values, out = [], [], []
     for k in range(1, steps + 1):
@@ -139,7 +140,7 @@ def ttt_forward(draft: FeatureDraft, ids: torch.Tensor, prev: torch.Tensor, step
         keys.append(kk)
         values.append(vv)
         kcat, vcat = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
-        mask = ttt_mask(width, k)
+        mask = ttt_mask(width, k).to(ids.device)
         attn = F.scaled_dot_product_attention(q, kcat, vcat, attn_mask=mask,
                                               enable_gqa=kcat.shape[1] != q.shape[1])
         states = draft.finish(x, attn)
@@ -150,12 +151,17 @@ def ttt_forward(draft: FeatureDraft, ids: torch.Tensor, prev: torch.Tensor, step
 
 
 def ttt_loss(draft, tensors, steps: int):
-    ids, prev, rows, cols, small, probs, teacher_top1 = tensors
-    # bf16 autocast only where the CPU multiplies bf16 natively (AMX, avx512_bf16): elsewhere it is emulated
-    # and slower than fp32
-    from ..models.dtypes import cpu_prefers_bf16
+    dev = draft.embed.weight.device
+    ids, prev, rows, cols, small, probs, teacher_top1 = (t.to(dev) for t in tensors)   # collate builds them on the CPU
+    if dev.type == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        # bf16 autocast only where the CPU multiplies bf16 natively (AMX, avx512_bf16): elsewhere it is emulated
+        # and slower than fp32
+        from ..models.dtypes import cpu_prefers_bf16
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_prefers_bf16()):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_prefers_bf16())
+    with autocast:
         per_step = ttt_forward(draft, ids, prev, steps, rows, cols)
     loss, agree = 0.0, []
     norm = sum(TTT_DECAY ** k for k in range(steps))
@@ -196,6 +202,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
             raise ValueError(f"--init: '{cfg.init}' is not a feature draft of this shape")
         draft.load_state_dict(init.state_dict())
         print(f"distill: starting from the draft in {cfg.init}", file=sys.stderr)
+    draft.to(next(target.parameters()).device)          # trains where the target runs (cfg.device)
     for p in (draft.embed.weight, draft.head.weight):
         p.requires_grad_(False)
     params = [p for p in draft.parameters() if p.requires_grad]
@@ -255,7 +262,7 @@ def train(cfg, target, tokenizer, items: list[dict], layers: tuple[int, ...]) ->
                 break
     print(file=sys.stderr)
     model_dir = out / "model"
-    save_feature_draft(draft.eval(), model_dir)
+    save_feature_draft(draft.eval().cpu(), model_dir)
     (out / "history.json").write_text(json.dumps(history, indent=1))
     return model_dir
 
