@@ -228,6 +228,9 @@ def served_app(ray_serve, redis_server):
     direct = free_port()
     args = {"model_name": SERVED_MODEL, "redis_url": redis_server.url, "spec": served_spec().to_dict(),
             "dtype": "float32", "api_key": SERVED_KEY, "max_sessions": 64, "prefix_block_size": 16,
+            # a killed target replica cannot release its sessions' draft sessions: their TTL frees them, within
+            # the chaos test's wait for an idle application
+            "session_ttl_s": 30,
             "direct_http_port": direct,
             "router": {"max_prompt_tokens": 400, "max_inflight": 32, "default_max_tokens": SERVED_MAX}}
     deploy_app(SERVED_APP, args, ray_serve["http"], drafts=2, targets=2)

@@ -142,8 +142,10 @@ def test_hostile_http_requests_get_4xx(app, cases):
              dict(ok, max_tokens=10 ** 12), dict(ok, max_tokens=True), dict(ok, temperature="hot"),
              dict(ok, temperature=1e308 * 10 if False else 99), dict(ok, top_p=0), dict(ok, top_p=1.5),
              dict(ok, top_k=-7), dict(ok, seed=-1), dict(ok, seed=2 ** 64), dict(ok, stream="yes"),
-             dict(ok, stream_options={"include_usage": "yes"}), dict(ok, stream_options=[1]), dict(ok, n=2),
-             dict(ok, model=None), dict(ok, model=["x"]), dict(ok, logprobs=True), dict(ok, stop=["\n"]),
+             dict(ok, stream_options={"include_usage": "yes"}), dict(ok, stream_options=[1]), dict(ok, n=17),
+             dict(ok, model=None), dict(ok, model=["x"]), dict(ok, logprobs="yes"),
+             dict(ok, logprobs=True, top_logprobs=21), dict(ok, stop=["a", "b", "c", "d", "e"]), dict(ok, stop=[""]),
+             dict(ok, response_format={"type": "json_object"}),
              dict(ok, messages=[{"role": "user", "content": "x" * 3_000_000}])]
     for body in wrong:
         r = httpx.post(url, json=body, headers=AUTH, timeout=60)

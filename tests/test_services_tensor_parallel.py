@@ -1,6 +1,6 @@
-"""A tensor-parallel target replica (TP=2 on CPU) behind the real serving stack: Ray Serve, gRPC, HTTP.
+"""A tensor-parallel target replica (TP=3 on CPU) behind the real serving stack: Ray Serve, gRPC, HTTP.
 
-The Target deployment owns a STRICT_PACK placement group of 2 CPU bundles and runs one rank actor per
+The Target deployment owns a STRICT_PACK placement group of 3 CPU bundles and runs one rank actor per
 bundle. Greedy text through the router must equal the in-process engine's (TP=1). Then one rank actor is
 killed while a request streams: the replica fails its health check, Serve replaces it whole (new placement
 group, new ranks), and the router rebuilds the session on the replacement: the request completes, exact.
@@ -52,23 +52,25 @@ def tp_app(ray_serve):
     from gsd_serve.services.app import build_app
 
     args = {"model_name": MODEL, "spec": SPEC.to_dict(), "dtype": "float32", "replicas": {"draft": 1}, "max_sessions": 16,
-            "tensor_parallel_size": 2, "cpus_per_rank": 0.25,
-            # a replacement replica loads 2 ranks: on a starved machine that takes minutes, not seconds
+            "tensor_parallel_size": 3, "cpus_per_rank": 0.25,
+            # a replacement replica loads 3 ranks: on a starved machine that takes minutes, not seconds
             "router": {"default_max_tokens": 16, "failover_timeout_s": 600, "dead_s": 2, "stall_timeout_s": 30}}
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    _wait_health(ray_serve["http"])
-    yield ray_serve
-    serve.delete(APP)
+    try:
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        _wait_health(ray_serve["http"])
+        yield ray_serve
+    finally:     # also when it failed to deploy: the next module's application takes the same route prefix
+        serve.delete(APP)
 
 
-def test_tp2_replica_serves_exact_and_a_killed_rank_costs_no_request(tp_app, engine, tokenizer):
+def test_tp3_replica_serves_exact_and_a_killed_rank_costs_no_request(tp_app, engine, tokenizer):
     import openai
     import ray
     from ray.util.placement_group import placement_group_table
 
     ranks = _rank_actors()
-    assert len(ranks) == 2, ranks
-    tables = [t for t in placement_group_table().values() if t["state"] == "CREATED" and len(t["bundles"]) == 2]
+    assert len(ranks) == 3, ranks
+    tables = [t for t in placement_group_table().values() if t["state"] == "CREATED" and len(t["bundles"]) == 3]
     assert any(t["strategy"] == "STRICT_PACK" for t in tables)
 
     c = openai.OpenAI(base_url=tp_app["http"] + "/v1", api_key="unused", max_retries=0, timeout=900)
@@ -81,11 +83,11 @@ def test_tp2_replica_serves_exact_and_a_killed_rank_costs_no_request(tp_app, eng
     # a rank dies while a longer request streams
     msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
     ids = encode(tokenizer, {"messages": msgs})
-    want = tokenizer.decode(engine.generate(ids, 32, spec=SPEC).token_ids, skip_special_tokens=True)
+    want = tokenizer.decode(engine.generate(ids, 40, spec=SPEC).token_ids, skip_special_tokens=True)
     victim = ranks[1]
     killed = threading.Event()
     pieces = []
-    stream = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=32, temperature=0, stream=True)
+    stream = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0, stream=True)
     for chunk in stream:
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
@@ -95,8 +97,8 @@ def test_tp2_replica_serves_exact_and_a_killed_rank_costs_no_request(tp_app, eng
     assert killed.is_set()
     assert "".join(pieces) == want
 
-    # the replica was replaced whole: two new ranks, none of the old ones
+    # the replica was replaced whole: three new ranks, none of the old ones
     new_ranks = _rank_actors()
-    assert len(new_ranks) == 2 and not {a["name"] for a in new_ranks} & {a["name"] for a in ranks}
+    assert len(new_ranks) == 3 and not {a["name"] for a in new_ranks} & {a["name"] for a in ranks}
     health = _wait_health(tp_app["http"])
     assert health["status"] == "ok"

@@ -446,16 +446,22 @@ class TargetWorker:
             return sum(self.sessions.pop(s) is not None for s in ids)
 
     def info(self) -> "pb.InfoResponse":
-        with self.lock:
-            self.sessions.sweep()
-            st = self.prefix_cache.stats
-            return pb.InfoResponse(replica_id=self.replica_id, kind="target", model=self.name,
-                                   session_ids=self.sessions.ids() + list(self.scheduler.sessions),
-                                   max_sessions=self.sessions.max_sessions,
-                                   pid=os.getpid(), rss_bytes=rss_bytes(),
-                                   prefix_cache_hits=st.hits, prefix_cache_queries=st.queries,
-                                   prefix_tokens_saved=st.tokens_saved, torch_threads=torch.get_num_threads(),
-                                   session_bytes=self.sessions.bytes, max_session_bytes=self.sessions.max_bytes,
-                                   load=self.load.to_proto(), forwards=self.scheduler.forwards,
-                                   forward_sessions=self.scheduler.forward_sessions,
-                                   widest_forward=self.scheduler.widest)
+        # never waits for the model lock: the scheduler takes it back after every forward, so under load a
+        # waiting Info could starve past its deadline (the sweep of expired Prefill/Verify sessions waits for an
+        # idle moment instead)
+        if self.lock.acquire(blocking=False):
+            try:
+                self.sessions.sweep()
+            finally:
+                self.lock.release()
+        st = self.prefix_cache.stats
+        return pb.InfoResponse(replica_id=self.replica_id, kind="target", model=self.name,
+                               session_ids=self.sessions.ids() + list(self.scheduler.sessions),
+                               max_sessions=self.sessions.max_sessions,
+                               pid=os.getpid(), rss_bytes=rss_bytes(),
+                               prefix_cache_hits=st.hits, prefix_cache_queries=st.queries,
+                               prefix_tokens_saved=st.tokens_saved, torch_threads=torch.get_num_threads(),
+                               session_bytes=self.sessions.bytes, max_session_bytes=self.sessions.max_bytes,
+                               load=self.load.to_proto(), forwards=self.scheduler.forwards,
+                               forward_sessions=self.scheduler.forward_sessions,
+                               widest_forward=self.scheduler.widest)
