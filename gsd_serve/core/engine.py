@@ -172,8 +172,9 @@ class Engine:
             self.shared.add(seq.tokens)
         if draft is not None:
             stats.draft_forwards = draft.forwards
-            stats.draft_prefill_tokens = seq.prompt_len
-            stats.draft_tokens = draft.tokens_fed - seq.prompt_len
+            # the draft reads the prompt only when it first drafts (the planner may never let it)
+            stats.draft_prefill_tokens = min(seq.prompt_len, draft.tokens_fed)
+            stats.draft_tokens = draft.tokens_fed - stats.draft_prefill_tokens
             stats.draft_proposal_tokens = draft.proposal_fed
             stats.draft_features_missing = draft.features_missing
             stats.finish(stats.seconds)
