@@ -13,6 +13,7 @@ Pieces, each usable alone:
     BenchServeConfig      what to run (validated)
     Workload              prompts (chat messages) and their reference answers
     ServeProcess          `gsd-serve serve --config FILE` as a child process, up until stopped
+    bench_anchor          llama.cpp's `llama-server` on the same GGUF, prompts and cores (optional; llama_server.py)
     run_level             c closed-loop clients (asyncio + aiohttp) over n requests -> LevelResult
     run_bench             the sweep: methods x concurrencies, plus the in-process reference
     write_report          results.json, results.md (tables) and tokens_per_s.png (one line per method)
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..models.hardware import cpu_description
+from .llama_server import ANCHOR
 from .results import git_commit, write_manifest
 from ..serving.serve_config import free_port
 
@@ -74,16 +76,21 @@ class BenchServeConfig:
     #                                          name, others are reported as METHOD@ENTRY; () = direct where the
     #                                          config has a direct port, else proxy
     extra_args: dict = field(default_factory=dict)   # application args merged into every method's
+    llama_server: str | None = None          # a llama-server binary: adds the ANCHOR method (llama_server.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
+        if self.llama_server and ANCHOR not in self.methods:
+            self.methods = (*self.methods, ANCHOR)
+        if ANCHOR in self.methods and not self.llama_server:
+            raise ValueError(f"method {ANCHOR} needs a llama-server binary (--llama-server PATH or $LLAMA_SERVER)")
         if self.url is None:
-            unknown = [m for m in self.methods if m not in METHODS]
+            unknown = [m for m in self.methods if m not in METHODS and m != ANCHOR]
             if unknown:
-                raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+                raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS) + [ANCHOR]}")
         if self.reference not in ("inprocess", "none"):
             raise ValueError(f"reference must be inprocess or none, got {self.reference!r}")
         if self.limit is not None and self.limit < 1:
@@ -232,6 +239,50 @@ class ServeProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
         self._log.close()
+
+
+# ---------------------------------------------------------------- the anchor: llama.cpp's own server
+
+# llama-server renders the GGUF's chat template itself; a few tokens of slack in case its rendering differs
+# from the transformers tokenizer's by a newline or a special token
+TEMPLATE_SLACK_TOKENS = 16
+
+
+def max_prompt_tokens(work: Workload) -> int:
+    """The workload's longest prompt in tokens, chat template included (the default target's tokenizer)."""
+    from ..core.prompts import encode
+    from ..models.checkpoints import DEFAULT_TARGET, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_TARGET)
+    return max(len(encode(tokenizer, {"messages": it.messages})) for it in work.items)
+
+
+def anchor_command(cfg: BenchServeConfig, prompt_tokens: int, port: int) -> list[str]:
+    """The llama-server command line for this sweep: the default target's GGUF on all of this process's
+    cores, a slot per stream of the highest level (at least 16), context for every slot's longest request."""
+    from .llama_server import context_size, default_gguf, server_command, server_slots, server_threads
+
+    slots = server_slots(cfg.concurrency)
+    context = context_size(slots, prompt_tokens + TEMPLATE_SLACK_TOKENS, cfg.max_tokens)
+    return server_command(cfg.llama_server, default_gguf(), port=port, threads=server_threads(), slots=slots,
+                          context=context, model=cfg.model)
+
+
+def bench_anchor(cfg: BenchServeConfig, work: Workload, ar_texts: dict | None, served: dict, log) -> list:
+    """llama-server's sweep, reported as method ANCHOR: started on a free loopback port, measured like the
+    served methods, stopped afterwards (also on error). Its start (command, seconds) goes into `served`."""
+    from .llama_server import LlamaServerProcess
+
+    port = free_port()
+    command = anchor_command(cfg, max_prompt_tokens(work), port)
+    t0 = time.monotonic()
+    server = LlamaServerProcess(command, port, cfg.start_timeout_s)
+    try:
+        served[ANCHOR] = {"command": command, "start_s": round(time.monotonic() - t0, 1)}
+        log(f"bench-serve: {ANCHOR} serving at {server.url} after {served[ANCHOR]['start_s']}s: {' '.join(command)}")
+        return _sweep(cfg, work, server.url, ANCHOR, ar_texts, log)
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------- load
@@ -437,8 +488,11 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
     levels: list[LevelResult] = []
     served: dict[str, dict] = {}
     ar_texts: dict | None = None
-    methods = (cfg.label,) if cfg.url else cfg.methods
+    methods = ((cfg.label,) + ((ANCHOR,) if ANCHOR in cfg.methods else ())) if cfg.url else cfg.methods
     for method in methods:
+        if method == ANCHOR:
+            levels += bench_anchor(cfg, work, ar_texts, served, log)
+            continue
         server = None
         try:
             if cfg.url:
@@ -471,6 +525,14 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
     return make_report(cfg, work, levels, served)
 
 
+def over_anchor(by: dict) -> dict:
+    """Each gsd-serve method's tok/s over llama-server's, per concurrency: {method: {c: ratio}}."""
+    anchor = by[ANCHOR]
+    return {m: {c: round(lv["output_throughput"] / anchor[c]["output_throughput"], 3)
+                for c, lv in res.items() if c in anchor and anchor[c]["output_throughput"] > 0}
+            for m, res in by.items() if m != ANCHOR}
+
+
 def make_report(cfg: BenchServeConfig, work: Workload, levels: list[LevelResult], served: dict) -> dict:
     by = {}
     for lv in levels:
@@ -488,9 +550,14 @@ def make_report(cfg: BenchServeConfig, work: Workload, levels: list[LevelResult]
     if "gsd" in by and "1" in by["gsd"] and inproc.get("gsd"):
         checks["served_gsd_c1_over_inprocess_gsd"] = round(
             by["gsd"]["1"]["output_throughput"] / inproc["gsd"]["tokens_per_s"], 3)
+    if ANCHOR in by:
+        checks[f"over_{ANCHOR}"] = over_anchor(by)
     checks["failed_requests"] = sum(lv.failed for lv in levels)
+    # llama-server computes with its own arithmetic (Q4_1 times 8-bit activations): its identity is reported
+    # in its rows, never required
     checks["all_identical_to_reference"] = all(
-        lv.identical_to_reference == lv.completed for lv in levels) if cfg.reference == "inprocess" else None
+        lv.identical_to_reference == lv.completed for lv in levels
+        if lv.method != ANCHOR) if cfg.reference == "inprocess" else None
     return {
         "command": "gsd-serve " + " ".join(sys.argv[1:]) if "bench-serve" in sys.argv[1:2] else "gsd-serve bench-serve",
         "cpu": cpu_description(), "cores": os.cpu_count(), "commit": git_commit(),
