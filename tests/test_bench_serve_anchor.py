@@ -100,7 +100,7 @@ def test_the_anchor_answers_are_reported_but_never_fail_the_identity_check():
     report = make_report(cfg, Workload([]), levels, {})
     assert report["checks"]["all_identical_to_reference"] is True
     assert report["results"][ANCHOR]["8"]["identical_to_reference"] == 0
-    assert report["checks"][f"over_{ANCHOR}"] == {"ar": {"1": 0.5, "8": 0.9}, "gsd": {"1": 0.625, "8": 1.0}}
+    assert report["checks"]["over_llama_server"] == {"ar": {"1": 0.5, "8": 0.9}, "gsd": {"1": 0.625, "8": 1.0}}
     assert f"| {ANCHOR} | 8 | 100.0 |" in markdown(report)
     report = make_report(cfg, Workload([]), levels + [_level("gsd", 16, 90.0, 3)], {})
     assert report["checks"]["all_identical_to_reference"] is False       # the gsd-serve methods keep theirs
