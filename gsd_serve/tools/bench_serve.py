@@ -388,8 +388,14 @@ def _dist(xs: list[float]) -> dict:
             "p99": round(1000 * pct(99), 2)}
 
 
+def fresh_connections(method: str) -> bool:
+    """Whether `method`'s clients open a connection per request: llama-server (cpp-httplib) closes a connection
+    after a streamed answer, and aiohttp's next request on it fails ("Can not write request body")."""
+    return method == ANCHOR
+
+
 async def _level(url: str, model: str, work: Workload, concurrency: int, n_requests: int, max_tokens: int,
-                 headers: dict, timeout_s: float) -> tuple[list[RequestResult], float]:
+                 headers: dict, timeout_s: float, force_close: bool = False) -> tuple[list[RequestResult], float]:
     import aiohttp
 
     order = [i % len(work.items) for i in range(n_requests)]
@@ -405,7 +411,7 @@ async def _level(url: str, model: str, work: Workload, concurrency: int, n_reque
             r.item = i
             results.append(r)
 
-    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    conn = aiohttp.TCPConnector(limit=0, force_close=force_close)
     async with aiohttp.ClientSession(connector=conn) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*[client(session) for _ in range(concurrency)])
@@ -425,7 +431,8 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
     n = max(len(work.items), cfg.min_rounds * concurrency)
     before = load_average()
     results, duration = asyncio.run(_level(base_url.rstrip("/") + "/v1/chat/completions", cfg.model, work,
-                                           concurrency, n, cfg.max_tokens, headers, cfg.request_timeout_s))
+                                           concurrency, n, cfg.max_tokens, headers, cfg.request_timeout_s,
+                                           fresh_connections(method)))
     done = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in done)
     tpot = [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
@@ -466,7 +473,7 @@ def _sweep(cfg: BenchServeConfig, work: Workload, url: str, label: str, ar_texts
     if cfg.warmup:
         warm = Workload(work.items[: cfg.warmup])
         asyncio.run(_level(url.rstrip("/") + "/v1/chat/completions", cfg.model, warm, 1, cfg.warmup,
-                           cfg.max_tokens, headers, cfg.request_timeout_s))
+                           cfg.max_tokens, headers, cfg.request_timeout_s, fresh_connections(label)))
     levels = []
     for c in cfg.concurrency:
         lv = run_level(url, cfg, work, label, c, ar_texts)
