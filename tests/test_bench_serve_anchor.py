@@ -111,3 +111,10 @@ def test_bench_serve_help_offers_the_flag():
 
     args = make_parser().parse_args(["bench-serve", "--llama-server", "/opt/llama-server", "--methods", ANCHOR])
     assert args.llama_server == "/opt/llama-server" and args.methods == ANCHOR
+
+
+def test_only_the_anchor_clients_open_a_connection_per_request():
+    from gsd_serve.tools.bench_serve import fresh_connections
+
+    assert fresh_connections(ANCHOR)               # llama-server closes a connection after a streamed answer
+    assert not fresh_connections("ar") and not fresh_connections("gsd@proxy")
