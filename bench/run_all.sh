@@ -39,7 +39,8 @@ if "$PY" -c "import llama_cpp" 2>/dev/null; then
     "$GSD" bench --limit 12 --max-new-tokens 128 --methods ar,gsd,ar-fp32,llama.cpp --out "$(out bench-llamacpp-run$r)"
   done
 fi
-# Served: concurrent OpenAI streams against `gsd-serve serve`, ar and gsd, 1-32 streams.
+# Served: concurrent OpenAI streams against `gsd-serve serve`, ar and gsd, 1-32 streams; with LLAMA_SERVER set
+# (a llama-server binary: docs/benchmarks.md) also against llama.cpp's own server on the same GGUF and cores.
 "$GSD" bench-serve --limit 12 --max-tokens 64 --methods ar,gsd --out "$(out bench-serve)"
 # Served without Ray (router core, draft and target workers on loopback gRPC) against in process.
 "$PY" bench/served_check.py --limit 12 --max-tokens 64 --out "$(out served-check)"

@@ -5,6 +5,10 @@ uses --url), sweeps the concurrency levels (default 1, 2, 4, 8, 16, 32 concurren
 completions, greedy, over the held-out bench prompts), and reports output token throughput, TTFT, ITL,
 TPOT and E2E latency (mean, p50, p99), failed requests, and whether every answer equals the in-process
 engine's greedy answer (and served ar's). Writes results.json, results.md and tokens_per_s.png to --out.
+
+With --llama-server PATH (or $LLAMA_SERVER) it also measures llama.cpp's own `llama-server` serving the default
+target's GGUF on the same cores, prompts and client, reported as method llama-server (its answers are compared
+but, computed by llama.cpp's own arithmetic, never fail the run). `--methods llama-server` measures it alone.
 """
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ def _levels(text: str) -> tuple[int, ...]:
 def cmd_bench_serve(args) -> int:
     import json
 
-    from ..tools.bench_serve import BenchServeConfig, run_bench, write_report
+    from ..tools.llama_server import find_binary
 
+    try:
+        llama_server = find_binary(args.llama_server)      # before the heavy imports: a bad path answers at once
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     extra = {}
     if args.app_args:
         try:
@@ -36,13 +44,15 @@ def cmd_bench_serve(args) -> int:
             raise CliError(f"--app-args must be a JSON object: {exc}") from None
         if not isinstance(extra, dict):
             raise CliError("--app-args must be a JSON object")
+    from ..tools.bench_serve import BenchServeConfig, run_bench, write_report
+
     cfg = BenchServeConfig(
         prompts=args.prompts or BenchServeConfig.prompts, limit=args.limit, max_tokens=args.max_tokens,
         concurrency=_levels(args.concurrency), methods=tuple(m for m in args.methods.split(",") if m),
         min_rounds=args.min_rounds, url=args.url, label=args.label, api_key=args.api_key, model=args.model,
         dtype=args.dtype, draft_replicas=args.draft_replicas, target_replicas=args.target_replicas,
         config=args.config, reference="none" if args.no_reference else "inprocess", warmup=args.warmup,
-        extra_args=extra, entries=tuple(e for e in (args.entry or "").split(",") if e))
+        extra_args=extra, entries=tuple(e for e in (args.entry or "").split(",") if e), llama_server=llama_server)
     report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.out:
         write_report(report, args.out)
@@ -58,7 +68,8 @@ def register(sub) -> None:
                                            "method and concurrency", description=__doc__)
     p.add_argument("--methods", default="ar,gsd",
                    help="served configurations, comma-separated: ar, gsd (the planner decides each round, the default), "
-                        "gsd-static (always the full tree) (default ar,gsd)")
+                        "gsd-static (always the full tree), llama-server (the --llama-server anchor alone or in "
+                        "this order) (default ar,gsd)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="concurrent streams per level (default 1,2,4,8,16,32)")
     p.add_argument("--prompts", help="a prompts file (default: the held-out gsd_serve/data/bench_prompts.jsonl)")
     p.add_argument("--limit", type=positive_int("--limit"), help="use N prompts, spread over the categories")
@@ -81,6 +92,10 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="the server's API key")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the in-process reference run (answers and speed); identity to served ar remains")
+    p.add_argument("--llama-server", metavar="PATH",
+                   help="also measure llama.cpp's llama-server binary at PATH (default: $LLAMA_SERVER) serving the "
+                        "default target's GGUF with the same prompts, client and cores, as method llama-server; "
+                        "its answers are compared, never required (docs/benchmarks.md: how to build it)")
     p.add_argument("--warmup", type=int, default=2, help="requests per method before the sweep, not counted (2)")
     p.add_argument("--out", help="write results.json, results.md and tokens_per_s.png here (e.g. bench/results/DATE-CPU-bench-serve)")
     p.set_defaults(func=cmd_bench_serve)

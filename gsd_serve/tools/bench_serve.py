@@ -13,6 +13,7 @@ Pieces, each usable alone:
     BenchServeConfig      what to run (validated)
     Workload              prompts (chat messages) and their reference answers
     ServeProcess          `gsd-serve serve --config FILE` as a child process, up until stopped
+    bench_anchor          llama.cpp's `llama-server` on the same GGUF, prompts and cores (optional; llama_server.py)
     run_level             c closed-loop clients (asyncio + aiohttp) over n requests -> LevelResult
     run_bench             the sweep: methods x concurrencies, plus the in-process reference
     write_report          results.json, results.md (tables) and tokens_per_s.png (one line per method)
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..models.hardware import cpu_description
+from .llama_server import ANCHOR
 from .results import git_commit, write_manifest
 from ..serving.serve_config import free_port
 
@@ -74,16 +76,21 @@ class BenchServeConfig:
     #                                          name, others are reported as METHOD@ENTRY; () = direct where the
     #                                          config has a direct port, else proxy
     extra_args: dict = field(default_factory=dict)   # application args merged into every method's
+    llama_server: str | None = None          # a llama-server binary: adds the ANCHOR method (llama_server.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
+        if self.llama_server and ANCHOR not in self.methods:
+            self.methods = (*self.methods, ANCHOR)
+        if ANCHOR in self.methods and not self.llama_server:
+            raise ValueError(f"method {ANCHOR} needs a llama-server binary (--llama-server PATH or $LLAMA_SERVER)")
         if self.url is None:
-            unknown = [m for m in self.methods if m not in METHODS]
+            unknown = [m for m in self.methods if m not in METHODS and m != ANCHOR]
             if unknown:
-                raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+                raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS) + [ANCHOR]}")
         if self.reference not in ("inprocess", "none"):
             raise ValueError(f"reference must be inprocess or none, got {self.reference!r}")
         if self.limit is not None and self.limit < 1:
@@ -234,6 +241,50 @@ class ServeProcess:
         self._log.close()
 
 
+# ---------------------------------------------------------------- the anchor: llama.cpp's own server
+
+# llama-server renders the GGUF's chat template itself; a few tokens of slack in case its rendering differs
+# from the transformers tokenizer's by a newline or a special token
+TEMPLATE_SLACK_TOKENS = 16
+
+
+def max_prompt_tokens(work: Workload) -> int:
+    """The workload's longest prompt in tokens, chat template included (the default target's tokenizer)."""
+    from ..core.prompts import encode
+    from ..models.checkpoints import DEFAULT_TARGET, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_TARGET)
+    return max(len(encode(tokenizer, {"messages": it.messages})) for it in work.items)
+
+
+def anchor_command(cfg: BenchServeConfig, prompt_tokens: int, port: int) -> list[str]:
+    """The llama-server command line for this sweep: the default target's GGUF on all of this process's
+    cores, a slot per stream of the highest level (at least 16), context for every slot's longest request."""
+    from .llama_server import context_size, default_gguf, server_command, server_slots, server_threads
+
+    slots = server_slots(cfg.concurrency)
+    context = context_size(slots, prompt_tokens + TEMPLATE_SLACK_TOKENS, cfg.max_tokens)
+    return server_command(cfg.llama_server, default_gguf(), port=port, threads=server_threads(), slots=slots,
+                          context=context, model=cfg.model)
+
+
+def bench_anchor(cfg: BenchServeConfig, work: Workload, ar_texts: dict | None, served: dict, log) -> list:
+    """llama-server's sweep, reported as method ANCHOR: started on a free loopback port, measured like the
+    served methods, stopped afterwards (also on error). Its start (command, seconds) goes into `served`."""
+    from .llama_server import LlamaServerProcess
+
+    port = free_port()
+    command = anchor_command(cfg, max_prompt_tokens(work), port)
+    t0 = time.monotonic()
+    server = LlamaServerProcess(command, port, cfg.start_timeout_s)
+    try:
+        served[ANCHOR] = {"command": command, "start_s": round(time.monotonic() - t0, 1)}
+        log(f"bench-serve: {ANCHOR} serving at {server.url} after {served[ANCHOR]['start_s']}s: {' '.join(command)}")
+        return _sweep(cfg, work, server.url, ANCHOR, ar_texts, log)
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------- load
 
 @dataclass
@@ -337,8 +388,14 @@ def _dist(xs: list[float]) -> dict:
             "p99": round(1000 * pct(99), 2)}
 
 
+def fresh_connections(method: str) -> bool:
+    """Whether `method`'s clients open a connection per request: llama-server (cpp-httplib) closes a connection
+    after a streamed answer, and aiohttp's next request on it fails ("Can not write request body")."""
+    return method == ANCHOR
+
+
 async def _level(url: str, model: str, work: Workload, concurrency: int, n_requests: int, max_tokens: int,
-                 headers: dict, timeout_s: float) -> tuple[list[RequestResult], float]:
+                 headers: dict, timeout_s: float, force_close: bool = False) -> tuple[list[RequestResult], float]:
     import aiohttp
 
     order = [i % len(work.items) for i in range(n_requests)]
@@ -354,7 +411,7 @@ async def _level(url: str, model: str, work: Workload, concurrency: int, n_reque
             r.item = i
             results.append(r)
 
-    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    conn = aiohttp.TCPConnector(limit=0, force_close=force_close)
     async with aiohttp.ClientSession(connector=conn) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*[client(session) for _ in range(concurrency)])
@@ -374,7 +431,8 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
     n = max(len(work.items), cfg.min_rounds * concurrency)
     before = load_average()
     results, duration = asyncio.run(_level(base_url.rstrip("/") + "/v1/chat/completions", cfg.model, work,
-                                           concurrency, n, cfg.max_tokens, headers, cfg.request_timeout_s))
+                                           concurrency, n, cfg.max_tokens, headers, cfg.request_timeout_s,
+                                           fresh_connections(method)))
     done = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in done)
     tpot = [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
@@ -415,7 +473,7 @@ def _sweep(cfg: BenchServeConfig, work: Workload, url: str, label: str, ar_texts
     if cfg.warmup:
         warm = Workload(work.items[: cfg.warmup])
         asyncio.run(_level(url.rstrip("/") + "/v1/chat/completions", cfg.model, warm, 1, cfg.warmup,
-                           cfg.max_tokens, headers, cfg.request_timeout_s))
+                           cfg.max_tokens, headers, cfg.request_timeout_s, fresh_connections(label)))
     levels = []
     for c in cfg.concurrency:
         lv = run_level(url, cfg, work, label, c, ar_texts)
@@ -437,8 +495,11 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
     levels: list[LevelResult] = []
     served: dict[str, dict] = {}
     ar_texts: dict | None = None
-    methods = (cfg.label,) if cfg.url else cfg.methods
+    methods = ((cfg.label,) + ((ANCHOR,) if ANCHOR in cfg.methods else ())) if cfg.url else cfg.methods
     for method in methods:
+        if method == ANCHOR:
+            levels += bench_anchor(cfg, work, ar_texts, served, log)
+            continue
         server = None
         try:
             if cfg.url:
@@ -471,6 +532,14 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
     return make_report(cfg, work, levels, served)
 
 
+def over_anchor(by: dict) -> dict:
+    """Each gsd-serve method's tok/s over llama-server's, per concurrency: {method: {c: ratio}}."""
+    anchor = by[ANCHOR]
+    return {m: {c: round(lv["output_throughput"] / anchor[c]["output_throughput"], 3)
+                for c, lv in res.items() if c in anchor and anchor[c]["output_throughput"] > 0}
+            for m, res in by.items() if m != ANCHOR}
+
+
 def make_report(cfg: BenchServeConfig, work: Workload, levels: list[LevelResult], served: dict) -> dict:
     by = {}
     for lv in levels:
@@ -488,9 +557,14 @@ def make_report(cfg: BenchServeConfig, work: Workload, levels: list[LevelResult]
     if "gsd" in by and "1" in by["gsd"] and inproc.get("gsd"):
         checks["served_gsd_c1_over_inprocess_gsd"] = round(
             by["gsd"]["1"]["output_throughput"] / inproc["gsd"]["tokens_per_s"], 3)
+    if ANCHOR in by:
+        checks["over_llama_server"] = over_anchor(by)
     checks["failed_requests"] = sum(lv.failed for lv in levels)
+    # llama-server computes with its own arithmetic (Q4_1 times 8-bit activations): its identity is reported
+    # in its rows, never required
     checks["all_identical_to_reference"] = all(
-        lv.identical_to_reference == lv.completed for lv in levels) if cfg.reference == "inprocess" else None
+        lv.identical_to_reference == lv.completed for lv in levels
+        if lv.method != ANCHOR) if cfg.reference == "inprocess" else None
     return {
         "command": "gsd-serve " + " ".join(sys.argv[1:]) if "bench-serve" in sys.argv[1:2] else "gsd-serve bench-serve",
         "cpu": cpu_description(), "cores": os.cpu_count(), "commit": git_commit(),
