@@ -16,7 +16,8 @@ command -v redis-server >/dev/null || [ -n "${REDIS_URL:-}" ] || { [ "$(id -u)" 
   && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } \
   || { echo "redis-server is missing and cannot be installed: the serving tests need it" >&2; exit 1; }
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/python -m pytest -q -p no:cacheprovider "${args[@]+"${args[@]}"}"
+# --durations: the slowest tests in every log, so a suite growing past its budget shows where
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "${args[@]+"${args[@]}"}"
 rc=$?
 # pytest exits 5 when it collected no tests: that is a failure here
 [ $rc -eq 5 ] && { echo "no tests ran" >&2; exit 1; }

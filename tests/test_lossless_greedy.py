@@ -15,7 +15,7 @@ PROMPTS = [
     "and a playground, and the council agreed to publish a plan next month.",
     "def fibonacci(n):",
 ]
-NEW_TOKENS = 64
+NEW_TOKENS = 40
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def test_real_pair_sampled_output_matches_plain_sampling(engine, tokenizer):
     """Seed for seed, gsd emits plain sampling's tokens; the first two tokens follow the exact distribution."""
     ids = encode(tokenizer, "Tell me something about cats.")
     params = dict(temperature=1.0, top_k=20)
-    for seed in range(4):
+    for seed in range(2):
         sp = SamplingParams(**params, seed=seed)
         ref = engine.generate(ids, 20, SpecConfig.for_method("ar"), sp).token_ids
         assert engine.generate(ids, 20, SpecConfig.for_method("gsd"), sp).token_ids == ref
