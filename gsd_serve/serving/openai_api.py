@@ -167,16 +167,20 @@ class OpenAIFrontend:
         n = _int(body, "n", 1, 1, MAX_CHOICES)
         if body.get("best_of") not in (None, 1, n):
             raise BadRequest("'best_of' must be 1 or equal to 'n'", "best_of")
-        max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-            else body.get("max_tokens")
-        if max_tokens is None:   # the default, never above the limit
-            max_tokens = min(self.cfg.default_max_tokens, self.cfg.max_tokens_limit)
-        elif _integral(max_tokens) is None:
-            raise BadRequest("'max_tokens' must be an integer", "max_tokens")
-        else:
-            max_tokens = _integral(max_tokens)
-        if max_tokens < 1:
-            raise BadRequest(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
+        # both fields are checked when both are sent (the chat API's max_completion_tokens wins), so a bad value
+        # is refused whichever one carries it
+        given = {}
+        for name in (("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)):
+            value = body.get(name)
+            if value is None:
+                continue
+            if _integral(value) is None:
+                raise BadRequest(f"'{name}' must be an integer", name)
+            if _integral(value) < 1:
+                raise BadRequest(f"'{name}' must be at least 1, got {value}", name)
+            given[name] = _integral(value)
+        # the default never goes above the limit
+        max_tokens = next(iter(given.values()), min(self.cfg.default_max_tokens, self.cfg.max_tokens_limit))
         temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _float(body, "top_p", 1.0, 0.0, 1.0)
         if top_p == 0.0:
