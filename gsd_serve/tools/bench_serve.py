@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from ..models.hardware import cpu_description
 from .llama_server import ANCHOR
+from .processes import LoggedProcess
 from .results import git_commit, write_manifest
 from ..serving.serve_config import free_port
 
@@ -181,7 +181,7 @@ def serve_config(cfg: BenchServeConfig, method: str, http_port: int, grpc_port: 
     return config
 
 
-class ServeProcess:
+class ServeProcess(LoggedProcess):
     """`gsd-serve serve --config FILE` in a child process (its own Ray cluster), as a user starts it."""
 
     def __init__(self, config: dict, timeout_s: float, log_path: Path | None = None):
@@ -223,22 +223,6 @@ class ServeProcess:
         wait_healthy(self.url, lambda h: h.get("target_replicas", 0) >= want.get("Target", 1)
                      and h.get("draft_replicas", 0) >= want.get("Draft", 1),
                      timeout_s, poll_s=1.0, alive=alive, what=f"the server (log: {self.log_path})")
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 120.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)       # serve shuts Serve and its Ray cluster down
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self._log.close()
 
 
 # ---------------------------------------------------------------- the anchor: llama.cpp's own server

@@ -19,10 +19,11 @@ Pieces:
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
+
+from .processes import LoggedProcess
 
 ANCHOR = "llama-server"
 BINARY_ENV = "LLAMA_SERVER"
@@ -80,7 +81,7 @@ def server_command(binary: str, gguf: str | Path, *, port: int, threads: int, sl
             "--port", str(port), "--host", "127.0.0.1", "--alias", model]
 
 
-class LlamaServerProcess:
+class LlamaServerProcess(LoggedProcess):
     """`command` (a llama-server command line listening on `port`) as a child process, up until stopped: the
     constructor returns once /health says the model is loaded, and stops the process if it never does."""
 
@@ -110,19 +111,5 @@ class LlamaServerProcess:
         wait_healthy(self.url, lambda h: h.get("status") == "ok", timeout_s, poll_s=0.5, alive=alive,
                      what=f"llama-server (log: {self.log_path})")
 
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (llama-server shuts down cleanly), SIGKILL to its process group if it does not."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self._log.close()
+        super().stop(timeout_s)
