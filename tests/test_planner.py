@@ -126,6 +126,40 @@ def test_costs_without_a_seed_scale_a_default_shape_by_what_is_seen():
     assert costs.seconds(11) > costs.seconds(2) > 0.02
 
 
+def test_costs_learn_each_context_length_on_its_own():
+    # a row of a long context reads the whole context: its forwards cost more per row than a short one's
+    costs = ForwardCosts(([1, 2, 4], [0.010, 0.012, 0.016]))
+    for _ in range(10):
+        costs.observe(1, 0.009, keys=100)
+        costs.observe(3, 0.0126, keys=100)
+        costs.observe(1, 0.013, keys=1400)
+        costs.observe(3, 0.021, keys=1400)
+    assert costs.seconds(3, 100) == pytest.approx(0.0126)
+    assert costs.seconds(3, 1400) == pytest.approx(0.021)
+    assert costs.seconds(3, 1400) - costs.seconds(1, 1400) > 2 * (costs.seconds(3, 100) - costs.seconds(1, 100))
+    # a context range never measured borrows the nearest measured one's curve
+    assert costs.seconds(3, 3000) == pytest.approx(0.021)
+    assert costs.seconds(3, 300) == pytest.approx(0.0126)
+
+
+def test_planner_prices_rows_at_the_sequence_context_length():
+    # at 100 tokens an extra row costs 10% of a step; at 1,400, 60%: a chain right half the time pays at the first
+    # length and not at the second
+    planner = _planner()
+    costs = planner.target_costs = ForwardCosts(([1, 2, 4, 8], [0.010, 0.011, 0.013, 0.017]))
+    for _ in range(10):
+        for n in (1, 2, 4, 8):
+            costs.observe(n, 0.010 + 0.001 * (n - 1), keys=100)
+            costs.observe(n, 0.013 + 0.008 * (n - 1), keys=1400)
+    random.seed(0)
+    _teach_lookup(planner, 0.5)
+    text = list(range(100, 140))
+    short = [1, 2] + text + [3] + text[:6]
+    long = list(range(1000, 2400)) + short
+    assert planner.sequence().plan(short, room=100, method="gsd", lookup=32, max_depth=0).kind == LOOKUP
+    assert planner.sequence().plan(long, room=100, method="gsd", lookup=32, max_depth=0).kind == PLAIN
+
+
 # ---------------------------------------------------------------- the planner's choices
 
 def _planner(step=0.010, per_row=0.003, draft_step=0.001, shared=None) -> Planner:

@@ -1,8 +1,15 @@
 """What a forward costs here, learned from the forwards this process runs.
 
-`ForwardCosts.seconds(n)` predicts the wall time of a model forward over n new rows (one decoding step: 1;
-a verification tree: its nodes; several sessions fused: all their rows). It starts from a seed curve (a
-table measured once on this CPU and remembered, or a default shape) and every timed forward corrects it:
+`ForwardCosts.seconds(n, keys)` predicts the wall time of a model forward over n new rows (one decoding step: 1;
+a verification tree: its nodes; several sessions fused: all their rows) that attend to about `keys` cached
+tokens each. Every row reads the whole context, so on a CPU a row of a 1,500-token summary costs two to three
+times one of a 150-token chat: one curve over rows alone, learned on short contexts, would price a long
+context's extra rows as nearly free. So each range of context lengths (a doubling, from CONTEXT_BUCKET up) has
+its own curve, `RowCosts`, learned from the forwards run at those lengths; a range not yet measured borrows
+the curve of the nearest measured one.
+
+A `RowCosts` curve starts from a seed (a table measured once on this CPU and remembered, or a default shape)
+and every timed forward corrects it:
 
     seconds(n) = seed(n) x ratio(n)
 
@@ -28,8 +35,64 @@ SHAPE_BOUNDS = (0.5, 2.0)
 MIN_SHAPE_SAMPLES = 3
 
 
+CONTEXT_BUCKET = 256     # contexts shorter than this share one curve; above, one curve per doubling
+MIN_CURVE_FORWARDS = 8   # forwards measured in a context range before its own curve is trusted
+
+
+def context_bucket(keys: int) -> int:
+    """0 for contexts under CONTEXT_BUCKET tokens, then one more per doubling."""
+    b = 0
+    while keys >= CONTEXT_BUCKET << b:
+        b += 1
+    return b
+
+
 class ForwardCosts:
-    """Seconds of a forward over n rows: a seed curve scaled by what was measured."""
+    """Seconds of a forward over n rows attending to `keys` cached tokens: one RowCosts curve per range of
+    context lengths (context_bucket), all started from the same seed."""
+
+    def __init__(self, seed: tuple[list[int], list[float]] | None = None, first: float = 0.01, **curve):
+        self._make = lambda: RowCosts(seed, first, **curve)
+        self._curves: dict[int, RowCosts] = {0: self._make()}
+        self._last = 0
+        self.observed = 0
+
+    def _curve(self, keys: int) -> "RowCosts":
+        """The curve of `keys`'s range, or, until that range has MIN_CURVE_FORWARDS, the nearest one that has
+        (the longer of two equally near: it overestimates rather than underestimates a row)."""
+        b = context_bucket(keys)
+        own = self._curves.get(b)
+        if own is not None and own.observed >= MIN_CURVE_FORWARDS:
+            return own
+        trained = [c for c in self._curves if self._curves[c].observed >= MIN_CURVE_FORWARDS]
+        if not trained:
+            return own if own is not None else self._curves[0]
+        return self._curves[min(trained, key=lambda c: (abs(c - b), -c))]
+
+    def observe(self, n: int, seconds: float, keys: int = 0) -> None:
+        """A forward over n rows, attending to about `keys` cached tokens each, took `seconds`."""
+        b = context_bucket(keys)
+        if b not in self._curves:
+            self._curves[b] = self._make()
+        self._curves[b].observe(n, seconds)
+        self._last = b
+        self.observed += 1
+
+    def seconds(self, n: int, keys: int = 0) -> float:
+        return self._curve(keys).seconds(n)
+
+    def seed(self, n: int) -> float:
+        return self._curves[0].seed(n)
+
+    def table(self, sizes=(1, 2, 4, 8, 16, 32), keys: int | None = None) -> dict[int, float]:
+        """Predicted seconds at a few sizes (for reports), at `keys` (default: the context last measured)."""
+        curve = self._curve(CONTEXT_BUCKET << self._last >> 1 if keys is None else keys)
+        return curve.table(sizes)
+
+
+class RowCosts:
+    """Seconds of a forward over n rows at one range of context lengths: a seed curve scaled by what was
+    measured."""
 
     def __init__(self, seed: tuple[list[int], list[float]] | None = None, first: float = 0.01,
                  window: int = 64, size_window: int = 16, memory: int = 2000):

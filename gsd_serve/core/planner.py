@@ -15,8 +15,8 @@ for its row at the current rate, a draft runs when what it is expected to add pa
 a round whose best option is worth less than a plain step decodes plainly, so speculation never runs
 slower than plain decoding by more than what it takes to learn the costs.
 
-The costs come from one model of forward time against rows (`costs.ForwardCosts`), corrected online by
-every forward this process times, plus a round overhead measured the same way. Acceptance comes from the
+The costs come from one model of forward time against rows and context length (`costs.ForwardCosts`),
+corrected online by every forward this process times, plus a round overhead measured the same way. Acceptance comes from the
 draft's own path probabilities for drafted nodes, and for lookup tokens from the engine's measured rate at
 their match length (`lookup.AcceptanceStats`) scaled by how the sequence's own lookups have fared. What
 the draft adds in a round is measured on the rounds that draft: the tokens accepted on its nodes (when the
@@ -150,6 +150,7 @@ class SequencePlanner:
         self.probe_gap = PROBE_MIN
         self.base_rows = 0
         self.others_rate = 0.0
+        self.keys = 0                      # the sequence's context length at its last plan: what a row attends to
         self._round_forward_s = 0.0        # forward seconds timed since the round started
         self._round_draft_s = 0.0          # of those, the draft's
         self._round_draft_first_s = None   # the draft's first forward of the round
@@ -165,8 +166,8 @@ class SequencePlanner:
         self.others_rate = max(float(others_rate), 0.0)
 
     def t(self, rows: int) -> float:
-        """The forward time of a round that verifies `rows` rows of this sequence."""
-        return self.engine.target_costs.seconds(self.base_rows + max(rows, 1))
+        """The forward time of a round that verifies `rows` rows of this sequence (at its context length)."""
+        return self.engine.target_costs.seconds(self.base_rows + max(rows, 1), self.keys)
 
     def overhead(self, kind: str) -> float:
         return self.engine.overhead[kind].get(0.0)
@@ -217,6 +218,7 @@ class SequencePlanner:
         to generate. lookup: the longest chain to propose (0: none); max_depth: the draft's levels;
         draft_lag: committed tokens the draft has not read yet (its first forward feeds them)."""
         depth = min(max_depth, room - 1)
+        self.keys = len(tokens)
         if method == "ar" or room <= 1:
             return self._decided(RoundPlan(PLAIN))
         cont = Continuation([], [], 0, 0, "")
@@ -312,7 +314,7 @@ class SequencePlanner:
     # ------------------------------------------------------------ what happened
     def observe_target(self, rows: int, seconds: float) -> None:
         """A target forward over `rows` rows of this sequence alone took `seconds`."""
-        self.engine.target_costs.observe(rows, seconds)
+        self.engine.target_costs.observe(rows, seconds, self.keys)
         self._round_forward_s += seconds
 
     def waited(self, seconds: float) -> None:

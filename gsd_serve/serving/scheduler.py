@@ -296,7 +296,9 @@ class Scheduler:
         if self.on_forward is not None:
             self.on_forward(m0, time.monotonic(), [s.id for s in trees + chunk_of])
         if not chunks:        # prompt rows skip the output layer: they would skew the cost of a round's rows
-            self.planner.target_costs.observe(rows, seconds)
+            # every row attends to its own session's context: the forward's context is their mean over rows
+            keys = sum(s.rows * len(s.seq.tokens) for s in trees) // max(rows, 1)
+            self.planner.target_costs.observe(rows, seconds, keys)
         for s, verdict in zip(trees, results[: len(jobs)]):
             if isinstance(verdict, BaseException):
                 self._drop(s, verdict)

@@ -24,8 +24,10 @@ SPEC_METHODS = ("ar", "chain", "tree", "gsd", "gsd-full")
 # weights, bf16): its row says whether the run's ar left it, and where, at what top-2 gap
 REFERENCE_METHOD = "ar-fp32"
 # what users would run instead, on the same prompts: transformers' assisted generation with the same pair,
-# and llama.cpp's plain decoding of the default target's own GGUF (optional: pip install llama-cpp-python)
-EXTERNAL_METHODS = ("hf-assisted", "llama.cpp")
+# llama.cpp's plain decoding of the default target's own GGUF, and llama.cpp with its prompt-lookup draft (n-gram
+# speculation: the anchor where text repeats) (both optional: pip install llama-cpp-python)
+EXTERNAL_METHODS = ("hf-assisted", "llama.cpp", "llama.cpp-pld")
+LLAMA_PLD_TOKENS = 10      # llama-cpp-python's default draft length for prompt lookup
 ALL_METHODS = SPEC_METHODS + (REFERENCE_METHOD,) + EXTERNAL_METHODS
 
 
@@ -50,14 +52,17 @@ def _hf_assisted(target, draft, ids: list[int], max_new: int, stop_ids: set[int]
 
 
 class LlamaCpp:
-    """llama.cpp (llama-cpp-python) decoding the default target's GGUF plainly, with this process's threads.
+    """llama.cpp (llama-cpp-python) decoding the default target's GGUF with this process's threads: plainly, or
+    with `lookup` > 0 speculating with llama-cpp-python's prompt-lookup draft (n-gram matches in the context,
+    up to `lookup` tokens a round).
 
     Its arithmetic is its own (Q4_1 weights times 8-bit activations), so its tokens are not compared with
     ar's. Greedy only (sampling draws other random numbers)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, lookup: int = 0):
         try:
             from llama_cpp import Llama
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
         except ImportError:
             raise ValueError("method llama.cpp needs llama-cpp-python (pip install llama-cpp-python; on a CPU "
                              "with AMX and gcc 12 build it with CFLAGS/CXXFLAGS='-mno-amx-tile -mno-amx-int8 "
@@ -66,11 +71,12 @@ class LlamaCpp:
 
         self.path = str(gguf_path())
         self.llm = Llama(model_path=self.path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False)
+                         n_batch=512, verbose=False,
+                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup > 0 else None)
 
     def generate(self, ids: list[int], max_new: int, stop_ids: set[int], sampling) -> dict:
         if not sampling.greedy:
-            raise ValueError("method llama.cpp is benchmarked greedy only (--temperatures 0)")
+            raise ValueError("the llama.cpp methods are benchmarked greedy only (--temperatures 0)")
         self.llm.reset()
         start = time.perf_counter()
         out = []
@@ -163,6 +169,8 @@ def run_bench(args, build_engine, spec_from_args) -> dict:
                                                                   engine.stop_token_ids, sp)
     if "llama.cpp" in methods:
         external["llama.cpp"] = LlamaCpp(torch.get_num_threads()).generate
+    if "llama.cpp-pld" in methods:
+        external["llama.cpp-pld"] = LlamaCpp(torch.get_num_threads(), LLAMA_PLD_TOKENS).generate
 
     def run_external(m, ids, n, sp):
         return external[m](ids, n, sp) if m == "hf-assisted" else external[m](ids, n, engine.stop_token_ids, sp)
@@ -225,7 +233,7 @@ def run_bench(args, build_engine, spec_from_args) -> dict:
                 stats, tokens = got[m]
                 # sampled hf-assisted draws other random numbers, and llama.cpp computes with its own
                 # arithmetic: their texts are not comparable token by token
-                identical = None if (m == "hf-assisted" and t > 0) or m == "llama.cpp" else tokens == ref
+                identical = None if (m == "hf-assisted" and t > 0) or m.startswith("llama.cpp") else tokens == ref
                 row = {"temperature": t, "prompt": rec.get("id", i), "category": rec.get("category", "all"),
                        "method": m, "identical": identical, "stats": stats, "token_ids": tokens}
                 if identical is False and m == REFERENCE_METHOD:
