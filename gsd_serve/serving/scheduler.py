@@ -374,10 +374,11 @@ class Scheduler:
 
 def new_session(session_id: str, runner, planner: Planner, tokens: list[int], max_tokens: int, spec: SpecConfig,
                 sampling: SamplingParams, stop_ids, vocab_size: int, *, draft=None, feature_layers=(),
-                deadline: float = float("inf"), top_logprobs: int | None = None) -> DecodeSession:
-    """A session ready for Scheduler.submit; with `top_logprobs` its chooser notes each output token's logprobs."""
-    seq = Sequence(tokens, max_tokens, stop_ids)
-    chooser = TokenChooser(sampling, vocab_size, top_logprobs)
+                deadline: float = float("inf"), top_logprobs: int | None = None, grammar=None) -> DecodeSession:
+    """A session ready for Scheduler.submit; with `top_logprobs` its chooser notes each output token's logprobs,
+    with a `grammar` (core.grammar.GrammarConstraint: JSON mode) every token it decides is constrained."""
+    seq = Sequence(tokens, max_tokens, stop_ids, grammar=grammar)
+    chooser = TokenChooser(sampling, vocab_size, top_logprobs, grammar)
     target = TargetSession(runner, feature_layers=tuple(feature_layers))
     plan = planner.sequence(sampling.greedy, spec.planner, spec.shared_lookup) if spec.method != "ar" else None
     return DecodeSession(session_id, seq, spec, chooser, target, plan, draft if spec.method != "ar" else None,
