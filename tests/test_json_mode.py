@@ -1,0 +1,137 @@
+"""JSON mode (response_format) in process, on the real default models: the grammar masks every token the target
+decides, drafted nodes it forbids are pruned before verification, and `gsd`'s output is `ar`'s, greedy and sampled.
+The served checks (router, frontend, gRPC, the official client) are in test_openai_params.py and
+test_services_serving.py.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gsd_serve.core.config import SpecConfig
+from gsd_serve.core.grammar import GrammarError, ResponseFormat, parse_response_format
+from gsd_serve.core.graph import VerifyTree
+from gsd_serve.core.prompts import encode
+from gsd_serve.core.sampling import SamplingParams
+
+pytestmark = pytest.mark.timeout(900)
+
+AR = SpecConfig.for_method("ar")
+GSD = SpecConfig.for_method("gsd", max_depth=4, budget=12)
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+JSON_OBJECT = ResponseFormat("json_object")
+
+
+@pytest.fixture(scope="module")
+def grammars(engine, tokenizer):
+    from gsd_serve.core.grammar import GrammarCompiler
+
+    return GrammarCompiler(tokenizer, engine.stop_token_ids, engine.target.vocab_size)
+
+
+def chat(tokenizer, text: str) -> list[int]:
+    return encode(tokenizer, {"messages": [{"role": "user", "content": text}]})
+
+
+def is_person(value) -> bool:
+    """PERSON's schema, checked by hand."""
+    return isinstance(value, dict) and set(value) == {"name", "age"} and isinstance(value["name"], str) \
+        and isinstance(value["age"], int) and not isinstance(value["age"], bool)
+
+
+def test_response_format_values():
+    assert parse_response_format(None) is None and parse_response_format({"type": "text"}) is None
+    assert parse_response_format({"type": "json_object"}) == JSON_OBJECT
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    assert fmt.kind == "json_schema" and json.loads(fmt.schema) == PERSON
+    for bad in ("json", {"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {}},
+                {"type": "json_schema", "json_schema": {"schema": "{}"}}, {}.get("x", 3)):
+        with pytest.raises(GrammarError, match="response_format"):
+            parse_response_format(bad)
+
+
+def test_bad_schema_is_refused(grammars):
+    grammars.check(parse_response_format({"type": "json_schema", "json_schema": {"schema": PERSON}}))
+    with pytest.raises(GrammarError, match="response_format"):
+        grammars.check(parse_response_format({"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}}))
+
+
+def test_prune_drops_forbidden_nodes_and_their_subtrees(grammars, tokenizer):
+    """A hand-made tree under the root: `{` (allowed) with `"` under it (allowed) and `}`-`}` (the second `}`
+    forbidden), and `hello` (forbidden at the start) with a child. The kept tree keeps the order and re-links
+    the parents; the grammar's state is where it was."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("{", '"', "}", "hello")]
+    brace, quote, close, word = ids
+    #        0 root  1 {     2 hello  3 "    4 }     5 x (under hello)  6 } (under })
+    tokens = [0, brace, word, quote, close, quote, close]
+    parents = [-1, 0, 0, 1, 1, 2, 4]
+    tree = VerifyTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor([0, 1, 1, 2, 2, 2, 3]),
+                      list(range(7)), [1.0, .9, .8, .7, .6, .5, .4])
+    g = grammars.constraint(JSON_OBJECT)
+    kept = g.prune(tree)
+    assert kept.nodes == [0, 1, 3, 4] and kept.parents.tolist() == [-1, 0, 1, 1]
+    assert kept.tokens.tolist() == [0, brace, quote, close] and kept.path_probs == [1.0, .9, .7, .6]
+    assert g.pruned == 3
+    assert g.consume([brace, close]) and g.is_finished()       # nothing of the pruning was left consumed
+    assert not g.consume([brace])
+
+
+def test_greedy_json_ar_and_gsd_identical(engine, tokenizer, grammars):
+    """Greedy JSON mode: gsd's tokens are ar's; the text parses whenever the grammar ended it; drafted nodes the
+    grammar forbade were pruned."""
+    prompts = ["Give me a JSON object describing a cat.", "Reply with a JSON object with the keys city and "
+               "country for Paris."]
+    pruned = 0
+    for text in prompts:
+        ids = chat(tokenizer, text)
+        want = engine.generate(ids, 48, AR, grammar=grammars.constraint(JSON_OBJECT))
+        got = engine.generate(ids, 48, GSD, grammar=grammars.constraint(JSON_OBJECT))
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason, text
+        out = tokenizer.decode(got.token_ids, skip_special_tokens=True)
+        assert out.startswith("{")
+        if got.finish_reason == "stop":
+            assert isinstance(json.loads(out), dict)
+        pruned += got.stats.grammar_pruned
+        assert want.stats.grammar_pruned == 0
+    assert pruned > 0
+
+
+def test_json_schema_output_validates(engine, tokenizer, grammars):
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"schema": PERSON}})
+    ids = chat(tokenizer, "Describe a person as JSON with name and age.")
+    want = engine.generate(ids, 64, AR, grammar=grammars.constraint(fmt))
+    got = engine.generate(ids, 64, GSD, grammar=grammars.constraint(fmt))
+    assert got.token_ids == want.token_ids and got.finish_reason == "stop"
+    assert is_person(json.loads(tokenizer.decode(got.token_ids, skip_special_tokens=True)))
+    free = engine.generate(ids, 24, AR)       # the same prompt without the constraint is not this JSON
+    assert free.token_ids[:8] != got.token_ids[:8]
+
+
+def test_sampled_json_reproduces_with_a_seed(engine, tokenizer, grammars):
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"schema": PERSON}})
+    ids = chat(tokenizer, "Make up a person and give their name and age as JSON.")
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
+    runs = [engine.generate(ids, 64, spec, sampling, grammar=grammars.constraint(fmt)) for spec in (AR, GSD, GSD)]
+    assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
+    assert runs[0].finish_reason == "stop"
+    assert is_person(json.loads(tokenizer.decode(runs[0].token_ids, skip_special_tokens=True)))
+
+
+def test_generate_cli_json_schema(engine, tokenizer, monkeypatch, capsys, tmp_path):
+    from gsd_serve.cli import generate
+    from gsd_serve.cli.main import main
+
+    monkeypatch.setattr(generate, "build_engine", lambda args, method=None: (engine, tokenizer))
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    args = ["generate", "--prompt", "Describe a person as JSON with name and age.", "--max-new-tokens", "64",
+            "--json"]
+    assert main([*args, "--method", "gsd", "--json-schema", str(schema)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["finish_reason"] == "stop" and is_person(json.loads(row["text"]))
+    schema.write_text("{not json")
+    assert main([*args, "--json-schema", str(schema)]) != 0
+    assert "--json-schema" in capsys.readouterr().err
