@@ -60,23 +60,26 @@ def test_bad_schema_is_refused(grammars):
 
 
 def test_prune_drops_forbidden_nodes_and_their_subtrees(grammars, tokenizer):
-    """A hand-made tree under the root: `{` (allowed) with `"` under it (allowed) and `}`-`}` (the second `}`
-    forbidden), and `hello` (forbidden at the start) with a child. The kept tree keeps the order and re-links
-    the parents; the grammar's state is where it was."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("{", '"', "}", "hello")]
-    brace, quote, close, word = ids
-    #        0 root  1 {     2 hello  3 "    4 }     5 x (under hello)  6 } (under })
-    tokens = [0, brace, word, quote, close, quote, close]
-    parents = [-1, 0, 0, 1, 1, 2, 4]
-    tree = VerifyTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor([0, 1, 1, 2, 2, 2, 3]),
-                      list(range(7)), [1.0, .9, .8, .7, .6, .5, .4])
+    """A hand-made tree: the kept nodes are those whose token the grammar allows after their path, in the same
+    order with their parents re-linked; a stop token is kept where the object is complete and nothing under it;
+    the grammar's state is where it was before."""
+    brace, quote, close, word = (tokenizer.convert_tokens_to_ids(t) for t in ("{", '"', "}", "hello"))
+    stop = grammars.stop_ids[0]
+    # node:     0 root 1 {    2 hello 3 "    4 }    5 "   6 }    7 stop 8 {   9 stop
+    tokens = [0, brace, word, quote, close, quote, close, stop, brace, stop]
+    parents = [-1, 0, 0, 1, 1, 2, 4, 4, 7, 0]
+    depths = [0, 1, 1, 2, 2, 2, 3, 3, 4, 1]
+    tree = VerifyTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depths), list(range(10)),
+                      [1.0 - i / 20 for i in range(10)])
     g = grammars.constraint(JSON_OBJECT)
     kept = g.prune(tree)
-    assert kept.nodes == [0, 1, 3, 4] and kept.parents.tolist() == [-1, 0, 1, 1]
-    assert kept.tokens.tolist() == [0, brace, quote, close] and kept.path_probs == [1.0, .9, .7, .6]
-    assert g.pruned == 3
-    assert g.consume([brace, close]) and g.is_finished()       # nothing of the pruning was left consumed
-    assert not g.consume([brace])
+    assert kept.nodes == [0, 1, 3, 4, 7] and kept.parents.tolist() == [-1, 0, 1, 1, 3]
+    assert kept.tokens.tolist() == [0, brace, quote, close, stop] and kept.depths.tolist() == [0, 1, 2, 2, 3]
+    assert kept.path_probs == [tree.path_probs[i] for i in kept.nodes]
+    assert g.pruned == 5
+    assert not g.consume([stop]) and g.consume([brace])        # nothing of the pruning was left consumed
+    assert g.consume([close]) and g.is_finished() and not g.consume([word])
+    assert g.consume([stop]) and not g.consume([brace])
 
 
 def test_greedy_json_ar_and_gsd_identical(engine, tokenizer, grammars):

@@ -120,12 +120,16 @@ class GrammarConstraint:
         self.eos = eos      # the stop token the grammar knows; the other stop tokens stand for it
         self.pruned = 0
         self.masks = 0
+        self.ended = False    # a stop token was consumed: nothing may follow
 
-    def _step(self, token: int) -> bool:
-        """Consume one token when the grammar allows it next (a stop token: when the grammar is complete)."""
-        if token in self.stop_ids:    # llguidance's try/validate calls never take the end token: ask directly
-            return bool(self.matcher.is_accepting()) and bool(self.matcher.consume_token(self.eos))
-        return self.matcher.try_consume_tokens([token]) == 1
+    def _allows_stop(self) -> bool:
+        """Whether a stop token may come next: the grammar is complete. Stop tokens are never fed to the matcher
+        (the output ends with them, and llguidance does not roll an end token back symmetrically)."""
+        return not self.ended and bool(self.matcher.is_accepting())
+
+    def _try(self, token: int) -> bool:
+        """Consume one token (not a stop token) when the grammar allows it next."""
+        return not self.ended and self.matcher.try_consume_tokens([token]) == 1
 
     def allowed_mask(self) -> np.ndarray:
         """The tokens allowed next, one bool per logit (every stop token when the grammar may end here). None
@@ -135,8 +139,10 @@ class GrammarConstraint:
         allowed = np.zeros(self.vocab_size, dtype=bool)
         n = min(len(bias), self.vocab_size)
         allowed[:n] = bias[:n] != 0
-        if allowed[self.eos] or not allowed.any():
-            allowed[self.stop_ids] = True
+        if self.ended:
+            allowed[:] = False
+        ends = bool(allowed[self.eos])
+        allowed[self.stop_ids] = ends or not allowed.any()
         return allowed
 
     def mask_logits(self, row: torch.Tensor) -> torch.Tensor:
@@ -148,22 +154,28 @@ class GrammarConstraint:
         return torch.where(torch.from_numpy(allowed).to(row.device), row.float(), float("-inf"))
 
     def consume(self, tokens) -> bool:
-        """Advance past committed tokens; False (and nothing consumed) when the grammar forbids one of them."""
-        done = 0
-        for t in tokens:
-            if not self._step(int(t)):
+        """Advance past committed tokens (a stop token ends them); False, and nothing consumed, when the grammar
+        forbids one of them."""
+        done, ended = 0, self.ended
+        for t in (int(t) for t in tokens):
+            if t in self.stop_ids and self._allows_stop():
+                self.ended = True
+                continue
+            if t in self.stop_ids or not self._try(t):
                 self.rollback(done)
+                self.ended = ended
                 return False
             done += 1
         return True
 
     def rollback(self, n: int) -> None:
+        """Forget the last `n` tokens consumed (stop tokens aside)."""
         if n > 0:
             self.matcher.rollback(n)
 
     def is_finished(self) -> bool:
         """The grammar is complete and allows nothing but the end of the output."""
-        return bool(self.matcher.is_stopped())
+        return self.ended or bool(self.matcher.is_stopped())
 
     def prune(self, tree: VerifyTree) -> VerifyTree:
         """The tree without the nodes whose token the grammar forbids after their path (and their descendants).
@@ -180,7 +192,9 @@ class GrammarConstraint:
 
         def visit(node: int) -> None:     # the grammar holds the node's path; depth-first, as deep as the tree
             for c in children[node]:
-                if self._step(tokens[c]):
+                if tokens[c] in self.stop_ids:    # the output would end here: kept when it may, nothing after it
+                    keep[c] = self._allows_stop()
+                elif self._try(tokens[c]):
                     keep[c] = True
                     visit(c)
                     self.matcher.rollback(1)
