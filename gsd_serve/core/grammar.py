@@ -150,7 +150,7 @@ class GrammarConstraint:
         a busy machine waits for its thread team, numpy's does not."""
         allowed = self.allowed_mask()
         if row.is_cpu:
-            return torch.from_numpy(np.where(allowed, row.float().numpy(), np.float32(-np.inf)).astype(np.float32))
+            return torch.from_numpy(np.where(allowed, row.float().numpy(), np.float32(-np.inf)))
         return torch.where(torch.from_numpy(allowed).to(row.device), row.float(), float("-inf"))
 
     def consume(self, tokens) -> bool:
