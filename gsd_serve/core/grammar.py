@@ -71,23 +71,22 @@ def parse_response_format(value) -> ResponseFormat | None:
 class GrammarCompiler:
     """Builds GrammarConstraints over one tokenizer (its llguidance view is built once: about a second).
 
-    `stop_token_ids` end the output: the grammar allows them (all alike) once it is complete, and only then.
-    `vocab_size` is the width of the target's logits (it may exceed the tokenizer's: those ids are never
-    allowed)."""
+    `stop_token_ids` (the default of `constraint`) end the output: the grammar allows them (all alike) once it is
+    complete, and only then. `vocab_size` is the width of the target's logits (it may exceed the tokenizer's:
+    those ids are never allowed)."""
 
     def __init__(self, tokenizer, stop_token_ids, vocab_size: int):
         import llguidance
         import llguidance.hf
 
         self.stop_ids = sorted(int(t) for t in stop_token_ids)
-        if not self.stop_ids:
-            raise GrammarError("JSON mode needs a stop token to end the output")
-        eos = int(tokenizer.eos_token_id) if tokenizer.eos_token_id in self.stop_ids else self.stop_ids[0]
         self.vocab_size = int(vocab_size)
         self.lib = llguidance
+        # the end token llguidance knows: the constraint reads "may end here" from the matcher, whatever the stop
+        # tokens of a request are
+        self.eos = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=max(len(tokenizer), self.vocab_size),
-                                                      eos_token=eos)
-        self.eos = eos
+                                                      eos_token=self.eos)
 
     def _grammar(self, fmt: ResponseFormat) -> str:
         try:
@@ -101,11 +100,15 @@ class GrammarCompiler:
         if error:
             raise GrammarError(f"'response_format' schema is not supported: {error}")
 
-    def constraint(self, fmt: ResponseFormat) -> "GrammarConstraint":
+    def constraint(self, fmt: ResponseFormat, stop_token_ids=None) -> "GrammarConstraint":
+        """A fresh grammar state for one output, ended by `stop_token_ids` (default: the compiler's)."""
+        stops = self.stop_ids if stop_token_ids is None else sorted(int(t) for t in stop_token_ids)
+        if not stops:
+            raise GrammarError("JSON mode needs a stop token to end the output")
         matcher = self.lib.LLMatcher(self.tokenizer, self._grammar(fmt), log_level=0)
         if matcher.is_error():
             raise GrammarError(f"'response_format' schema is not supported: {matcher.get_error()}")
-        return GrammarConstraint(matcher, self.vocab_size, self.stop_ids, self.eos)
+        return GrammarConstraint(matcher, self.vocab_size, stops, self.eos)
 
 
 class GrammarConstraint:
@@ -117,7 +120,7 @@ class GrammarConstraint:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.stop_ids = list(stop_ids)
-        self.eos = eos      # the stop token the grammar knows; the other stop tokens stand for it
+        self.eos = eos      # llguidance's end token: never allowed as such (the stop tokens stand for it)
         self.pruned = 0
         self.masks = 0
         self.ended = False    # a stop token was consumed: nothing may follow
@@ -139,10 +142,10 @@ class GrammarConstraint:
         allowed = np.zeros(self.vocab_size, dtype=bool)
         n = min(len(bias), self.vocab_size)
         allowed[:n] = bias[:n] != 0
+        allowed[self.eos] = False
         if self.ended:
             allowed[:] = False
-        ends = bool(allowed[self.eos])
-        allowed[self.stop_ids] = ends or not allowed.any()
+        allowed[self.stop_ids] = self._allows_stop() or not allowed.any()
         return allowed
 
     def mask_logits(self, row: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ class TargetWorker:
         self.max_seq_len = max_seq_len or int(getattr(config, "max_position_embeddings", 8192))
         self.name = name
         self.tokenizer = tokenizer
-        self._grammars: dict[tuple[int, ...], GrammarCompiler] = {}    # by stop tokens
+        self._grammars: GrammarCompiler | None = None    # JSON mode's, built at the first JSON request
         self._grammar_lock = threading.Lock()
         self.expired_calls = 0      # calls skipped because their caller had given up
         self.sessions = SessionTable(max_sessions, ttl_s, max_bytes=max_session_bytes or default_session_bytes(),
@@ -183,10 +183,9 @@ class TargetWorker:
         self.scheduler.submit(session)
         return session
 
-    def _grammar_compiler(self, stop_ids: tuple[int, ...]) -> GrammarCompiler:
+    def _grammar_compiler(self) -> GrammarCompiler:
         with self._grammar_lock:
-            compiler = self._grammars.get(stop_ids)
-            if compiler is None:
+            if self._grammars is None:
                 if self.tokenizer is None:
                     from ..models.checkpoints import ModelLoadError, load_tokenizer
                     try:
@@ -194,8 +193,8 @@ class TargetWorker:
                     except ModelLoadError as exc:
                         raise BadRequest(f"'response_format': this replica has no tokenizer for JSON mode ({exc})",
                                          "response_format") from None
-                compiler = self._grammars[stop_ids] = GrammarCompiler(self.tokenizer, stop_ids, self.vocab_size)
-            return compiler
+                self._grammars = GrammarCompiler(self.tokenizer, (), self.vocab_size)
+            return self._grammars
 
     def _grammar(self, req: "pb.DecodeRequest"):
         """The request's grammar (JSON mode), past the output already generated (a failover); None without one."""
@@ -205,7 +204,7 @@ class TargetWorker:
                 return None
             if req.output_tokens >= len(req.tokens):
                 raise BadRequest(f"output_tokens ({req.output_tokens}) must be fewer than the tokens sent")
-            grammar = self._grammar_compiler(tuple(sorted(req.stop_token_ids))).constraint(fmt)
+            grammar = self._grammar_compiler().constraint(fmt, req.stop_token_ids)
         except GrammarError as exc:
             raise BadRequest(str(exc), "response_format") from None
         if req.output_tokens and not grammar.consume(req.tokens[len(req.tokens) - req.output_tokens:]):
