@@ -79,8 +79,11 @@ def test_prune_drops_forbidden_nodes_and_their_subtrees(grammars, tokenizer):
     assert kept.path_probs == [tree.path_probs[i] for i in kept.nodes]
     assert g.pruned == 5
     assert not g.consume([stop]) and g.consume([brace])        # nothing of the pruning was left consumed
+    mark = g.state()
     assert g.consume([close]) and g.is_finished() and not g.consume([word])
     assert g.consume([stop]) and not g.consume([brace])
+    g.restore(mark)                                             # back to `{`: a verification done again
+    assert not g.is_finished() and g.consume([quote])
 
 
 def test_greedy_json_ar_and_gsd_identical(engine, tokenizer, grammars):

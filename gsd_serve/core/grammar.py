@@ -124,6 +124,7 @@ class GrammarConstraint:
         self.pruned = 0
         self.masks = 0
         self.ended = False    # a stop token was consumed: nothing may follow
+        self.consumed = 0     # tokens fed to the matcher (stop tokens are not)
 
     def _allows_stop(self) -> bool:
         """Whether a stop token may come next: the grammar is complete. Stop tokens are never fed to the matcher
@@ -132,7 +133,20 @@ class GrammarConstraint:
 
     def _try(self, token: int) -> bool:
         """Consume one token (not a stop token) when the grammar allows it next."""
-        return not self.ended and self.matcher.try_consume_tokens([token]) == 1
+        if self.ended or self.matcher.try_consume_tokens([token]) != 1:
+            return False
+        self.consumed += 1
+        return True
+
+    def state(self) -> tuple[int, bool]:
+        """Where the grammar stands, for `restore`."""
+        return self.consumed, self.ended
+
+    def restore(self, state: tuple[int, bool]) -> None:
+        """Go back to an earlier `state()` (a verification that is done again after a failure)."""
+        consumed, ended = state
+        self.rollback(self.consumed - consumed)
+        self.ended = ended
 
     def allowed_mask(self) -> np.ndarray:
         """The tokens allowed next, one bool per logit (every stop token when the grammar may end here). None
@@ -175,6 +189,7 @@ class GrammarConstraint:
         """Forget the last `n` tokens consumed (stop tokens aside)."""
         if n > 0:
             self.matcher.rollback(n)
+            self.consumed -= n
 
     def is_finished(self) -> bool:
         """The grammar is complete and allows nothing but the end of the output."""
