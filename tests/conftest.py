@@ -272,7 +272,9 @@ def tiny_pair():
 
 def start_workers(tiny_pair, secret: str | None = None, names=("d1", "d2", "t1"), **target_kw) -> dict:
     """In-process gRPC draft ("d...") and target ("t...") workers on loopback: {name: (worker, server, port)}.
-    The targets find the drafts in the returned dict (drop a draft's name from it to hide that draft)."""
+    The targets find the drafts in the returned dict (drop a draft's name from it to hide that draft); they hold
+    the real tokenizer (JSON mode's grammar reads it)."""
+    from gsd_serve.models import DEFAULT_TARGET, load_tokenizer
     from gsd_serve.serving.auth import SharedSecret
     from gsd_serve.serving.draft_worker import DraftWorker
     from gsd_serve.serving.grpc_server import serve_grpc
@@ -280,6 +282,7 @@ def start_workers(tiny_pair, secret: str | None = None, names=("d1", "d2", "t1")
 
     target, draft = tiny_pair
     servers = {}
+    target_kw.setdefault("tokenizer", load_tokenizer(DEFAULT_TARGET))
 
     def drafts():
         return [(n, f"127.0.0.1:{port}") for n, (_, _, port) in list(servers.items()) if n.startswith("d")]

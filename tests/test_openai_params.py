@@ -1,4 +1,4 @@
-"""What OpenAI clients send beyond the prompt: stop sequences, logprobs and n choices, in process (Engine, `gsd-serve generate`) and through
+"""What OpenAI clients send beyond the prompt: stop sequences, logprobs, n choices and JSON mode, in process (Engine, `gsd-serve generate`) and through
 the router and the OpenAI frontend over real gRPC workers (a tiny random Llama with the real tokenizer).
 
 Each check runs plain decoding (`ar`) and speculation (`gsd`) side by side: a stop string ends the output exactly
@@ -267,7 +267,10 @@ def test_bad_values_get_400_naming_the_parameter(stack, tok):
         base = {"model": core.config.model_name, "prompt": "Hi", "max_tokens": 2}
         for name, value in (("stop", ["a", ""]), ("stop", ["a", "b", "c", "d", "e"]), ("stop", 7),
                             ("stop", [None]), ("logprobs", 21), ("logprobs", -1), ("logprobs", "yes"),
-                            ("top_logprobs", 2), ("response_format", {"type": "json_object"}), ("n", 17),
+                            ("top_logprobs", 2), ("response_format", {"type": "xml"}), ("response_format", "json"),
+                            ("response_format", {"type": "json_schema"}),
+                            ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}}),
+                            ("response_format", {"type": "json_schema", "json_schema": {"schema": []}}), ("n", 17),
                             ("n", 0), ("best_of", 3)):
             status, r = await _body(front, dict(base, **{name: value}), False)
             assert status == 400 and r["error"]["param"] == name, (name, value, r)
@@ -388,3 +391,99 @@ def test_n_choices_are_seeded_streams(stack, tiny_engine, tok):
         assert core.inflight == 0
         await core.close()
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- JSON mode (response_format)
+
+# a schema whose every output is a few tokens: no whitespace between them (llguidance's own option), else the random
+# model picks whitespace forever
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False}}
+
+
+@pytest.fixture(scope="module")
+def tiny_grammars(tiny_engine, tok):
+    from gsd_serve.core.grammar import GrammarCompiler
+
+    return GrammarCompiler(tok, tiny_engine.stop_token_ids, tiny_engine.target.vocab_size)
+
+
+def test_json_mode_served_is_ar_under_the_grammar(stack, tiny_engine, tiny_grammars, tok):
+    """Through the router (gsd rounds on the target replica) and the frontend, chat and completions, greedy and
+    sampled, streamed and not: the tokens are the in-process ar tokens under the same grammar, and an output the
+    grammar ended (finish_reason stop) parses; gRPC's Generate takes the same response_format."""
+    from conftest import router_core
+
+    from gsd_serve.core.grammar import parse_response_format
+    from gsd_serve.serving.openai_api import OpenAIFrontend
+    from gsd_serve.serving.rpc import pb
+
+    ar = SpecConfig.for_method("ar")
+    msgs = [{"role": "user", "content": "Give me a JSON object."}]
+    flag = {"type": "json_schema", "json_schema": {"name": "flag", "schema": FLAG}}
+    cases = [(True, {"messages": msgs}, encode(tok, {"messages": msgs}), {"type": "json_object"}, SAMPLINGS[0]),
+             (False, {"prompt": "{"}, encode(tok, "{", raw=True), {"type": "json_object"}, SAMPLINGS[1]),
+             (True, {"messages": msgs}, encode(tok, {"messages": msgs}), flag, SAMPLINGS[1])]
+
+    async def main():
+        core, _ = router_core(stack, tok, SECRET)
+        front = OpenAIFrontend(core)
+        for chat, prompt, ids, fmt, sampling in cases:
+            want = tiny_engine.generate(ids, 16, ar, sampling, grammar=tiny_grammars.constraint(
+                parse_response_format(fmt)))
+            text = tok.decode(want.token_ids, skip_special_tokens=True)
+            assert text.lstrip().startswith("{")
+            if want.finish_reason == "stop":
+                json.loads(text)
+            body = dict(prompt, model=core.config.model_name, max_tokens=16, response_format=fmt,
+                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+            status, r = await _body(front, body, chat)
+            assert status == 200, r
+            choice = r["choices"][0]
+            assert r["token_ids"] == want.token_ids and choice["finish_reason"] == want.finish_reason, fmt
+            assert (choice["message"]["content"] if chat else choice["text"]) == text
+            status, events = await _body(front, dict(body, stream=True), chat)
+            assert status == 200 and _text(events, chat) == text and _finish(events) == [want.finish_reason]
+        assert want.finish_reason == "stop" and json.loads(text) in ({"ok": True}, {"ok": False})
+        req = pb.GenerateRequest(model=core.config.model_name, messages=[pb.ChatMessage(role="user", content="Hi")],
+                                 max_tokens=16, response_format=pb.ResponseFormat(type="json_schema",
+                                                                                  schema=json.dumps(FLAG)))
+        g = await front.grpc_generate(req)
+        assert g.finish_reason == "stop" and json.loads(g.text) in ({"ok": True}, {"ok": False})
+        for bad in (pb.ResponseFormat(type="xml"), pb.ResponseFormat(type="json_schema", schema="{x"),
+                    pb.ResponseFormat(type="json_schema", schema='{"type": "objectx"}')):
+            with pytest.raises(BadRequest, match="response_format"):
+                await front.grpc_generate(pb.GenerateRequest(prompt="Hi", max_tokens=2, response_format=bad))
+        await core.close()
+
+    from gsd_serve.serving.errors import BadRequest
+    asyncio.run(main())
+
+
+def test_json_mode_goes_on_after_a_failover(stack, tiny_engine, tiny_grammars, tok):
+    """A target replica handed a request with output already generated (`output_tokens`) feeds that output to the
+    grammar first, so it goes on exactly where the failed replica left off; output the grammar forbids is
+    refused (INVALID_ARGUMENT), and so is a bad response_format."""
+    from gsd_serve.core.grammar import parse_response_format
+    from gsd_serve.serving.errors import BadRequest
+    from gsd_serve.serving.rpc import pb, spec_to_proto
+
+    fmt = parse_response_format({"type": "json_object"})
+    ids = encode(tok, {"messages": [{"role": "user", "content": "JSON please"}]})
+    want = tiny_engine.generate(ids, 12, SpecConfig.for_method("ar"), grammar=tiny_grammars.constraint(fmt))
+    worker = stack["t1"][0]
+    k = 5
+
+    def decode(tokens, output_tokens, response_format, session):
+        req = pb.DecodeRequest(session_id=session, tokens=tokens, max_tokens=12 - output_tokens,
+                               stop_token_ids=[tok.eos_token_id], output_tokens=output_tokens,
+                               spec=spec_to_proto(SpecConfig.for_method("gsd", max_depth=4, budget=12)),
+                               response_format=response_format)
+        return [t for chunk in worker.decode(req) for t in chunk.tokens]
+
+    json_object = pb.ResponseFormat(type="json_object")
+    assert decode(ids + want.token_ids[:k], k, json_object, "json-failover") == want.token_ids[k:]
+    with pytest.raises(BadRequest, match="grammar"):
+        decode(ids + encode(tok, "not json", raw=True), 2, json_object, "json-bad-output")
+    with pytest.raises(BadRequest, match="response_format"):
+        decode(ids, 0, pb.ResponseFormat(type="json_schema", schema='{"type": 3}'), "json-bad-format")

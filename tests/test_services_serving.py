@@ -203,6 +203,39 @@ def test_openai_client_stop_logprobs_and_n(app, engine, tokenizer):
         assert err.value.body.get("error", err.value.body)["param"] == param
 
 
+def test_openai_client_json_mode(app, engine, tokenizer):
+    """The official client's response_format through the served gsd application: json_object and json_schema
+    outputs are the in-process ar outputs under the same grammar, and parse (the schema's fields checked by hand);
+    a bad response_format gets 400 naming it."""
+    import openai
+
+    from gsd_serve.core.config import SpecConfig
+    from gsd_serve.core.grammar import GrammarCompiler, parse_response_format
+
+    c = client(app)
+    grammars = GrammarCompiler(tokenizer, engine.stop_token_ids, engine.target.vocab_size)
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    cases = [("Reply with a JSON object with the keys city and country for Paris.", {"type": "json_object"}),
+             ("Describe a person as JSON with name and age.",
+              {"type": "json_schema", "json_schema": {"name": "person", "schema": person}})]
+    for text, fmt in cases:
+        msgs, ids = chat_ids(tokenizer, text)
+        want = engine.generate(ids, 24, SpecConfig.for_method("ar"),
+                               grammar=grammars.constraint(parse_response_format(fmt)))
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0, response_format=fmt)
+        assert r.choices[0].finish_reason == want.finish_reason == "stop"
+        assert r.choices[0].message.content == tokenizer.decode(want.token_ids, skip_special_tokens=True)
+        value = json.loads(r.choices[0].message.content)
+        assert isinstance(value, dict)
+        if fmt["type"] == "json_schema":
+            assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+    for bad in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}}):
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, response_format=bad)
+        assert err.value.body.get("error", err.value.body)["param"] == "response_format"
+
+
 def test_direct_port_serves_the_same_answers_without_the_proxy(app, engine, tokenizer):
     """The Router replica's own HTTP port (app arg direct_http_port): the same API, answers identical to the
     engine's and to the proxied route's, streamed and not."""

@@ -27,16 +27,19 @@ def cmd_generate(args) -> int:
         raise CliError(str(exc).replace("'stop'", "--stop")) from None
     spec = spec_from_args(args, args.method)
     sampling = sampling_from_args(args)
+    fmt = response_format_from_args(args)
     engine, tokenizer = build_engine(args, args.method)
+    grammars = grammar_compiler(engine, tokenizer, fmt)
     multi = len(records) > 1
     start = time.time()
     for i, rec in enumerate(records):
         ids = encode(tokenizer, rec, raw=args.raw)
         stop = StopStrings(tokenizer, stops)
+        grammar = grammars.constraint(fmt) if grammars is not None else None
         if args.json or multi:
-            result = engine.generate(ids, args.max_new_tokens, spec, sampling, stop)
+            result = engine.generate(ids, args.max_new_tokens, spec, sampling, stop, grammar=grammar)
         else:
-            gen = engine.stream(ids, args.max_new_tokens, spec, sampling, stop)
+            gen = engine.stream(ids, args.max_new_tokens, spec, sampling, stop, grammar=grammar)
             text_so_far = ""
             all_ids: list[int] = []
             for chunk in gen:
@@ -72,6 +75,37 @@ def cmd_generate(args) -> int:
             print(line, file=sys.stderr)
     return 0
 
+def response_format_from_args(args):
+    """--json-object / --json-schema FILE as a core.grammar.ResponseFormat (None: free text)."""
+    from ..core.grammar import GrammarError, parse_response_format
+
+    if args.json_schema is None:
+        return parse_response_format({"type": "json_object"}) if args.json_object else None
+    try:
+        schema = json.loads(open(args.json_schema, encoding="utf-8").read())
+    except OSError as exc:
+        raise CliError(f"--json-schema: cannot read {args.json_schema}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CliError(f"--json-schema: {args.json_schema} is not JSON: {exc}") from None
+    try:
+        return parse_response_format({"type": "json_schema", "json_schema": {"schema": schema}})
+    except GrammarError as exc:
+        raise CliError(f"--json-schema: {exc}") from None
+
+
+def grammar_compiler(engine, tokenizer, fmt):
+    """The compiler of JSON mode's grammars over the engine's stop tokens (None without a format); refuses a
+    schema it cannot compile."""
+    from ..core.grammar import GrammarCompiler, GrammarError
+
+    if fmt is None:
+        return None
+    try:
+        compiler = GrammarCompiler(tokenizer, engine.stop_token_ids, engine.target.vocab_size)
+        compiler.check(fmt)
+    except GrammarError as exc:
+        raise CliError(f"--json-schema: {exc}" if fmt.kind == "json_schema" else str(exc)) from None
+    return compiler
 
 
 def register(sub) -> None:
@@ -89,6 +123,11 @@ def register(sub) -> None:
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the output before the first occurrence of TEXT (repeatable, at most 4)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    fmt = g.add_mutually_exclusive_group()
+    fmt.add_argument("--json-object", action="store_true",
+                     help="JSON mode: the output is a JSON object (each token the target's choice among those the "
+                          "grammar allows)")
+    fmt.add_argument("--json-schema", metavar="FILE", help="JSON mode: the output follows the JSON Schema in FILE")
     g.add_argument("--tensor-parallel-size", type=positive_int("--tensor-parallel-size"), default=1,
                    help="run the target as N tensor-parallel ranks (processes; gloo on CPU, NCCL on GPUs); "
                         "N must divide the target's attention and KV heads (default target: 1 or 3)")

@@ -11,7 +11,8 @@ One round:
     plan    = planner.plan(...)    plain, a lookup chain alone, or the draft's graph (planner.py)
     graph   = propose(root)        the draft's TokenGraph (gsd: merged DAG with the lookup chain in it),
                                    or the lookup chain alone (built here: no draft forward)
-    tree    = the graph's most valuable nodes, as many as the planner finds worth their rows
+    tree    = the graph's most valuable nodes, as many as the planner finds worth their rows (in JSON mode,
+              of the nodes the grammar allows: core/grammar.py)
     verdict = verify(tree)         one target forward over the tree, then acceptance
     commit(verdict.emitted)        the accepted draft tokens and the bonus token
 
@@ -92,9 +93,11 @@ class Sequence:
     `tokens` is the authoritative list: drivers read it while answering a request and never change it.
     `stop_strings` (a stops.StopStrings, or anything with its `push` and `end`) ends the output at the first
     stop string in its text; `text_end` is then the length of the output's text before it.
+    `grammar` (a grammar.GrammarConstraint, JSON mode) is the output's grammar: the loop prunes drafted trees
+    with it, and the target's chooser (holding the same object) masks and consumes each token it decides.
     """
 
-    def __init__(self, prompt: list[int], max_new_tokens: int, stop_token_ids=(), stop_strings=None):
+    def __init__(self, prompt: list[int], max_new_tokens: int, stop_token_ids=(), stop_strings=None, grammar=None):
         if not prompt:
             raise ValueError("the prompt is empty")
         if max_new_tokens < 1:
@@ -104,6 +107,7 @@ class Sequence:
         self.max_new_tokens = max_new_tokens
         self.stop_token_ids = frozenset(stop_token_ids)
         self.stop_strings = stop_strings if stop_strings else None
+        self.grammar = grammar
         self.finish_reason: str | None = None    # "stop" (a stop token or string) or "length"
 
     @property
@@ -185,6 +189,7 @@ class DecodeStats:
     resyncs: int = 0             # sessions rebuilt on a replica
     failovers: int = 0           # times the request moved to another target replica
     draft_failovers: int = 0     # draft calls that failed (their rounds went on without a draft)
+    grammar_pruned: int = 0      # JSON mode: drafted tree nodes the grammar forbade (dropped before verification)
     feature_bytes: int = 0       # served feature drafts: target features sent to draft replicas (bytes)
     seconds: float = 0.0
     ttft: float = 0.0
@@ -230,6 +235,21 @@ def chain_in_tree(tree: VerifyTree, chain_len: int) -> int:
     return k - 1
 
 
+def _grammar_done(seq: Sequence) -> bool:
+    """The output's grammar is complete: only a stop token can come, nothing is worth drafting."""
+    return seq.grammar is not None and seq.grammar.is_finished()
+
+
+def _allowed_tree(grammar, graph, size: int, stats: DecodeStats) -> VerifyTree:
+    """The `size` most probable nodes of the graph that the grammar allows: flattened from twice as many (a node
+    the grammar drops frees its row for the next best), pruned, cut to `size`. The dropped nodes are counted in
+    `stats.grammar_pruned`."""
+    before = grammar.pruned
+    allowed = grammar.prune(flatten_to_tree(graph, 2 * size)).prefix(size)
+    stats.grammar_pruned += grammar.pruned - before
+    return allowed
+
+
 def decode(seq: Sequence, spec: SpecConfig, planner=None, stats: DecodeStats | None = None
            ) -> Generator[Any, Any, DecodeStats]:
     """Generate into `seq` until it is finished; returns the stats (StopIteration.value).
@@ -246,7 +266,7 @@ def decode(seq: Sequence, spec: SpecConfig, planner=None, stats: DecodeStats | N
     lag = seq.prompt_len           # committed tokens the draft has not read (its next forward feeds them)
     while not seq.finished:
         t0 = time.perf_counter()
-        if not speculative or seq.room <= 1:        # the bonus token alone fits: nothing to propose
+        if not speculative or seq.room <= 1 or _grammar_done(seq):   # only the bonus token fits, or only a stop
             plan = RoundPlan(PLAIN)
         elif planner is None:
             plan = RoundPlan(DRAFT, max_depth=min(spec.max_depth, seq.room - 1))
@@ -265,7 +285,11 @@ def decode(seq: Sequence, spec: SpecConfig, planner=None, stats: DecodeStats | N
             emitted = [(yield Step(seq))]
             stats.plain_steps += speculative
         else:
-            tree = flatten_to_tree(graph, spec.budget + len(plan.chain) if plan.kind == DRAFT else len(graph))
+            size = spec.budget + len(plan.chain) if plan.kind == DRAFT else len(graph)
+            if seq.grammar is None:
+                tree = flatten_to_tree(graph, size)
+            else:
+                tree = _allowed_tree(seq.grammar, graph, size, stats)
             if plan.kind == DRAFT and planner is not None:
                 tree = tree.prefix(planner.tree_size(tree.path_probs))
             verdict = yield Verify(seq, graph, tree)

@@ -95,21 +95,24 @@ class Engine:
         return str(getattr(self.target, "dtype", "float32")).removeprefix("torch.")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
-                 sampling: SamplingParams | None = None, stop=None, logprobs: int | None = None
+                 sampling: SamplingParams | None = None, stop=None, logprobs: int | None = None, grammar=None
                  ) -> GenerationResult:
-        gen = self.stream(prompt_ids, max_new_tokens, spec, sampling, stop, logprobs)
+        gen = self.stream(prompt_ids, max_new_tokens, spec, sampling, stop, logprobs, grammar)
         for _ in gen:
             pass
         return gen.result
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 64, spec: SpecConfig | None = None,
-               sampling: SamplingParams | None = None, stop=None, logprobs: int | None = None) -> Generation:
+               sampling: SamplingParams | None = None, stop=None, logprobs: int | None = None, grammar=None
+               ) -> Generation:
         """`stop`: a core.stops.StopStrings (it holds the tokenizer that decodes the text it searches); the
         output ends at the token that completes the first stop string, and the result's `text_end` says where
         the text ends. `logprobs` (None: off): the result carries each output token's TokenLogprob with this
-        many most probable alternatives."""
+        many most probable alternatives. `grammar` (JSON mode: a fresh core.grammar.GrammarConstraint, from a
+        GrammarCompiler over the engine's stop tokens): every output token is the target's choice among the
+        tokens it allows."""
         spec = spec or self.spec
-        seq = Sequence(prompt_ids, max_new_tokens, self.stop_token_ids, stop)   # validates both
+        seq = Sequence(prompt_ids, max_new_tokens, self.stop_token_ids, stop, grammar)   # validates both
         if spec.method != "ar" and self.draft is None:
             raise ValueError(f"method '{spec.method}' needs a draft model")
         box: list = []
@@ -117,7 +120,7 @@ class Engine:
 
     def _run(self, seq: Sequence, spec: SpecConfig, sampling: SamplingParams, box: list,
              logprobs: int | None = None) -> Iterator[list[int]]:
-        chooser = TokenChooser(sampling, self.target.vocab_size, logprobs)
+        chooser = TokenChooser(sampling, self.target.vocab_size, logprobs, seq.grammar)
         planner = self.planner.sequence(sampling.greedy, spec.planner, spec.shared_lookup) \
             if spec.method != "ar" else None
         draft = DraftSession(self.draft, on_forward=planner.observe_draft) if planner is not None else None

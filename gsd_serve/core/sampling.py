@@ -58,10 +58,14 @@ class TokenChooser:
     """Chooses tokens for rows of logits, each row predicting a known absolute token index.
 
     With `top_logprobs` (None: off) the verifier notes each committed choice's TokenLogprob with that many
-    alternatives in `logprobs` (absolute token index -> TokenLogprob); drivers read them from there."""
+    alternatives in `logprobs` (absolute token index -> TokenLogprob); drivers read them from there.
+    With a `grammar` (a core.grammar.GrammarConstraint: JSON mode) each token is chosen one at a time (`pick`)
+    from logits masked to what the grammar allows after the tokens before it; its logprobs are those of the
+    masked distribution."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, top_logprobs: int | None = None):
+    def __init__(self, params: SamplingParams, vocab_size: int, top_logprobs: int | None = None, grammar=None):
         self.params = params
+        self.grammar = grammar
         self.vocab_size = vocab_size
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._noise: dict[int, torch.Tensor] = {}
@@ -85,6 +89,19 @@ class TokenChooser:
             top_ids = top_lps = [[] for _ in tokens]
         for r, (t, i) in enumerate(zip(tokens, indices)):
             self.logprobs[i] = TokenLogprob(t, chosen[r], tuple(top_ids[r]), tuple(top_lps[r]))
+
+    def pick(self, row: torch.Tensor, index: int) -> int:
+        """The token at absolute index `index` from one row of logits [V] (the next token after committed or
+        accepted ones), noted; under a grammar, chosen from the masked row and consumed into the grammar."""
+        if self.grammar is not None:
+            row = self.grammar.mask_logits(row)
+        rows = row[None]
+        token = self.choose(rows, torch.tensor([index]))
+        self.note(rows, token, [index])
+        chosen = int(token[0])
+        if self.grammar is not None:
+            self.grammar.consume([chosen])
+        return chosen
 
     def noise(self, index: int) -> torch.Tensor:
         """Gumbel noise for the token at absolute index `index` (cached until `forget_before`)."""

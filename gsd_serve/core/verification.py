@@ -52,9 +52,7 @@ class TargetSession:
     def prefill(self, tokens: list[int], chooser: TokenChooser) -> int:
         """Feed the prompt; returns the first generated token."""
         logits = self._forward(torch.tensor(tokens, dtype=torch.long), last_only=True)
-        first = chooser.choose(logits, torch.tensor([len(tokens)]))
-        chooser.note(logits[-1:], first, [len(tokens)])
-        return int(first[0])
+        return chooser.pick(logits[-1], len(tokens))
 
     def extend(self, tokens: list[int]) -> None:
         """Feed committed tokens whose K/V is missing (after a rebuild elsewhere); no output."""
@@ -71,9 +69,7 @@ class TargetSession:
     def step(self, root: int, root_index: int, chooser: TokenChooser) -> int:
         """Plain decoding: one forward on the root, one token out."""
         logits = self._forward(torch.tensor([root], dtype=torch.long))
-        token = chooser.choose(logits, torch.tensor([root_index + 1]))
-        chooser.note(logits[-1:], token, [root_index + 1])
-        return int(token[0])
+        return chooser.pick(logits[-1], root_index + 1)
 
 
 def _tree_inputs(session: TargetSession, tree: VerifyTree, root_index: int):
@@ -84,6 +80,26 @@ def _tree_inputs(session: TargetSession, tree: VerifyTree, root_index: int):
     mask = torch.ones(len(tree), cached + len(tree), dtype=torch.bool)
     mask[:, cached:] = anc
     return anc, cached + tree.depths, mask[None, None]
+
+
+def accept_constrained(tree: VerifyTree, logits: torch.Tensor, root_index: int, chooser: TokenChooser
+                       ) -> tuple[list[int], list[int]]:
+    """Acceptance under the chooser's grammar: (tree path, emitted tokens). From the root, the target's choice
+    at each node is made from its logits masked by the grammar after the path so far (`chooser.pick` consumes
+    it into the grammar); the walk moves to the child carrying that token until none does, or the choice ends
+    the output. Every emitted token is the target's constrained choice on its own prefix, as plain decoding's."""
+    tokens, parents, depths = tree.tokens.tolist(), tree.parents.tolist(), tree.depths.tolist()
+    child = {(parents[i], tokens[i]): i for i in range(1, len(tree))}   # siblings carry distinct tokens
+    stops = set(chooser.grammar.stop_ids)
+    path, emitted = [0], []
+    while True:
+        node = path[-1]
+        token = chooser.pick(logits[node], root_index + 1 + depths[node])
+        emitted.append(token)
+        nxt = child.get((node, token))
+        if nxt is None or token in stops:
+            return path, emitted
+        path.append(nxt)
 
 
 @dataclass
@@ -161,17 +177,19 @@ def verify_batch(jobs: list[tuple[TargetSession, VerifyTree, int, TokenChooser]]
                 item.session.forwards += 1
                 first = None
                 if item.last:
-                    chosen = item.chooser.choose(lg[-1:], torch.tensor([item.index]))
-                    item.chooser.note(lg[-1:], chosen, [item.index])
-                    first = int(chosen[0])
+                    first = item.chooser.pick(lg[-1], item.index)
                 out[j] = PrefillResult(first, feats)
                 continue
             session, tree, root_index, chooser = item
             session.forwards += 1
-            choices = chooser.choose(lg, root_index + 1 + tree.depths)
-            path = accept_path(tree.tokens, tree.parents, choices, anc)
-            chooser.note(lg[path], choices[path], root_index + 1 + tree.depths[path])
+            if chooser.grammar is None:
+                choices = chooser.choose(lg, root_index + 1 + tree.depths)
+                path = accept_path(tree.tokens, tree.parents, choices, anc)
+                chooser.note(lg[path], choices[path], root_index + 1 + tree.depths[path])
+                emitted = choices[path].tolist()
+            else:
+                path, emitted = accept_constrained(tree, lg, root_index, chooser)
             session.cache.keep(root_index, [root_index + i for i in path])
-            out[j] = Verdict(path, [tree.nodes[i] for i in path], choices[path].tolist(), len(tree),
+            out[j] = Verdict(path, [tree.nodes[i] for i in path], emitted, len(tree),
                              None if feats is None else feats[path])
     return out

@@ -124,8 +124,14 @@ def request_schemas(front: OpenAIFrontend) -> dict[str, dict]:
                                 {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "minLength": 1}}]}
     common.update({name: {"enum": [None, False, [], {}], "description": "not supported (only its no-op values)"}
                    for name in UNSUPPORTED})
-    common["response_format"] = {"enum": [None, False, [], {}, {"type": "text"}],
-                                 "description": "text only (no JSON mode)"}
+    common["response_format"] = {"oneOf": [
+        {"enum": [None, False, [], {}], "description": "text"},
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"enum": ["json_schema"]},
+            "json_schema": {"type": "object", "required": ["schema"], "properties": {"schema": {"type": "object"}}}}}],
+        "description": "JSON mode: json_object (any JSON object) or json_schema (its schema); the output is the "
+                       "target's own choice among the tokens the grammar allows"}
     top = {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}
     completion = {"type": "object", "required": ["model", "prompt"], "properties": dict(
         common, logprobs={"oneOf": [{"type": "null"}, {"type": "boolean", "enum": [False]}, top]},

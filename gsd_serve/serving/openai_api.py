@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from ..core.grammar import GrammarError, parse_response_format
 from ..core.prompts import PromptError, encode
 from ..core.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from ..core.stops import check_stops, held_back
@@ -156,10 +157,6 @@ class OpenAIFrontend:
         for name in UNSUPPORTED:
             if not _unset(body.get(name)):
                 raise BadRequest(f"'{name}' is not supported", name)
-        fmt = body.get("response_format")
-        if not (_unset(fmt) or fmt == {"type": "text"}):
-            raise BadRequest("'response_format' other than {\"type\": \"text\"} is not supported (no JSON mode)",
-                             "response_format")
         try:
             stops = check_stops(body.get("stop"))
         except ValueError as exc:
@@ -200,6 +197,15 @@ class OpenAIFrontend:
             raise BadRequest("'stream_options.include_usage' must be a boolean", "stream_options")
         sampling = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
         return max_tokens, sampling, stream, include_usage, stops, n
+
+    @staticmethod
+    def _response_format(body: dict):
+        """JSON mode's format (core.grammar.ResponseFormat), None for text."""
+        try:
+            fmt = body.get("response_format")
+            return None if _unset(fmt) else parse_response_format(fmt)
+        except GrammarError as exc:
+            raise BadRequest(str(exc), "response_format") from None
 
     def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
         tok = self.core.tokenizer
@@ -268,10 +274,11 @@ class OpenAIFrontend:
             body = self._parse_json(raw)
             max_tokens, sampling, stream, include_usage, stops, n = self._common(body, chat)
             top_logprobs = self._logprobs(body, chat)
+            fmt = self._response_format(body)
             ids = self._prompt_ids(body, chat)
             prefix = "chatcmpl-" if chat else "cmpl-"
             params = GenerateParams(ids, max_tokens, sampling, prefix + uuid.uuid4().hex, stop=stops,
-                                    top_logprobs=top_logprobs)
+                                    top_logprobs=top_logprobs, response_format=fmt)
             runs = self._start(params, n)
         except ServingError as exc:
             return "json", exc.http_status, exc.to_openai()
@@ -456,8 +463,12 @@ class OpenAIFrontend:
         top_logprobs = req.top_logprobs if req.HasField("top_logprobs") else None
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
+        try:
+            fmt = rpc.format_from_proto(req.response_format)
+        except GrammarError as exc:
+            raise BadRequest(str(exc), "response_format") from None
         return GenerateParams(ids, max_tokens, sampling, "gen-" + uuid.uuid4().hex, req.timeout_s or None, stops,
-                              top_logprobs)
+                              top_logprobs, fmt)
 
     async def grpc_generate(self, req: "pb.GenerateRequest") -> "pb.GenerateResponse":
         run = self.core.start(self._grpc_params(req))

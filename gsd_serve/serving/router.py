@@ -28,6 +28,7 @@ import grpc
 
 from ..core.config import SpecConfig
 from ..core.decode import DecodeStats, Sequence
+from ..core.grammar import GrammarCompiler, GrammarError, ResponseFormat
 from ..core.sampling import SamplingParams
 from ..core.stops import StopStrings
 from . import rpc
@@ -146,6 +147,7 @@ class GenerateParams:
     timeout_s: float | None = None     # the client's deadline (capped by RouterConfig.request_timeout_s)
     stop: tuple[str, ...] = ()         # stop strings (core.stops): the output ends before the first one
     top_logprobs: int | None = None    # set: each output token's TokenLogprob, with this many alternatives
+    response_format: ResponseFormat | None = None   # JSON mode (the target replica constrains the output)
 
 
 class Run:
@@ -312,7 +314,9 @@ class Run:
             req = pb.DecodeRequest(session_id=f"{self.id}.{attempt}", tokens=self.committed,
                                    max_tokens=self.seq.room, sampling=self.sampling_pb, spec=core.spec_pb,
                                    stop_token_ids=sorted(core.stop_ids), feature_layers=core.feature_layers,
-                                   top_logprobs=self.params.top_logprobs)
+                                   top_logprobs=self.params.top_logprobs,
+                                   response_format=rpc.format_to_proto(self.params.response_format),
+                                   output_tokens=len(self.out))
             call = ep.stub.Decode(req, timeout=left, metadata=core.worker_secret.metadata())
             chunks = call.__aiter__()
             try:
@@ -382,6 +386,7 @@ class Run:
         st.draft_failovers += s.draft_failovers
         st.draft_features_missing += s.draft_features_missing
         st.feature_bytes += s.feature_bytes
+        st.grammar_pruned += s.grammar_pruned
 
 
 class RouterCore:
@@ -407,6 +412,7 @@ class RouterCore:
         self.spec_pb = rpc.spec_to_proto(config.spec)
         self._refreshed = 0.0
         self._refresh_lock: asyncio.Lock | None = None
+        self._grammars: GrammarCompiler | None = None    # built at the first JSON request (about a second)
 
     def _stop_ids(self) -> set[int]:
         from ..core.prompts import stop_token_ids
@@ -482,6 +488,18 @@ class RouterCore:
         if len(params.prompt_ids) + params.max_tokens > cfg.max_model_len:
             raise BadRequest(f"prompt ({len(params.prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the model's {cfg.max_model_len}", "max_tokens", "context_length_exceeded")
+        self.check_format(params.response_format)
+
+    def check_format(self, fmt: ResponseFormat | None) -> None:
+        """Refuse a response format whose grammar cannot be built (before any replica sees it)."""
+        if fmt is None:
+            return
+        try:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.stop_ids, self.vocab_size)
+            self._grammars.check(fmt)
+        except GrammarError as exc:
+            raise BadRequest(str(exc), "response_format") from None
 
     def reap_unstarted(self) -> int:
         """Release admitted requests whose stream never started within admit_timeout_s (a response dropped

@@ -276,7 +276,33 @@ def stats_to_proto(stats) -> "pb.GenerateStats":
                             lookup_rounds=stats.lookup_rounds, drafted_rounds=stats.drafted_rounds,
                             lookup_accepted=stats.lookup_accepted, draft_forwards=stats.draft_forwards,
                             ttft=stats.ttft, failovers=stats.failovers, draft_failovers=stats.draft_failovers,
-                            draft_features_missing=stats.draft_features_missing, feature_bytes=stats.feature_bytes)
+                            draft_features_missing=stats.draft_features_missing, feature_bytes=stats.feature_bytes,
+                            grammar_pruned=stats.grammar_pruned)
+
+
+def format_to_proto(fmt) -> "pb.ResponseFormat":
+    """A core.grammar.ResponseFormat (None: no constraint) as the gsd.v1 message."""
+    if fmt is None:
+        return pb.ResponseFormat()
+    return pb.ResponseFormat(type=fmt.kind, schema=fmt.schema)
+
+
+def format_from_proto(msg: "pb.ResponseFormat"):
+    """The ResponseFormat a gsd.v1 message asks for, None for none; raises core.grammar.GrammarError naming
+    what is wrong."""
+    import json
+
+    from ..core.grammar import GrammarError, parse_response_format
+
+    if msg.type in ("", "text"):
+        return None
+    value = {"type": msg.type}
+    if msg.type == "json_schema":
+        try:
+            value["json_schema"] = {"schema": json.loads(msg.schema) if msg.schema else None}
+        except (ValueError, RecursionError):
+            raise GrammarError("'response_format.schema' is not valid JSON") from None
+    return parse_response_format(value)
 
 
 def logprob_to_proto(lp) -> "pb.TokenLogprob":

@@ -282,11 +282,15 @@ class Scheduler:
         rows = sum(s.rows for s in trees) + sum(len(c.tokens) for c in chunks)
         t0 = time.perf_counter()
         m0 = time.monotonic()
+        marks = [_grammar_state(s) for s in trees + chunk_of]
         try:
             results = verify_batch(jobs, chunks)
         except Exception:
             if len(jobs) + len(chunks) == 1:
                 raise
+            for s, mark in zip(trees + chunk_of, marks):    # choices made before the failure are made again
+                if mark is not None:
+                    s.chooser.grammar.restore(mark)
             results = self._one_by_one(jobs, chunks, trees, chunk_of)
         seconds = time.perf_counter() - t0
         self.forwards += 1
@@ -374,12 +378,18 @@ class Scheduler:
         s.out.put(exc if exc is not None else END)
 
 
+def _grammar_state(s: DecodeSession):
+    """The session's grammar state (JSON mode), None without a grammar."""
+    return s.chooser.grammar.state() if s.chooser.grammar is not None else None
+
+
 def new_session(session_id: str, runner, planner: Planner, tokens: list[int], max_tokens: int, spec: SpecConfig,
                 sampling: SamplingParams, stop_ids, vocab_size: int, *, draft=None, feature_layers=(),
-                deadline: float = float("inf"), top_logprobs: int | None = None) -> DecodeSession:
-    """A session ready for Scheduler.submit; with `top_logprobs` its chooser notes each output token's logprobs."""
-    seq = Sequence(tokens, max_tokens, stop_ids)
-    chooser = TokenChooser(sampling, vocab_size, top_logprobs)
+                deadline: float = float("inf"), top_logprobs: int | None = None, grammar=None) -> DecodeSession:
+    """A session ready for Scheduler.submit; with `top_logprobs` its chooser notes each output token's logprobs,
+    with a `grammar` (core.grammar.GrammarConstraint: JSON mode) every token it decides is constrained."""
+    seq = Sequence(tokens, max_tokens, stop_ids, grammar=grammar)
+    chooser = TokenChooser(sampling, vocab_size, top_logprobs, grammar)
     target = TargetSession(runner, feature_layers=tuple(feature_layers))
     plan = planner.sequence(sampling.greedy, spec.planner, spec.shared_lookup) if spec.method != "ar" else None
     return DecodeSession(session_id, seq, spec, chooser, target, plan, draft if spec.method != "ar" else None,

@@ -27,6 +27,7 @@ import torch
 from ..core.config import ConfigError
 from ..core.costs import ForwardCosts
 from ..core.engine import COST_SEED_SIZES
+from ..core.grammar import GrammarCompiler, GrammarError
 from ..core.graph import flatten_to_tree
 from ..core.lookup import SharedSuffixIndex
 from ..core.planner import Planner
@@ -66,12 +67,13 @@ class TargetWorker:
                  block_size: int = 32, replica_id: str | None = None, max_seq_len: int | None = None,
                  device: str | None = None, max_session_bytes: int | None = None, drafts=None, secret=None,
                  shared_lookup_tokens: int = 100_000, shared_redis_url: str | None = None, prefill_chunk: int = 64,
-                 max_decoding: int = 256):
+                 max_decoding: int = 256, tokenizer=None):
         """drafts: discover() -> [(replica_id, address)] of the draft replicas its Decode sessions call (None:
         none); secret: the SharedSecret their calls carry; shared_lookup_tokens: the cross-request index's
         bound (0: none); shared_redis_url: the Redis through which the application's target replicas share
         that index (shared_index.py; None: this replica's own); prefill_chunk: prompt tokens fused per
-        iteration while others decode."""
+        iteration while others decode; tokenizer: the target's (JSON mode's grammar reads it; None: loaded by
+        `name` at the first JSON request)."""
         if runner is None:
             runner = make_runner(target_model, None, device)
         self.runner = runner
@@ -80,6 +82,9 @@ class TargetWorker:
         self.n_layers = int(getattr(config, "num_hidden_layers", 0))
         self.max_seq_len = max_seq_len or int(getattr(config, "max_position_embeddings", 8192))
         self.name = name
+        self.tokenizer = tokenizer
+        self._grammars: GrammarCompiler | None = None    # JSON mode's, built at the first JSON request
+        self._grammar_lock = threading.Lock()
         self.expired_calls = 0      # calls skipped because their caller had given up
         self.sessions = SessionTable(max_sessions, ttl_s, max_bytes=max_session_bytes or default_session_bytes(),
                                      size_of=lambda e: cache_bytes(e.session.cache))
@@ -164,6 +169,7 @@ class TargetWorker:
         top_logprobs = req.top_logprobs if req.HasField("top_logprobs") else None
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
+        grammar = self._grammar(req)
         if self.scheduler.active >= self.max_decoding:
             raise Unavailable(f"this replica decodes {self.max_decoding} requests at most; retry elsewhere")
         draft = None
@@ -173,9 +179,37 @@ class TargetWorker:
         deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
         session = new_session(req.session_id, self.runner, self.planner, list(req.tokens), req.max_tokens, spec,
                               sampling, set(req.stop_token_ids), self.vocab_size, draft=draft,
-                              feature_layers=layers, deadline=deadline, top_logprobs=top_logprobs)
+                              feature_layers=layers, deadline=deadline, top_logprobs=top_logprobs, grammar=grammar)
         self.scheduler.submit(session)
         return session
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        with self._grammar_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    from ..models.checkpoints import ModelLoadError, load_tokenizer
+                    try:
+                        self.tokenizer = load_tokenizer(self.name)
+                    except ModelLoadError as exc:
+                        raise BadRequest(f"'response_format': this replica has no tokenizer for JSON mode ({exc})",
+                                         "response_format") from None
+                self._grammars = GrammarCompiler(self.tokenizer, (), self.vocab_size)
+            return self._grammars
+
+    def _grammar(self, req: "pb.DecodeRequest"):
+        """The request's grammar (JSON mode), past the output already generated (a failover); None without one."""
+        try:
+            fmt = rpc.format_from_proto(req.response_format)
+            if fmt is None:
+                return None
+            if req.output_tokens >= len(req.tokens):
+                raise BadRequest(f"output_tokens ({req.output_tokens}) must be fewer than the tokens sent")
+            grammar = self._grammar_compiler().constraint(fmt, req.stop_token_ids)
+        except GrammarError as exc:
+            raise BadRequest(str(exc), "response_format") from None
+        if req.output_tokens and not grammar.consume(req.tokens[len(req.tokens) - req.output_tokens:]):
+            raise BadRequest("the output already generated does not fit the response_format's grammar")
+        return grammar
 
     def decode(self, req: "pb.DecodeRequest", expired=None, cancelled=None, deadline_s: float | None = None):
         """Decode one request here; yields DecodeChunk messages (the first names this replica and the prefix-cache

@@ -100,6 +100,14 @@ class TokenLogprob(_message.Message):
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class ResponseFormat(_message.Message):
+    __slots__ = ("type", "schema")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    schema: str
+    def __init__(self, type: _Optional[str] = ..., schema: _Optional[str] = ...) -> None: ...
+
 class ProposeRequest(_message.Message):
     __slots__ = ("session_id", "delta_start", "delta", "last_path", "root_index", "spec", "sampling", "max_depth", "features", "chain", "chain_probs", "has_chain")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -311,7 +319,7 @@ class VerifyResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[VerifyResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., forward_seconds: _Optional[float] = ..., rows: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("session_id", "tokens", "max_tokens", "sampling", "spec", "stop_token_ids", "feature_layers", "top_logprobs")
+    __slots__ = ("session_id", "tokens", "max_tokens", "sampling", "spec", "stop_token_ids", "feature_layers", "top_logprobs", "response_format", "output_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +328,8 @@ class DecodeRequest(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
@@ -328,7 +338,9 @@ class DecodeRequest(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     feature_layers: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: int
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., feature_layers: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    response_format: ResponseFormat
+    output_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., feature_layers: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
     __slots__ = ("tokens", "finish_reason", "stats", "replica_id", "cached_tokens", "logprobs")
@@ -355,7 +367,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "prompt_token_ids", "max_tokens", "sampling", "raw", "timeout_s", "stop", "top_logprobs")
+    __slots__ = ("model", "prompt", "messages", "prompt_token_ids", "max_tokens", "sampling", "raw", "timeout_s", "stop", "top_logprobs", "response_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +378,7 @@ class GenerateRequest(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -376,10 +389,11 @@ class GenerateRequest(_message.Message):
     timeout_s: float
     stop: _containers.RepeatedScalarFieldContainer[str]
     top_logprobs: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., raw: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    response_format: ResponseFormat
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., raw: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., top_logprobs: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("rounds", "accepted_tokens", "verified_tokens", "draft_tokens", "mean_accept_len", "cached_prompt_tokens", "resyncs", "seconds", "plain_rounds", "lookup_rounds", "drafted_rounds", "lookup_accepted", "draft_forwards", "ttft", "failovers", "draft_failovers", "draft_features_missing", "feature_bytes")
+    __slots__ = ("rounds", "accepted_tokens", "verified_tokens", "draft_tokens", "mean_accept_len", "cached_prompt_tokens", "resyncs", "seconds", "plain_rounds", "lookup_rounds", "drafted_rounds", "lookup_accepted", "draft_forwards", "ttft", "failovers", "draft_failovers", "draft_features_missing", "feature_bytes", "grammar_pruned")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -398,6 +412,7 @@ class GenerateStats(_message.Message):
     DRAFT_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FEATURES_MISSING_FIELD_NUMBER: _ClassVar[int]
     FEATURE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_PRUNED_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     accepted_tokens: int
     verified_tokens: int
@@ -416,7 +431,8 @@ class GenerateStats(_message.Message):
     draft_failovers: int
     draft_features_missing: int
     feature_bytes: int
-    def __init__(self, rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., mean_accept_len: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., resyncs: _Optional[int] = ..., seconds: _Optional[float] = ..., plain_rounds: _Optional[int] = ..., lookup_rounds: _Optional[int] = ..., drafted_rounds: _Optional[int] = ..., lookup_accepted: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., ttft: _Optional[float] = ..., failovers: _Optional[int] = ..., draft_failovers: _Optional[int] = ..., draft_features_missing: _Optional[int] = ..., feature_bytes: _Optional[int] = ...) -> None: ...
+    grammar_pruned: int
+    def __init__(self, rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., verified_tokens: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., mean_accept_len: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ..., resyncs: _Optional[int] = ..., seconds: _Optional[float] = ..., plain_rounds: _Optional[int] = ..., lookup_rounds: _Optional[int] = ..., drafted_rounds: _Optional[int] = ..., lookup_accepted: _Optional[int] = ..., draft_forwards: _Optional[int] = ..., ttft: _Optional[float] = ..., failovers: _Optional[int] = ..., draft_failovers: _Optional[int] = ..., draft_features_missing: _Optional[int] = ..., feature_bytes: _Optional[int] = ..., grammar_pruned: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "stats", "logprobs")
