@@ -8,7 +8,7 @@ import pytest
 
 from gsd_serve.core.costs import ForwardCosts
 from gsd_serve.core.lookup import MAX_MATCH, AcceptanceStats, Continuation, SharedSuffixIndex, SuffixLookup
-from gsd_serve.core.planner import DRAFT, LOOKUP, PLAIN, PROBE_MIN, Planner
+from gsd_serve.core.planner import DRAFT, LOOKUP, PLAIN, PROBE_MIN, Planner, RoundPlan
 
 
 # ---------------------------------------------------------------- the lookup indexes
@@ -196,6 +196,30 @@ def test_planner_decodes_plainly_when_verification_is_dear():
     kinds = [seq.plan(tokens, room=50, method="gsd", lookup=32, max_depth=6).kind for _ in range(PROBE_MIN)]
     assert kinds == [PLAIN] * PROBE_MIN
     assert seq.tree_size([1.0, 0.8, 0.6, 0.3]) == 1
+
+
+def test_a_declined_chain_is_judged_by_the_plain_round_and_teaches_the_planner_for_free():
+    # the engine's rates (learned on edits) trust a chain; this sequence's text does not repeat: each plain round
+    # it decodes judges the chain it declined by the target's token, and the sequence stops proposing chains
+    # without ever verifying one
+    planner = _planner(step=0.010, per_row=0.004, draft_step=0.008)
+    random.seed(0)
+    _teach_lookup(planner, 0.6)
+    seq = planner.sequence()
+    tokens = [1, 2, 3, 4, 5, 6, 1, 2, 3]
+    plan = seq.plan(tokens, room=100, method="gsd", lookup=8, max_depth=0)
+    assert plan.kind == LOOKUP
+    before = seq.lookup_factor("context")
+    shadow = RoundPlan(PLAIN, plan.chain, plan.chain_probs, 0, plan.match_len, plan.source)
+    for _ in range(12):
+        seq.record_round(shadow, [99], 0.010)
+    assert seq.lookup_factor("context") < before / 2
+    declined = seq.plan(tokens, room=100, method="gsd", lookup=8, max_depth=0)
+    assert declined.kind == PLAIN and declined.chain == plan.chain    # the next round's chain rides along
+    # a right guess counts too
+    for _ in range(30):
+        seq.record_round(shadow, [plan.chain[0]], 0.010)
+    assert seq.lookup_factor("context") > before
 
 
 def test_planner_drafts_when_the_draft_pays_and_sizes_the_tree_by_cost():

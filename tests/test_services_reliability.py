@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 MAX = 16
 SPEC = served_spec()
-SOAK_S = float(os.environ.get("GSD_TEST_SOAK_S", 36))   # the long soak is `gsd-serve soak`
+SOAK_S = float(os.environ.get("GSD_TEST_SOAK_S", 24))   # the long soak is `gsd-serve soak`
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_hostile_grpc_requests_to_the_router(app, cases):
 
 
 def test_soak_short(app, cases, probe):
-    """16 streams for 36 s: no failure, exact answers, every process's memory flat after warm-up,
+    """16 streams for 24 s: no failure, exact answers, every process's memory flat after warm-up,
     nothing left behind (sessions, in-flight requests, queued Verify items)."""
     from gsd_serve.tools.reliability import LoadGenerator, SoakConfig, run_soak
 

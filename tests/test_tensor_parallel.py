@@ -145,7 +145,9 @@ def tp1_greedy(engine, tokenizer):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("method", [pytest.param("ar", marks=pytest.mark.slow), "gsd"])
 def test_tp3_greedy_output_is_token_identical_to_tp1(tp_engine, tp1_greedy, method):
-    spec = SpecConfig.for_method(method)
+    # gsd without the planner: every round drafts and verifies a tree, whatever this machine's load makes the
+    # planner decide, so the TP forward of trees is what is checked
+    spec = SpecConfig.for_method(method, planner=False) if method == "gsd" else SpecConfig.for_method(method)
     for ids, ref in tp1_greedy:
         got = tp_engine.generate(ids, NEW_TOKENS, spec)
         assert got.token_ids == ref.token_ids, f"TP=3 {method} differs from TP=1 on {ids!r}"

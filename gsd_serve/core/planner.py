@@ -240,7 +240,9 @@ class SequencePlanner:
         o_plain, o_spec = self.overhead(PLAIN), self.overhead(LOOKUP)
         v_plain = 1.0 - rate * (self.t(1) + o_plain)
         n_l, v_lookup = self.best_chain_length(probs, rate, 1, o_spec) if probs else (0, float("-inf"))
-        best = RoundPlan(PLAIN)
+        # a plain round carries the chain it declined: the token it emits tells whether the chain would have been
+        # right (record_round), at no cost
+        best = RoundPlan(PLAIN, cont.tokens, probs, 0, cont.match_len, cont.source) if probs else RoundPlan(PLAIN)
         best_v = v_plain
         if n_l > 0 and v_lookup > best_v:
             best = RoundPlan(LOOKUP, cont.tokens, probs, n_l, cont.match_len, cont.source)
@@ -312,6 +314,18 @@ class SequencePlanner:
         return best_n
 
     # ------------------------------------------------------------ what happened
+    def _count_chain(self, plan: RoundPlan, emitted: list[int], judged: int, accepted: int) -> None:
+        """The first `judged` tokens of the round's chain were judged against the target's, the first `accepted`
+        of them right: into the engine's rates and this sequence's record against them."""
+        stats = self.engine.lookup_stats[(plan.source, self.greedy)]
+        # what the engine's rates expected of the tokens judged, up to the first wrong one
+        expected = 0.0
+        for i in range(min(accepted + 1, judged)):
+            expected += stats.rate(min(plan.match_len + i, MAX_MATCH))
+        self.lookup_expected[plan.source] += expected
+        self.lookup_accepted[plan.source] += accepted
+        stats.record(plan.match_len, judged, accepted)
+
     def observe_target(self, rows: int, seconds: float) -> None:
         """A target forward over `rows` rows of this sequence alone took `seconds`."""
         self.engine.target_costs.observe(rows, seconds, self.keys)
@@ -341,19 +355,16 @@ class SequencePlanner:
                 secs.add(seconds)
             engine.overhead[plan.kind].add(max(seconds - self._round_forward_s, 0.0))
         chain_accepted = 0
-        if plan.kind != PLAIN and plan.chain:
+        if plan.kind == PLAIN and plan.chain and emitted:
+            # the chain this round declined, judged by the target's own token: a free sample of how the lookup
+            # fares on this text, so a sequence whose text does not repeat learns it without verifying rows
+            self._count_chain(plan, emitted, 1, int(emitted[0] == plan.chain[0]))
+        elif plan.kind != PLAIN and plan.chain:
             for a, b in zip(plan.chain[:verified_chain], emitted):
                 if a != b:
                     break
                 chain_accepted += 1
-            stats = engine.lookup_stats[(plan.source, self.greedy)]
-            # what the engine's rates expected of the tokens verified, up to the first rejected one
-            expected = 0.0
-            for i in range(min(chain_accepted + 1, verified_chain)):
-                expected += stats.rate(min(plan.match_len + i, MAX_MATCH))
-            self.lookup_expected[plan.source] += expected
-            self.lookup_accepted[plan.source] += chain_accepted
-            stats.record(plan.match_len, verified_chain, chain_accepted)
+            self._count_chain(plan, emitted, verified_chain, chain_accepted)
         if plan.kind == DRAFT:
             extra = max(self._round_draft_s - (self._round_draft_first_s or 0.0), 0.0)
             for rec in (self.draft, engine.draft[self.greedy]):

@@ -71,7 +71,7 @@ class LlamaCpp:
 
         self.path = str(gguf_path())
         self.llm = Llama(model_path=self.path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False,
+                         n_batch=512, verbose=False, logits_all=lookup > 0,   # its speculation reads every row's logits
                          draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup > 0 else None)
 
     def generate(self, ids: list[int], max_new: int, stop_ids: set[int], sampling) -> dict:
@@ -79,13 +79,15 @@ class LlamaCpp:
             raise ValueError("the llama.cpp methods are benchmarked greedy only (--temperatures 0)")
         self.llm.reset()
         start = time.perf_counter()
-        out = []
+        out, ttft = [], None
         for tok in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
                                      reset=True):
+            if ttft is None:
+                ttft = time.perf_counter() - start
             out.append(int(tok))
             if tok in stop_ids or len(out) >= max_new:
                 break
-        return {"token_ids": out, "seconds": time.perf_counter() - start, "new_tokens": len(out)}
+        return {"token_ids": out, "seconds": time.perf_counter() - start, "new_tokens": len(out), "ttft": ttft}
 
 
 def divergence(runner, prompt: list[int], ref: list[int], got: list[int], sampling) -> dict:
@@ -222,7 +224,8 @@ def run_bench(args, build_engine, spec_from_args) -> dict:
                         engines[m].generate(prime, args.max_new_tokens, specs[m], sp)
                 if m in external:
                     r = run_external(m, ids, args.max_new_tokens, sp)
-                    stats = {"new_tokens": r["new_tokens"], "seconds": r["seconds"], "target_forwards": None,
+                    stats = {"new_tokens": r["new_tokens"], "seconds": r["seconds"], "ttft": r.get("ttft"),
+                             "target_forwards": None,
                              "mean_accept_len": None, "draft_tokens_per_round": None, "accept_lengths": {}}
                     got[m] = (stats, r["token_ids"])
                 else:
