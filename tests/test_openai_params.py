@@ -487,3 +487,27 @@ def test_json_mode_goes_on_after_a_failover(stack, tiny_engine, tiny_grammars, t
         decode(ids + encode(tok, "not json", raw=True), 2, json_object, "json-bad-output")
     with pytest.raises(BadRequest, match="response_format"):
         decode(ids, 0, pb.ResponseFormat(type="json_schema", schema='{"type": 3}'), "json-bad-format")
+
+
+def test_logprobs_list_no_alternative_of_probability_zero(stack, tok):
+    """Where a grammar (or top-k) leaves fewer tokens than top_logprobs asks for, the alternatives are the tokens
+    still possible: no -inf, and the answer is strict JSON (the fuzzer found a 500 from serializing -inf)."""
+    from conftest import router_core
+
+    from gsd_serve.serving.openai_api import OpenAIFrontend
+
+    async def main():
+        core, _ = router_core(stack, tok, SECRET)
+        front = OpenAIFrontend(core)
+        base = dict(model=core.config.model_name, prompt=[0, 0], max_tokens=4, temperature=0.0)
+        for extra in (dict(logprobs=5, response_format={"type": "json_object"}),
+                      dict(logprobs=5, temperature=1.0, top_k=2, seed=3)):
+            status, r = await _body(front, dict(base, **extra), False)
+            assert status == 200, r
+            json.dumps(r, allow_nan=False)
+            tops = r["choices"][0]["logprobs"]["top_logprobs"]
+            assert tops and all(v > float("-inf") for d in tops for v in d.values())
+            if "response_format" in extra:     # once the object is closed only the stop tokens remain possible
+                assert any(len(d) < 5 for d in tops)
+
+    asyncio.run(main())

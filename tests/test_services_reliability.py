@@ -145,7 +145,7 @@ def test_hostile_http_requests_get_4xx(app, cases):
              dict(ok, stream_options={"include_usage": "yes"}), dict(ok, stream_options=[1]), dict(ok, n=17),
              dict(ok, model=None), dict(ok, model=["x"]), dict(ok, logprobs="yes"),
              dict(ok, logprobs=True, top_logprobs=21), dict(ok, stop=["a", "b", "c", "d", "e"]), dict(ok, stop=[""]),
-             dict(ok, response_format={"type": "json_object"}),
+             dict(ok, response_format={"type": "xml"}),
              dict(ok, messages=[{"role": "user", "content": "x" * 3_000_000}])]
     for body in wrong:
         r = httpx.post(url, json=body, headers=AUTH, timeout=60)

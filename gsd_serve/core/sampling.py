@@ -88,7 +88,10 @@ class TokenChooser:
         else:
             top_ids = top_lps = [[] for _ in tokens]
         for r, (t, i) in enumerate(zip(tokens, indices)):
-            self.logprobs[i] = TokenLogprob(t, chosen[r], tuple(top_ids[r]), tuple(top_lps[r]))
+            # alternatives of probability 0 (masked by a grammar, cut by top-k/top-p) are no alternatives; their
+            # -inf is not a JSON number either
+            alt = [(a, lp) for a, lp in zip(top_ids[r], top_lps[r]) if lp != float("-inf")]
+            self.logprobs[i] = TokenLogprob(t, chosen[r], tuple(a for a, _ in alt), tuple(lp for _, lp in alt))
 
     def pick(self, row: torch.Tensor, index: int) -> int:
         """The token at absolute index `index` from one row of logits [V] (the next token after committed or
