@@ -215,7 +215,7 @@ class GrammarConstraint:
                 elif self._try(tokens[c]):
                     keep[c] = True
                     visit(c)
-                    self.matcher.rollback(1)
+                    self.rollback(1)      # keeps `consumed` in step with the matcher (state/restore read it)
 
         visit(0)
         kept = [i for i in range(n) if keep[i]]
