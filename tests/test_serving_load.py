@@ -1003,7 +1003,7 @@ def test_a_prompt_prefilled_in_chunks_beside_other_streams_is_exact(tiny_pair, t
     short = tokenizer("The sea is")["input_ids"]
     long = tokenizer(" ".join(f"item {i} is {i * 7 % 13}." for i in range(40)))["input_ids"]
     assert len(long) > 150
-    servers = start_workers(tiny_pair, None, names=("t1",), prefill_chunk=8)
+    servers = start_workers(tiny_pair, None, names=("t1",), prefill_chunk=8, prefill_share=0)   # 8 tokens a forward
     t1 = servers["t1"][0]
     try:
         async def main():
@@ -1022,3 +1022,31 @@ def test_a_prompt_prefilled_in_chunks_beside_other_streams_is_exact(tiny_pair, t
     assert out_short == engine.generate(short, 200, spec=ar).token_ids
     assert out_long == engine.generate(long, 24, spec=ar).token_ids
     assert t1.scheduler.widest >= 2 and t1.scheduler.prefill_chunks >= len(long) // 8
+
+
+def test_the_prefill_budget_follows_the_measured_cost_of_prompt_tokens():
+    """While sessions decode, an iteration feeds prompt tokens that cost prefill_share times the decoding rows'
+    forward (from the measured cost of a prompt token), never fewer than prefill_chunk nor more than
+    whole_prefill; with no session decoding, a whole prefill."""
+    from types import SimpleNamespace
+
+    from gsd_serve.core.costs import ForwardCosts
+    from gsd_serve.core.planner import Planner
+    from gsd_serve.serving.scheduler import READY, Scheduler
+
+    planner = Planner(ForwardCosts(([1, 2, 4, 8, 16, 32], [0.010, 0.012, 0.016, 0.024, 0.040, 0.072])))
+    sched = Scheduler(None, planner, prefill_chunk=16, whole_prefill=1024, prefill_share=1.5)
+    decoding = [SimpleNamespace(tree=[0] * 4, seq=SimpleNamespace(tokens=[1] * 100), state=READY) for _ in range(4)]
+    assert sched._prefill_budget([]) == 1024                       # nothing decodes: the whole prompt at once
+    assert sched._prefill_budget(decoding) == 16                   # no prompt token measured yet: the fewest
+    sched.prompt_token_s = 0.001
+    rows16 = planner.target_costs.seconds(16, 100)
+    assert sched._prefill_budget(decoding) == int(1.5 * rows16 / 0.001) > 16
+    sched.prompt_token_s = 0.1                                     # dear prompt tokens: still the fewest
+    assert sched._prefill_budget(decoding) == 16
+    sched.prompt_token_s = 1e-6                                    # cheap ones: at most whole_prefill
+    assert sched._prefill_budget(decoding) == 1024
+    sched.prompt_token_s = 0.001
+    sched.sessions = {"a": decoding[0]}      # a session between rounds (or drafting) decodes too: no whole prefill
+    assert sched._prefill_budget([]) == max(16, int(1.5 * planner.target_costs.seconds(1, 0) / 0.001)) < 1024
+

@@ -14,7 +14,9 @@
     spec                   {method, k, merge_context, ..., budget} (default: gsd)
     router                 RouterConfig fields (max_inflight, max_prompt_tokens, request_timeout_s, ...)
     max_sessions, session_ttl_s, prefix_block_size, prefix_ttl_s, prefix_max_entry_bytes
-    prefill_chunk          prompt tokens a target replica feeds per forward while others decode (default 64)
+    prefill_chunk          the fewest prompt tokens a target replica feeds per forward while others decode
+                           (default 64); prefill_share: a forward may spend that many times its decoding
+                           rows' cost on prompt tokens (default 1.5; serving/scheduler.py)
     shared_lookup_tokens   the bound of each target replica's cross-request index (default 100000; 0: none)
     draft_max_batch        Propose calls a draft replica drafts together (default 64)
     tensor_parallel_size, gpus_per_rank, cpus_per_rank   the target's ranks (Ray actors in the replica's

@@ -31,6 +31,7 @@ class TargetReplica(GrpcReplica):
         common = dict(name=name, max_sessions=int(args.get("max_sessions", 64)),
                       ttl_s=float(args.get("session_ttl_s", 300)), max_session_bytes=session_bytes(args),
                       drafts=drafts, prefill_chunk=int(args.get("prefill_chunk", 64)),
+                      prefill_share=float(args.get("prefill_share", 1.5)),
                       shared_lookup_tokens=int(args.get("shared_lookup_tokens", 100_000)))
         tp = int(args.get("tensor_parallel_size", 1))
         gpus_per_rank = float(args.get("gpus_per_rank", 0))

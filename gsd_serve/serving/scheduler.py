@@ -4,9 +4,12 @@ The router hands each request to a target replica once (Target.Decode) and relay
 replica streams back. Here each request's `decode()` generator runs to its end:
 - Plain steps and verifications of all sessions go into one fused target forward per iteration (each session
   attends only to its own cache under its own mask, so each gets the tokens it would get alone).
-- A new prompt is prefilled in chunks fused with the other sessions' rounds, at most `prefill_chunk` tokens
-  per iteration while others are decoding, so a long prompt cannot stall them (a replica with nothing else
-  to do prefills in one piece).
+- New prompts are prefilled in chunks fused with the other sessions' rounds. While others are decoding, an
+  iteration feeds as many prompt tokens as cost `prefill_share` times its decoding rows (at least
+  `prefill_chunk`), from the measured cost of a prompt token: a long prompt cannot stall the others (an
+  iteration costs at most ~1 + prefill_share of a decoding-only one), and prompts arriving faster than a
+  fixed small chunk could feed do not queue without end. A replica with nothing else to do prefills in one
+  piece.
 - A session whose planner drafts sends one Propose to a draft replica (draft_client.py) and sits out the
   forwards until its graph comes back; the others go on meanwhile. Plain and lookup rounds cost no RPC.
 - One Planner (core/planner.py) serves every session: its cost model learns from the fused forwards, and
@@ -80,12 +83,14 @@ class Scheduler:
     `lock`: the worker's model lock (held for each iteration)."""
 
     def __init__(self, runner, planner: Planner, drafts=None, *, prefill_chunk: int = 64, whole_prefill: int = 2048,
-                 restore=None, store=None, execute=None, lock=None, on_forward=None):
+                 prefill_share: float = 1.5, restore=None, store=None, execute=None, lock=None, on_forward=None):
         self.runner = runner
         self.planner = planner
         self.drafts = drafts
         self.prefill_chunk = prefill_chunk
         self.whole_prefill = whole_prefill
+        self.prefill_share = prefill_share
+        self.prompt_token_s: float | None = None   # measured seconds per prompt token fed (moving average)
         self.restore = restore
         self.store = store
         self.execute = execute or (lambda fn: fn())
@@ -263,7 +268,7 @@ class Scheduler:
         if not trees and not prefilling:
             return any(s.state in (NEW, READY) for s in self.sessions.values())
         chunks, chunk_of = [], []
-        budget = self.prefill_chunk if trees or len(prefilling) > 1 else self.whole_prefill
+        budget = self._prefill_budget(trees)
         for s in prefilling:
             if budget <= 0:
                 s.rows = 0
@@ -299,10 +304,17 @@ class Scheduler:
         self.rows_ema = rows if self.forwards == 1 else 0.9 * self.rows_ema + 0.1 * rows
         if self.on_forward is not None:
             self.on_forward(m0, time.monotonic(), [s.id for s in trees + chunk_of])
+        tree_rows = rows - sum(len(c.tokens) for c in chunks)
+        # every row attends to its own session's context: the forward's context is their mean over rows
+        keys = sum(s.rows * len(s.seq.tokens) for s in trees) // max(tree_rows, 1)
         if not chunks:        # prompt rows skip the output layer: they would skew the cost of a round's rows
-            # every row attends to its own session's context: the forward's context is their mean over rows
-            keys = sum(s.rows * len(s.seq.tokens) for s in trees) // max(rows, 1)
             self.planner.target_costs.observe(rows, seconds, keys)
+        else:
+            fed = rows - tree_rows
+            spent = seconds - (self.planner.target_costs.seconds(tree_rows, keys) if tree_rows else 0.0)
+            per_token = max(spent, 0.1 * seconds) / fed
+            self.prompt_token_s = per_token if self.prompt_token_s is None \
+                else 0.7 * self.prompt_token_s + 0.3 * per_token
         for s, verdict in zip(trees, results[: len(jobs)]):
             if isinstance(verdict, BaseException):
                 self._drop(s, verdict)
@@ -328,6 +340,18 @@ class Scheduler:
                 s.answer = res.first
                 s.state = READY
         return True
+
+    def _prefill_budget(self, trees: list[DecodeSession]) -> int:
+        """Prompt tokens this iteration may feed: all it can (whole_prefill) when no session is decoding; else
+        what costs prefill_share times the decoding rows' forward (at least one row's), at least prefill_chunk."""
+        if not trees and not any(s.state in (READY, DRAFTING) for s in self.sessions.values()):
+            return self.whole_prefill
+        if self.prompt_token_s is None:
+            return self.prefill_chunk
+        rows = max(1, sum(len(s.tree) for s in trees))
+        keys = sum(len(s.tree) * len(s.seq.tokens) for s in trees) // max(rows, 1)
+        fits = self.prefill_share * self.planner.target_costs.seconds(rows, keys) / self.prompt_token_s
+        return max(self.prefill_chunk, min(self.whole_prefill, int(fits)))
 
     def _one_by_one(self, jobs, chunks, trees, chunk_of) -> list:
         """After a failed fused forward: each piece alone, so one bad session fails only itself."""

@@ -67,12 +67,14 @@ class TargetWorker:
                  block_size: int = 32, replica_id: str | None = None, max_seq_len: int | None = None,
                  device: str | None = None, max_session_bytes: int | None = None, drafts=None, secret=None,
                  shared_lookup_tokens: int = 100_000, shared_redis_url: str | None = None, prefill_chunk: int = 64,
+                 prefill_share: float = 1.5,
                  max_decoding: int = 256, tokenizer=None):
         """drafts: discover() -> [(replica_id, address)] of the draft replicas its Decode sessions call (None:
         none); secret: the SharedSecret their calls carry; shared_lookup_tokens: the cross-request index's
         bound (0: none); shared_redis_url: the Redis through which the application's target replicas share
-        that index (shared_index.py; None: this replica's own); prefill_chunk: prompt tokens fused per
-        iteration while others decode; tokenizer: the target's (JSON mode's grammar reads it; None: loaded by
+        that index (shared_index.py; None: this replica's own); prefill_chunk, prefill_share: the fewest
+        prompt tokens fused per iteration while others decode, and the share of a decoding forward's cost the
+        prompt tokens may add (scheduler.py); tokenizer: the target's (JSON mode's grammar reads it; None: loaded by
         `name` at the first JSON request)."""
         if runner is None:
             runner = make_runner(target_model, None, device)
@@ -111,6 +113,7 @@ class TargetWorker:
             self.shared_log.attach(shared)
         self.drafts = DraftPool(drafts, secret) if drafts is not None else None
         self.scheduler = Scheduler(runner, self.planner, self.drafts, prefill_chunk=prefill_chunk,
+                                   prefill_share=prefill_share,
                                    restore=self._restore_prompt, store=self._store_prompt, execute=MODEL_THREAD.run,
                                    lock=self.lock, on_forward=self.load.record)
 

@@ -2,8 +2,8 @@
 
 In the spirit of vLLM's benchmark_serving (its metric names: output token throughput, TTFT, TPOT, ITL,
 E2EL; `--max-concurrency`-style closed-loop clients): for each method (a served configuration: ar, gsd,
-...) it starts `gsd-serve serve` with that configuration (or uses `--url`), then for each concurrency c
-keeps c streaming chat completions in flight over a prompt file until the level's requests are done, and
+...) and each concurrency c it starts `gsd-serve serve` with that configuration (or uses `--url`), keeps c
+streaming chat completions in flight over a prompt file until the level's requests are done, and
 records every request's first-token time, inter-token gaps, end-to-end latency, output tokens and text.
 Each answer is compared with the in-process engine's greedy answer for the same prompt and dtype (and
 with served ar's), so a speed-up can never hide a changed output.
@@ -13,9 +13,10 @@ Pieces, each usable alone:
     BenchServeConfig      what to run (validated)
     Workload              prompts (chat messages) and their reference answers
     ServeProcess          `gsd-serve serve --config FILE` as a child process, up until stopped
-    bench_anchor          llama.cpp's `llama-server` on the same GGUF, prompts and cores (optional; llama_server.py)
+    _anchor_level         llama.cpp's `llama-server` on the same GGUF, prompts and cores (optional; llama_server.py)
     run_level             c closed-loop clients (asyncio + aiohttp) over n requests -> LevelResult
-    run_bench             the sweep: methods x concurrencies, plus the in-process reference
+    run_bench             the sweep: each concurrency level, the methods in A-B-B-A turns, each on a stack
+                          started for that level alone; plus the in-process reference
     write_report          results.json, results.md (tables) and tokens_per_s.png (one line per method)
 
 The client costs CPU on the machine it runs on: it is one asyncio loop with a minimal SSE parser (no
@@ -142,6 +143,9 @@ def inprocess_reference(work: Workload, cfg: BenchServeConfig, methods=("ar", "g
     ids = [encode(tokenizer, {"messages": it.messages}) for it in work.items]
     engine.generate(ids[0], 8, spec=SpecConfig.for_method("gsd"))          # warm-up (packing, first forwards)
     for method in methods:
+        # each method starts with an empty cross-request index, as each served method's fresh stack does: gsd
+        # must not read ar's answers to these very prompts
+        engine.forget_requests()
         spec = SpecConfig.for_method(method)
         tokens, t0 = 0, time.perf_counter()
         for it, p in zip(work.items, ids):
@@ -252,23 +256,6 @@ def anchor_command(cfg: BenchServeConfig, prompt_tokens: int, port: int) -> list
                           context=context, model=cfg.model)
 
 
-def bench_anchor(cfg: BenchServeConfig, work: Workload, ar_texts: dict | None, served: dict, log) -> list:
-    """llama-server's sweep, reported as method ANCHOR: started on a free loopback port, measured like the
-    served methods, stopped afterwards (also on error). Its start (command, seconds) goes into `served`."""
-    from .llama_server import LlamaServerProcess
-
-    port = free_port()
-    command = anchor_command(cfg, max_prompt_tokens(work), port)
-    t0 = time.monotonic()
-    server = LlamaServerProcess(command, port, cfg.start_timeout_s)
-    try:
-        served[ANCHOR] = {"command": command, "start_s": round(time.monotonic() - t0, 1)}
-        log(f"bench-serve: {ANCHOR} serving at {server.url} after {served[ANCHOR]['start_s']}s: {' '.join(command)}")
-        return _sweep(cfg, work, server.url, ANCHOR, ar_texts, log)
-    finally:
-        server.stop()
-
-
 # ---------------------------------------------------------------- load
 
 @dataclass
@@ -356,7 +343,7 @@ class LevelResult:
     errors: list[str]
     load_before: float                   # 1-minute load average when the level started
     load_after: float
-    texts: dict = field(default_factory=dict, repr=False)   # item index -> text (first answer), for ar compare
+    texts: list = field(default_factory=list, repr=False)   # (item index, text) per answer, for compare_with_ar
 
 
 def _dist(xs: list[float]) -> dict:
@@ -409,8 +396,7 @@ def load_average() -> float:
         return -1.0
 
 
-def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str, concurrency: int,
-              ar_texts: dict | None = None) -> LevelResult:
+def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str, concurrency: int) -> LevelResult:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     n = max(len(work.items), cfg.min_rounds * concurrency)
     before = load_average()
@@ -423,44 +409,41 @@ def run_level(base_url: str, cfg: BenchServeConfig, work: Workload, method: str,
     refs = [r for r in done if work.items[r.item].reference is not None]
     same_ref = sum(1 for r in refs if r.text == work.items[r.item].reference
                    and r.finish == work.items[r.item].reference_finish) if refs else None
-    same_ar = None
-    if ar_texts is not None:
-        comparable = [r for r in done if r.item in ar_texts]
-        same_ar = sum(1 for r in comparable if r.text == ar_texts[r.item])
     rounds = sum(r.stats.get("rounds", 0) for r in done)
     drafted = sum(r.stats.get("drafted_rounds", 0) for r in done)
     forwards = sum(r.stats.get("target_forwards", 0) for r in done)
     new = sum(r.stats.get("new_tokens", 0) for r in done)
     feature_bytes = sum(r.stats.get("feature_bytes", 0) for r in done)
-    texts: dict = {}
-    for r in done:
-        texts.setdefault(r.item, r.text)
     return LevelResult(
         method=method, concurrency=concurrency, requests=len(results), completed=len(done),
         failed=len(results) - len(done), duration_s=round(duration, 2), output_tokens=tokens,
         output_throughput=round(tokens / duration, 2) if duration > 0 else 0.0,
         request_throughput=round(len(done) / duration, 3) if duration > 0 else 0.0,
         ttft_ms=_dist([r.ttft for r in done]), tpot_ms=_dist(tpot), itl_ms=_dist([g for r in done for g in r.itl]),
-        e2el_ms=_dist([r.e2el for r in done]), identical_to_reference=same_ref, identical_to_ar=same_ar,
+        e2el_ms=_dist([r.e2el for r in done]), identical_to_reference=same_ref, identical_to_ar=None,
         mean_accept_len=round(new / forwards, 3) if forwards else None,
         plain_round_share=round(1 - drafted / rounds, 3) if rounds else None,
         feature_bytes_per_round=round(feature_bytes / rounds) if rounds and feature_bytes else None,
         errors=sorted({r.error for r in results if r.error})[:5], load_before=before, load_after=load_average(),
-        texts=texts)
+        texts=[(r.item, r.text) for r in done])
 
 
 # ---------------------------------------------------------------- the sweep
 
-def _sweep(cfg: BenchServeConfig, work: Workload, url: str, label: str, ar_texts: dict | None, log) -> list:
-    """The warm-up and every concurrency level of one method through one entry (`url`)."""
+# a warm-up prompt outside every workload: what it leaves in a stack's cross-request index helps no measured prompt
+WARMUP_MESSAGES = [{"role": "user", "content": "List the days of the week, one per line."}]
+
+
+def _sweep(cfg: BenchServeConfig, work: Workload, url: str, label: str, concurrency: tuple[int, ...], log) -> list:
+    """The warm-up and the given concurrency levels of one method through one entry (`url`)."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     if cfg.warmup:
-        warm = Workload(work.items[: cfg.warmup])
+        warm = Workload([Item("warmup", "", WARMUP_MESSAGES)])
         asyncio.run(_level(url.rstrip("/") + "/v1/chat/completions", cfg.model, warm, 1, cfg.warmup,
                            cfg.max_tokens, headers, cfg.request_timeout_s, fresh_connections(label)))
     levels = []
-    for c in cfg.concurrency:
-        lv = run_level(url, cfg, work, label, c, ar_texts)
+    for c in concurrency:
+        lv = run_level(url, cfg, work, label, c)
         levels.append(lv)
         log(f"bench-serve: {label} ({url}) c={c}: {lv.output_throughput} tok/s, TTFT p50 {lv.ttft_ms['p50']} ms, "
             f"ITL p50 {lv.itl_ms['p50']} ms, failed {lv.failed}, identical {lv.identical_to_reference}/"
@@ -468,8 +451,67 @@ def _sweep(cfg: BenchServeConfig, work: Workload, url: str, label: str, ar_texts
     return levels
 
 
+def _served_level(cfg: BenchServeConfig, work: Workload, method: str, concurrency: int, served: dict,
+                  log) -> list:
+    """One concurrency level of one method on a stack started for it alone (and stopped after): every level
+    begins as a fresh `gsd-serve serve` does, its cross-request index empty, so no level reads the answers an
+    earlier level gave to these same prompts."""
+    port = cfg.http_port or free_port()
+    config = serve_config(cfg, method, port, free_port())
+    t0 = time.monotonic()
+    server = ServeProcess(config, cfg.start_timeout_s)
+    try:
+        served.setdefault(method, {"args": config["applications"][0]["args"], "start_s": []})["start_s"].append(
+            round(time.monotonic() - t0, 1))
+        log(f"bench-serve: {method} serving at {server.url} after {round(time.monotonic() - t0, 1)}s")
+        wanted = cfg.entries or (("direct",) if server.direct_url else ("proxy",))
+        levels = []
+        for i, entry in enumerate(wanted):
+            url = server.direct_url if entry == "direct" else server.url
+            if url is None:
+                raise ValueError("--entry direct: the config gives the router no direct_http_port")
+            levels += _sweep(cfg, work, url, method if i == 0 else f"{method}@{entry}", (concurrency,), log)
+        return levels
+    finally:
+        server.stop()
+
+
+def _anchor_level(cfg: BenchServeConfig, work: Workload, concurrency: int, served: dict, log) -> list:
+    """One concurrency level of llama-server (ANCHOR), started for it alone like the served methods' stacks."""
+    from .llama_server import LlamaServerProcess
+
+    port = free_port()
+    command = anchor_command(cfg, max_prompt_tokens(work), port)
+    t0 = time.monotonic()
+    server = LlamaServerProcess(command, port, cfg.start_timeout_s)
+    try:
+        served.setdefault(ANCHOR, {"command": command, "start_s": []})["start_s"].append(
+            round(time.monotonic() - t0, 1))
+        log(f"bench-serve: {ANCHOR} serving at {server.url}: {' '.join(command)}")
+        return _sweep(cfg, work, server.url, ANCHOR, (concurrency,), log)
+    finally:
+        server.stop()
+
+
+def compare_with_ar(levels: list[LevelResult]) -> None:
+    """Each non-ar level's answers against served ar's for the same prompts (identical_to_ar), once every level
+    has run (the levels interleave the methods, so ar does not always run first)."""
+    ar_texts: dict = {}
+    for lv in levels:
+        if lv.method == "ar":
+            for item, text in lv.texts:
+                ar_texts.setdefault(item, text)
+    if not ar_texts:
+        return
+    for lv in levels:
+        if lv.method != "ar" and lv.method != ANCHOR:
+            comparable = [(i, t) for i, t in lv.texts if i in ar_texts]
+            lv.identical_to_ar = sum(1 for i, t in comparable if t == ar_texts[i])
+
+
 def run_bench(cfg: BenchServeConfig, log=print) -> dict:
-    """The whole sweep; returns the report (see write_report)."""
+    """The whole sweep; returns the report (see write_report). Started stacks run one level each, and the
+    methods take turns level by level in A-B-B-A order (these VMs drift 15-25% within minutes)."""
     work = load_workload(cfg)
     log(f"bench-serve: {len(work.items)} prompts from {cfg.prompts}, {cfg.max_tokens} tokens each")
     if cfg.reference == "inprocess":
@@ -478,41 +520,19 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
         log(f"bench-serve: in-process reference in {time.monotonic() - t0:.0f}s: {work.inprocess}")
     levels: list[LevelResult] = []
     served: dict[str, dict] = {}
-    ar_texts: dict | None = None
-    methods = ((cfg.label,) + ((ANCHOR,) if ANCHOR in cfg.methods else ())) if cfg.url else cfg.methods
-    for method in methods:
-        if method == ANCHOR:
-            levels += bench_anchor(cfg, work, ar_texts, served, log)
-            continue
-        server = None
-        try:
-            if cfg.url:
-                base = cfg.url
-            else:
-                port = cfg.http_port or free_port()
-                config = serve_config(cfg, method, port, free_port())
-                t0 = time.monotonic()
-                server = ServeProcess(config, cfg.start_timeout_s)
-                base = server.url
-                served[method] = {"args": config["applications"][0]["args"],
-                                  "start_s": round(time.monotonic() - t0, 1)}
-                log(f"bench-serve: {method} serving at {base} after {served[method]['start_s']}s")
-            wanted = cfg.entries or (("direct",) if server is not None and server.direct_url else ("proxy",))
-            entries = [("served", base)] if server is None else \
-                [(e, server.direct_url if e == "direct" else base) for e in wanted]
-            for i, (entry, url) in enumerate(entries):
-                if url is None:
-                    raise ValueError("--entry direct: the config gives the router no direct_http_port")
-                found = _sweep(cfg, work, url, method if i == 0 else f"{method}@{entry}",
-                               None if method == "ar" else ar_texts, log)
-                levels += found
-                if method == "ar" and i == 0:
-                    ar_texts = dict(ar_texts or {})
-                    for lv in found:
-                        ar_texts.update(lv.texts)
-        finally:
-            if server is not None:
-                server.stop()
+    if cfg.url:         # a running server: its sweep as it is (its index keeps what earlier levels added)
+        levels += _sweep(cfg, work, cfg.url, cfg.label, cfg.concurrency, log)
+        if ANCHOR in cfg.methods:
+            for c in cfg.concurrency:
+                levels += _anchor_level(cfg, work, c, served, log)
+    else:
+        for k, c in enumerate(cfg.concurrency):
+            for method in (cfg.methods if k % 2 == 0 else tuple(reversed(cfg.methods))):
+                if method == ANCHOR:
+                    levels += _anchor_level(cfg, work, c, served, log)
+                else:
+                    levels += _served_level(cfg, work, method, c, served, log)
+    compare_with_ar(levels)
     return make_report(cfg, work, levels, served)
 
 
@@ -538,9 +558,10 @@ def make_report(cfg: BenchServeConfig, work: Workload, levels: list[LevelResult]
         checks["gsd_over_ar"] = ratios
         checks["gsd_never_slower"] = all(r >= 1.0 for r in ratios.values())
         checks["gsd_over_ar_at_1"] = ratios.get("1")
-    if "gsd" in by and "1" in by["gsd"] and inproc.get("gsd"):
-        checks["served_gsd_c1_over_inprocess_gsd"] = round(
-            by["gsd"]["1"]["output_throughput"] / inproc["gsd"]["tokens_per_s"], 3)
+    for m in ("ar", "gsd"):
+        if m in by and "1" in by[m] and inproc.get(m):
+            checks[f"served_{m}_c1_over_inprocess_{m}"] = round(
+                by[m]["1"]["output_throughput"] / inproc[m]["tokens_per_s"], 3)
     if ANCHOR in by:
         checks["over_llama_server"] = over_anchor(by)
     checks["failed_requests"] = sum(lv.failed for lv in levels)
