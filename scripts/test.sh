@@ -16,8 +16,13 @@ command -v redis-server >/dev/null || [ -n "${REDIS_URL:-}" ] || { [ "$(id -u)" 
   && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } \
   || { echo "redis-server is missing and cannot be installed: the serving tests need it" >&2; exit 1; }
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# two workers (GSD_TEST_WORKERS; 0: one process): the tests on the Ray cluster go to one of them as a group
+# (tests/conftest.py) while the other runs the rest; much of a test's time is spent waiting on processes it
+# started, so two workers finish sooner even on 2 cores
 # --durations: the slowest tests in every log, so a suite growing past its budget shows where
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "${args[@]+"${args[@]}"}"
+workers=${GSD_TEST_WORKERS:-2}
+dist=(); [ "$workers" != 0 ] && dist=(-n "$workers" --dist loadgroup)
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "${dist[@]+"${dist[@]}"}" "${args[@]+"${args[@]}"}"
 rc=$?
 # pytest exits 5 when it collected no tests: that is a failure here
 [ $rc -eq 5 ] && { echo "no tests ran" >&2; exit 1; }

@@ -44,22 +44,41 @@ def _seed_converted_target() -> None:
 _seed_converted_target()
 
 
+# tests that start a Ray cluster of their own in this process: under xdist they run on the worker that holds
+# the Ray tests, before its cluster starts (two clusters in one process cannot be)
+OWN_RAY_CLUSTER = ("test_tensor_parallel.py::test_ray_actor_ranks_in_a_strict_pack_placement_group",)
+
+
 @pytest.hookimpl(tryfirst=True)      # before -m deselects: a test on the Ray cluster is marked `ray` however it is declared
 def pytest_collection_modifyitems(session, config, items):
-    """Tests on the Ray cluster run last: once started, its controller, proxies and agents take ~10% of a core
-    until the session ends, which every later test would pay for on 2 cores. The tests of the shared served
-    application (served_app) come last of all, one module after the other in SERVED_APP_USERS' order, so that
-    the application is up only while they run (it goes at the session's end)."""
+    """Run alone (one process), the tests on the Ray cluster come last: once started, its controller, proxies
+    and agents take ~10% of a core until the session ends, which every later test would pay for on 2 cores.
+    Under xdist (scripts/test.sh runs two workers) they are one group on one worker and come first, so that
+    worker starts on them while the other runs the rest. Either way the tests of the shared served application
+    (served_app) come last among them, one module after the other in SERVED_APP_USERS' order, so that the
+    application is up only while they run (it goes at the session's end)."""
+    xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+    def on_ray(item) -> bool:
+        return "ray_serve" in getattr(item, "fixturenames", ())
+
+    def own_cluster(item) -> bool:
+        return any(item.nodeid.endswith(n) for n in OWN_RAY_CLUSTER)
+
     def key(item):
         names = getattr(item, "fixturenames", ())
         served = "served_app" in names
         module = item.path.name if served else ""
-        return ("ray_serve" in names, served, SERVED_APP_USERS.index(module) if module in SERVED_APP_USERS else -1)
+        group = on_ray(item) or (xdist and own_cluster(item))
+        return (not group if xdist else group, on_ray(item), served,
+                SERVED_APP_USERS.index(module) if module in SERVED_APP_USERS else -1)
 
     items.sort(key=key)
     for item in items:
-        if "ray_serve" in getattr(item, "fixturenames", ()):
+        if on_ray(item):
             item.add_marker(pytest.mark.ray)
+        if xdist and (on_ray(item) or own_cluster(item)):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

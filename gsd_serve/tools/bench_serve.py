@@ -115,7 +115,7 @@ class Item:
 @dataclass
 class Workload:
     items: list[Item]
-    inprocess: dict = field(default_factory=dict)    # method -> {"tokens_per_s", "seconds", "tokens"}
+    inprocess: dict = field(default_factory=dict)    # method -> {"tokens_per_s" (mean of "runs"), "runs", "tokens"}
 
 
 def load_workload(cfg: BenchServeConfig) -> Workload:
@@ -133,17 +133,20 @@ def load_workload(cfg: BenchServeConfig) -> Workload:
 
 def inprocess_reference(work: Workload, cfg: BenchServeConfig, methods=("ar", "gsd")) -> None:
     """The in-process engine's greedy answers (ar: the reference) and its speed for `methods`, same prompts and
-    dtype, one prompt after another (what `gsd-serve generate --method M --prompts FILE` does). Runs before any
-    server starts, so nothing else competes for the cores."""
+    dtype, one prompt after another (what `gsd-serve generate --method M --prompts FILE` does). Runs while no
+    server runs, so nothing else competes for the cores. Called again (answers already known) it measures the
+    speeds once more, in the reverse order, and keeps each method's runs: the sweep measures before and after
+    its first level, so the served-over-in-process ratio is A-B-B-A (these VMs drift 15-25% within minutes)."""
     from ..core.config import SpecConfig
     from ..core.prompts import encode
     from ..models import load_engine
 
+    again = bool(work.inprocess)
     engine, tokenizer = load_engine(dtype=cfg.dtype)
     ids = [encode(tokenizer, {"messages": it.messages}) for it in work.items]
     engine.generate(ids[0], 8, spec=SpecConfig.for_method("gsd"))          # warm-up (packing, first forwards)
-    for method in methods:
-        # each method starts with an empty cross-request index, as each served method's fresh stack does: gsd
+    for method in (tuple(reversed(methods)) if again else methods):
+        # each method starts with an empty cross-request index, as each served level's fresh stack does: gsd
         # must not read ar's answers to these very prompts
         engine.forget_requests()
         spec = SpecConfig.for_method(method)
@@ -151,12 +154,13 @@ def inprocess_reference(work: Workload, cfg: BenchServeConfig, methods=("ar", "g
         for it, p in zip(work.items, ids):
             r = engine.generate(p, cfg.max_tokens, spec=spec)
             tokens += len(r.token_ids)
-            text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
-            if method == "ar":
-                it.reference, it.reference_finish = text, r.finish_reason
+            if method == "ar" and not again:
+                it.reference = tokenizer.decode(r.token_ids, skip_special_tokens=True)
+                it.reference_finish = r.finish_reason
         seconds = time.perf_counter() - t0
-        work.inprocess[method] = {"tokens": tokens, "seconds": round(seconds, 2),
-                                  "tokens_per_s": round(tokens / seconds, 2)}
+        runs = work.inprocess.get(method, {}).get("runs", []) + [round(tokens / seconds, 2)]
+        work.inprocess[method] = {"tokens": tokens, "runs": runs,
+                                  "tokens_per_s": round(statistics.fmean(runs), 2)}
     work.inprocess["dtype"] = engine.dtype_name
     del engine
 
@@ -532,6 +536,9 @@ def run_bench(cfg: BenchServeConfig, log=print) -> dict:
                     levels += _anchor_level(cfg, work, c, served, log)
                 else:
                     levels += _served_level(cfg, work, method, c, served, log)
+            if k == 0 and cfg.reference == "inprocess":    # the in-process speeds again, after the first level
+                inprocess_reference(work, cfg)
+                log(f"bench-serve: in-process speeds again: {work.inprocess}")
     compare_with_ar(levels)
     return make_report(cfg, work, levels, served)
 
@@ -606,8 +613,9 @@ def markdown(report: dict) -> str:
              f"{report.get('commit')}, {report['date']}.", ""]
     if report.get("inprocess"):
         ip = report["inprocess"]
-        lines += ["In process, same prompts, one after another: " + ", ".join(
-            f"{m} {v['tokens_per_s']} tok/s" for m, v in ip.items() if isinstance(v, dict)) + ".", ""]
+        lines += ["In process, same prompts, one after another (before and after the first level): " + ", ".join(
+            f"{m} {v['tokens_per_s']} tok/s" + (f" ({' and '.join(map(str, v['runs']))})" if len(v.get("runs", [])) > 1
+                                               else "") for m, v in ip.items() if isinstance(v, dict)) + ".", ""]
     head = "| concurrency | " + " | ".join(f"{m} tok/s" for m in methods)
     if "ar" in res and len(methods) > 1:
         head += " | " + " | ".join(f"{m} / ar" for m in methods if m != "ar")
