@@ -14,8 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests start (servers, Ray workers, tensor-parallel ranks, an installed wheel) inherit it through the environment.
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CACHE = Path(os.environ.get("GSD_SERVE_TEST_CACHE") or ROOT / ".test-cache")
-USER_CACHE = Path(os.environ.get("GSD_SERVE_CACHE") or os.path.join(
+# the user's cache as the first process of the run found it (xdist's workers inherit GSD_SERVE_CACHE already
+# pointed at the tests' own, and the user's through GSD_SERVE_USER_CACHE)
+USER_CACHE = Path(os.environ.get("GSD_SERVE_USER_CACHE") or os.environ.get("GSD_SERVE_CACHE") or os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gsd-serve"))
+os.environ["GSD_SERVE_USER_CACHE"] = str(USER_CACHE)
 os.environ["GSD_SERVE_CACHE"] = str(TEST_CACHE)
 
 
@@ -59,12 +62,6 @@ def pytest_collection_modifyitems(session, config, items):
     application is up only while they run (it goes at the session's end)."""
     xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
-    def on_ray(item) -> bool:
-        return "ray_serve" in getattr(item, "fixturenames", ())
-
-    def own_cluster(item) -> bool:
-        return any(item.nodeid.endswith(n) for n in OWN_RAY_CLUSTER)
-
     def key(item):
         names = getattr(item, "fixturenames", ())
         served = "served_app" in names
@@ -77,8 +74,21 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         if on_ray(item):
             item.add_marker(pytest.mark.ray)
-        if xdist and (on_ray(item) or own_cluster(item)):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def on_ray(item) -> bool:
+    return "ray_serve" in getattr(item, "fixturenames", ())
+
+
+def own_cluster(item) -> bool:
+    return any(item.nodeid.endswith(n) for n in OWN_RAY_CLUSTER)
+
+
+def pytest_itemcollected(item):
+    """Under xdist the Ray tests are one group (xdist_group), marked as each is collected (before any
+    pytest_collection_modifyitems: xdist's worker reads the marks in its own)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and (on_ray(item) or own_cluster(item)):
+        item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
