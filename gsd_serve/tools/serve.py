@@ -44,7 +44,7 @@ def run(config: dict, address: str | None = None, timeout_s: float = 600, exit_w
         os.environ.setdefault(k, v)
     if not address:
         # a one-machine stack started here: Serve's controller loop and Ray's metrics export as quiet as they go
-        # (an idle stack cost 8.7% of a 2-core machine with Ray's defaults, 7.3% so: docs/serving.md), read
+        # (on a 2-core machine an idle stack's background work stalls the forwards; docs/serving.md), read
         # by the cluster's processes at their start; a value set in the environment wins
         for k, v in QUIET_RAY_ENV.items():
             os.environ.setdefault(k, v)
