@@ -304,9 +304,7 @@ class Scheduler:
         self.rows_ema = rows if self.forwards == 1 else 0.9 * self.rows_ema + 0.1 * rows
         if self.on_forward is not None:
             self.on_forward(m0, time.monotonic(), [s.id for s in trees + chunk_of])
-        tree_rows = rows - sum(len(c.tokens) for c in chunks)
-        # every row attends to its own session's context: the forward's context is their mean over rows
-        keys = sum(s.rows * len(s.seq.tokens) for s in trees) // max(tree_rows, 1)
+        tree_rows, keys = _tree_rows(trees)
         if not chunks:        # prompt rows skip the output layer: they would skew the cost of a round's rows
             self.planner.target_costs.observe(rows, seconds, keys)
         else:
@@ -348,9 +346,8 @@ class Scheduler:
             return self.whole_prefill
         if self.prompt_token_s is None:
             return self.prefill_chunk
-        rows = max(1, sum(len(s.tree) for s in trees))
-        keys = sum(len(s.tree) * len(s.seq.tokens) for s in trees) // max(rows, 1)
-        fits = self.prefill_share * self.planner.target_costs.seconds(rows, keys) / self.prompt_token_s
+        rows, keys = _tree_rows(trees)
+        fits = self.prefill_share * self.planner.target_costs.seconds(max(rows, 1), keys) / self.prompt_token_s
         return max(self.prefill_chunk, min(self.whole_prefill, int(fits)))
 
     def _one_by_one(self, jobs, chunks, trees, chunk_of) -> list:
@@ -400,6 +397,13 @@ class Scheduler:
         s.state = DONE
         s.error = exc
         s.out.put(exc if exc is not None else END)
+
+
+def _tree_rows(trees: list[DecodeSession]) -> tuple[int, int]:
+    """The rows the sessions' trees put into a forward, and the forward's context: every row attends to its own
+    session's context, so the mean over rows."""
+    rows = sum(len(s.tree) for s in trees)
+    return rows, sum(len(s.tree) * len(s.seq.tokens) for s in trees) // max(rows, 1)
 
 
 def _grammar_state(s: DecodeSession):
